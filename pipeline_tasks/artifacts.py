@@ -1,0 +1,197 @@
+"""Atomic outputs, hashes and stage manifests shared by every stage.
+
+A stage never leaves a half-written output where downstream would read it: files are written to
+a temporary sibling and renamed (:func:`atomic_write_bytes` and friends); whole output
+directories are built in a temporary sibling directory and swapped in at the end
+(:func:`atomic_dir`). Each output directory gets a ``manifest.json`` (stage, params hash, input
+and output hashes, git sha, library versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+DEFAULT_LIBRARIES = ("numpy", "pandas", "pyarrow", "torch", "tokenizers", "onnx", "onnxruntime-gpu",
+                     "onnxruntime", "great-expectations", "evidently", "mlflow", "dvc")
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Stable hash of a JSON-able object (sorted keys), e.g. a params section."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode("utf-8"))
+
+
+def hash_tree(root: str | os.PathLike, exclude: Iterable[str] = (MANIFEST_NAME,)) -> dict[str, str]:
+    """sha256 of every file under ``root`` keyed by its posix path relative to ``root``."""
+    root = Path(root)
+    excluded = set(exclude)
+    if root.is_file():
+        return {root.name: sha256_file(root)}
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in excluded
+    }
+
+
+def _tmp_sibling(path: Path, suffix: str = ".tmp") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path next to ``path``; rename onto ``path`` only on success.
+
+    For writers that want a file name (pyarrow, torch.save, onnx.save).
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path, suffix=path.suffix or ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and swap it in for ``path`` on success.
+
+    On any exception the temporary directory is removed and ``path`` keeps its old content.
+    ``keep`` names entries of the old directory carried into the new one before the body runs
+    (e.g. a training checkpoint directory that must survive a re-run).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name in keep:
+            old = path / name
+            if old.exists():
+                shutil.move(str(old), str(tmp / name))
+        yield tmp
+        backup = None
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, backup)
+        os.replace(tmp, path)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        for name in keep:  # give kept entries back so a failed run loses nothing
+            moved = tmp / name
+            if moved.exists() and not (path / name).exists():
+                path.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(moved), str(path / name))
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
+    """Current commit (with ``-dirty`` when the work tree has changes), or None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("LMPIPE_GIT_SHA")
+    return f"{sha}-dirty" if dirty else sha
+
+
+def library_versions(names: Iterable[str] = DEFAULT_LIBRARIES) -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_manifest(stage: str, params_section: Any, inputs: dict[str, str] | None = None,
+                   outputs_dir: str | os.PathLike | None = None, extra: dict[str, Any] | None = None,
+                   libraries: Iterable[str] = DEFAULT_LIBRARIES) -> dict[str, Any]:
+    from pipeline_tasks.config import to_plain
+
+    plain = to_plain(params_section)
+    manifest = {
+        "stage": stage,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "params": plain,
+        "params_sha256": sha256_json(plain),
+        "inputs": dict(inputs or {}),
+        "git_sha": git_sha(),
+        "libraries": library_versions(libraries),
+    }
+    if outputs_dir is not None:
+        manifest["outputs"] = hash_tree(outputs_dir)
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
+def write_manifest(directory: str | os.PathLike, stage: str, params_section: Any,
+                   inputs: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``manifest.json`` into ``directory`` (hashing everything already in it)."""
+    directory = Path(directory)
+    manifest = build_manifest(stage, params_section, inputs, directory, extra)
+    return atomic_write_json(directory / MANIFEST_NAME, manifest)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

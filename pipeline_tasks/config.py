@@ -1,0 +1,258 @@
+"""Typed, frozen, strict configuration loaded once from ``params.yaml``.
+
+Every stage declares its own ``*Params`` dataclass (frozen) in its module; :data:`SECTIONS`
+maps each top-level key of ``params.yaml`` to that class. :func:`load_params` converts the YAML
+into those objects and rejects unknown keys and values of the wrong type with a message that
+names the full key (``pretrain.lr: expected float, got 'fast'``).
+
+The converter is hand-written (about 100 lines) rather than pydantic because the task image for
+the GPU machine and the Airflow side must be able to parse params with only PyYAML, and because
+the messages must name the dotted key exactly as written in ``params.yaml``.
+
+Stage modules are imported lazily by name so that loading params never imports torch & co.:
+each stage module keeps its heavy imports inside functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+PARAMS_FILE_ENV = "LMPIPE_PARAMS"
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, malformed, or has an unknown key / bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PathsParams:
+    """Every data and report location, declared once (``dvc.yaml`` reads the same keys)."""
+
+    raw_wiki_dir: str = "data/raw/wiki"
+    raw_news_dir: str = "data/raw/news"
+    prepared_dir: str = "data/prepared"
+    validate_dir: str = "reports/validate"
+    tokens_dir: str = "data/tokens"
+    pretrain_dir: str = "models/pretrain"
+    pretrain_reports_dir: str = "reports/pretrain"
+    finetune_dir: str = "models/finetune"
+    finetune_reports_dir: str = "reports/finetune"
+    bundle_dir: str = "models/bundle"
+    export_reports_dir: str = "reports/export"
+    evaluate_dir: str = "reports/evaluate"
+    monitor_dir: str = "reports/monitor"
+    registry_dir: str = "registry"
+    register_reports_dir: str = "reports/register"
+    downloads_dir: str = "data/downloads"
+
+
+# Top-level section -> "module:Class". Resolved lazily; a module that does not exist yet is an
+# error only if params.yaml has that section.
+SECTIONS: dict[str, str] = {
+    "paths": "pipeline_tasks.config:PathsParams",
+    "ingest_wiki": "pipeline_tasks.ingest_wiki:IngestWikiParams",
+    "ingest_news": "pipeline_tasks.ingest_news:IngestNewsParams",
+    "prepare": "pipeline_tasks.prepare:PrepareParams",
+    "validate": "pipeline_tasks.validate:ValidateParams",
+    "tokenize": "pipeline_tasks.tokenize:TokenizeParams",
+    "model": "pipeline_tasks.model:ModelParams",
+    "pretrain": "pipeline_tasks.pretrain:PretrainParams",
+    "finetune": "pipeline_tasks.finetune:FinetuneParams",
+    "export": "pipeline_tasks.export:ExportParams",
+    "evaluate": "pipeline_tasks.evaluate:EvaluateParams",
+    "monitor": "pipeline_tasks.monitor:MonitorParams",
+    "register": "pipeline_tasks.register:RegisterParams",
+    "orchestration": "pipeline_tasks.orchestration:OrchestrationParams",
+}
+SCALAR_SECTIONS: dict[str, type] = {"seed": int, "project": str}
+
+
+class Params:
+    """All sections of params.yaml, as attributes (``params.prepare.val_fraction``).
+
+    Read-only: the sections are frozen dataclasses and attributes cannot be reassigned.
+    """
+
+    def __init__(self, sections: dict[str, Any], source: Path | None = None):
+        object.__setattr__(self, "_sections", dict(sections))
+        object.__setattr__(self, "source", source)
+
+    def __getattr__(self, name: str) -> Any:
+        sections = object.__getattribute__(self, "_sections")
+        if name in sections:
+            return sections[name]
+        raise AttributeError(
+            f"params has no section {name!r}; add it to params.yaml (known sections: {sorted(sections)})"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"params are read-only (tried to set {name!r})")
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: to_plain(v) for k, v in self._sections.items()}
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses / tuples back to YAML-able dicts and lists (for manifests and hashing)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _resolve_class(spec: str) -> type:
+    module_name, _, class_name = spec.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def convert(tp: Any, value: Any, key: str) -> Any:
+    """Convert ``value`` to type ``tp`` strictly; ``key`` is the dotted name used in errors."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args if args else (Any, Any)
+        return types.MappingProxyType(
+            {convert(key_tp, k, f"{key}.{k}"): convert(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+        )
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build_dataclass(cls: type, data: Any, key: str) -> Any:
+    """Build frozen dataclass ``cls`` from a mapping; unknown keys and missing required keys fail."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{key}: expected a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]}: unknown key (known keys of {key!r}: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], f"{key}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}.{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # __post_init__ range checks raise ValueError
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def find_params_file(path: str | os.PathLike | None = None) -> Path:
+    candidate = Path(path or os.environ.get(PARAMS_FILE_ENV) or DEFAULT_PARAMS_FILE)
+    if not candidate.is_file():
+        raise ConfigError(
+            f"params file {candidate} not found; run from the project root, or pass --params FILE "
+            f"or set {PARAMS_FILE_ENV}"
+        )
+    return candidate
+
+
+def parse_params(raw: Mapping[str, Any], source: Path | None = None) -> Params:
+    """Validate a parsed params mapping into :class:`Params`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source or 'params'}: top level must be a mapping of sections")
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in SCALAR_SECTIONS:
+            sections[name] = convert(SCALAR_SECTIONS[name], value, name)
+        elif name in SECTIONS:
+            sections[name] = build_dataclass(_resolve_class(SECTIONS[name]), value, name)
+        else:
+            known = sorted([*SECTIONS, *SCALAR_SECTIONS])
+            raise ConfigError(f"{name}: unknown section in {source or 'params'} (known: {', '.join(known)})")
+    sections.setdefault("paths", PathsParams())
+    sections.setdefault("seed", 1337)
+    return Params(sections, source)
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Load, merge dotted ``overrides`` (``{"pretrain.max_steps": 5}``) and validate params."""
+    params_path = find_params_file(path)
+    try:
+        raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{params_path}: not valid YAML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        apply_override(raw, dotted, value)
+    return parse_params(raw, params_path)
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c = value`` inside nested dicts (``-S``-style overrides from the CLI)."""
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
