@@ -41,8 +41,10 @@ class PathsParams:
     raw_wiki_dir: str = "data/raw/wiki"
     raw_news_dir: str = "data/raw/news"
     prepared_dir: str = "data/prepared"
+    prepare_reports_dir: str = "reports/prepare"
     validate_dir: str = "reports/validate"
     tokens_dir: str = "data/tokens"
+    tokenize_reports_dir: str = "reports/tokenize"
     pretrain_dir: str = "models/pretrain"
     pretrain_reports_dir: str = "reports/pretrain"
     finetune_dir: str = "models/finetune"
@@ -65,7 +67,7 @@ SECTIONS: dict[str, str] = {
     "prepare": "pipeline_tasks.prepare:PrepareParams",
     "validate": "pipeline_tasks.validate:ValidateParams",
     "tokenize": "pipeline_tasks.tokenize:TokenizeParams",
-    "model": "pipeline_tasks.model:ModelParams",
+    "model": "pipeline_tasks.model_config:ModelParams",  # torch-free; re-exported by .model
     "pretrain": "pipeline_tasks.pretrain:PretrainParams",
     "finetune": "pipeline_tasks.finetune:FinetuneParams",
     "export": "pipeline_tasks.export:ExportParams",
@@ -142,6 +144,8 @@ def convert(tp: Any, value: Any, key: str) -> Any:
                 return convert(arg, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own message is the useful one
+            raise ConfigError(errors[0] + (" (or null)" if type(None) in args else ""))
         raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is Literal:
         if value not in args:
