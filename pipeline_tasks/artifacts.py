@@ -61,9 +61,17 @@ def hash_tree(root: str | os.PathLike, exclude: Iterable[str] = (MANIFEST_NAME,)
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = ".tmp") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # mkstemp creates 0600; outputs are shared with other users (containers, DVC cache readers)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(name)
 
@@ -117,6 +125,7 @@ def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         for name in keep:
             old = path / name

@@ -62,3 +62,16 @@ def test_write_manifest_hashes_outputs(tmp_path):
     assert "manifest.json" not in manifest["outputs"]
     assert manifest["params_sha256"] and manifest["libraries"]["python"]
     assert hash_tree(tmp_path) == manifest["outputs"]
+
+
+def test_atomic_outputs_respect_umask_not_private_temp_modes(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            atomic_write_json(tmp / "x.json", {})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "x.json").stat().st_mode & 0o777 == 0o644

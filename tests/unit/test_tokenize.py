@@ -1,0 +1,101 @@
+"""Tokenizer core and shard layout: exact round trips (English, Chinese, unseen scripts), special
+tokens, the on-disk shard format and the stateless window sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline_tasks.config import ConfigError, parse_params
+from pipeline_tasks.shards import ShardWriter, eval_window_starts, open_shard, token_dtype, window_starts
+from pipeline_tasks.tokenize import TokenizeParams, encode_texts, strip_special_literals, train_tokenizer
+
+SPECIALS = ("<|endoftext|>", "<|pad|>", "<|cls|>")
+
+
+@pytest.fixture(scope="module")
+def corpus_texts(corpora) -> list[str]:
+    en = (corpora / "wikitext2/DRAGNLabs_LLMHumanModeling/wiki.valid.raw").read_text(encoding="utf-8")[:150_000]
+    with open(corpora / "wikipedia_text/jastfkjg_Chinese-relation-extraction/wiki_00", encoding="utf-8") as fh:
+        zh = [json.loads(next(fh))["text"][:20_000] for _ in range(3)]
+    return [en[i: i + 5000] for i in range(0, len(en), 5000)] + zh
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus_texts):
+    return train_tokenizer(iter([corpus_texts]), vocab_size=1000, min_frequency=2, special_tokens=SPECIALS)
+
+
+def test_tokenizer_roundtrips_english_and_chinese_exactly(tokenizer, corpus_texts):
+    english = corpus_texts[1]  # real WikiText with CRLF line ends, @-@ and unicode dashes
+    chinese = corpus_texts[-1]
+    for text in (english, chinese):
+        ids = tokenizer.encode(text).ids
+        assert tokenizer.decode(ids) == text
+    # merges learned something: fewer tokens than UTF-8 bytes on the language it saw most of
+    assert len(tokenizer.encode(english).ids) < 0.6 * len(english.encode("utf-8"))
+
+
+@pytest.mark.parametrize("text", [
+    "Привет, мир! 👋🏽 naïve café\t\u00a0x", "  leading spaces\n\nand\r\n trailing ",
+    "日本語のテキストと emoji 🚀", "\x00\x01 control bytes \ufeff",
+])
+def test_tokenizer_roundtrips_unseen_text_without_unknown_tokens(tokenizer, text):
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_special_tokens_get_the_first_ids_and_literals_are_stripped(tokenizer):
+    assert [tokenizer.token_to_id(t) for t in SPECIALS] == [0, 1, 2]
+    texts, removed = strip_special_literals(["a <|endoftext|> b", "plain", "<|pad|><|pad|>"], SPECIALS)
+    assert texts == ["a  b", "plain", ""] and removed == 3
+    assert 0 not in encode_texts(tokenizer, texts)[0]
+
+
+def test_token_dtype_switches_to_uint32_above_65536():
+    assert token_dtype(65536) == "uint16"
+    assert token_dtype(65537) == "uint32"
+
+
+def test_shard_writer_separates_documents_with_eot(tmp_path):
+    path = tmp_path / "train.bin"
+    with ShardWriter(path, "uint16", eot_id=0) as writer:
+        writer.write_docs([[5, 6, 7], [8]])
+        writer.write_docs([[65535, 9]])
+    assert (writer.tokens, writer.docs) == (9, 3)
+    meta = {"dtype": "uint16", "splits": {"train": {"tokens": 9}}}
+    data = open_shard(tmp_path, "train", meta)
+    assert data.dtype == np.uint16
+    assert data.tolist() == [5, 6, 7, 0, 8, 0, 65535, 9, 0]
+    assert path.stat().st_size == 9 * 2
+
+
+def test_open_shard_rejects_a_truncated_shard(tmp_path):
+    with ShardWriter(tmp_path / "val.bin", "uint32", eot_id=1) as writer:
+        writer.write_docs([[2, 3, 4]])
+    from pipeline_tasks.errors import DataError
+
+    with pytest.raises(DataError, match="4 tokens on disk but meta.json says 10"):
+        open_shard(tmp_path, "val", {"dtype": "uint32", "splits": {"val": {"tokens": 10}}})
+
+
+def test_window_starts_are_a_pure_function_of_seed_rank_and_step():
+    kwargs = dict(n_tokens=10_000, block_size=64, batch_size=8, seed=1)
+    a = window_starts(**kwargs, rank=0, step=5, micro_step=0)
+    assert np.array_equal(a, window_starts(**kwargs, rank=0, step=5, micro_step=0))
+    assert not np.array_equal(a, window_starts(**kwargs, rank=1, step=5, micro_step=0))
+    assert not np.array_equal(a, window_starts(**kwargs, rank=0, step=6, micro_step=0))
+    assert a.min() >= 0 and a.max() <= 10_000 - 64 - 2
+    evals = eval_window_starts(10_000, 64, 16)
+    assert len(evals) == 16 and evals.max() + 65 <= 10_000
+
+
+def test_tokenize_params_reject_bad_values():
+    with pytest.raises(ValueError, match="vocab_size must be >"):
+        TokenizeParams(vocab_size=200)
+    with pytest.raises(ValueError, match="distinct"):
+        TokenizeParams(pad_token="<|endoftext|>")
+    with pytest.raises(ConfigError, match="tokenize.vocab_sise: unknown key"):
+        parse_params({"tokenize": {"vocab_sise": 1000}})
