@@ -103,9 +103,10 @@ def _absolute_gate(name: str, metric: str, direction: str, value: float | None,
     if value is None:
         return GateResult(name, metric, None, threshold, False, f"{metric} missing from metrics, cannot check {name}")
     ok = value >= threshold if direction == "min" else value <= threshold
-    sign = ">=" if direction == "min" else "<="
-    verdict = "ok" if ok else "FAIL"
-    return GateResult(name, metric, value, threshold, ok, f"{metric} {value:.4g} {sign} {threshold:.4g}: {verdict}")
+    sign = {("min", True): ">=", ("min", False): "<", ("max", True): "<=", ("max", False): ">"}[(direction, ok)]
+    bound = "min" if direction == "min" else "max"
+    return GateResult(name, metric, value, threshold, ok,
+                      f"{metric} {value:.4g} {sign} {bound} {threshold:.4g}" + ("" if ok else " (FAIL)"))
 
 
 def _regression_gate(metric: str, value: float | None, champion: Mapping[str, Any] | None,
@@ -124,9 +125,9 @@ def _regression_gate(metric: str, value: float | None, champion: Mapping[str, An
     if value is None:
         return GateResult(name, metric, None, floor, False, f"{metric} missing from metrics, cannot compare to production")
     ok = value >= floor
-    verdict = "ok" if ok else "FAIL: regression vs production"
     return GateResult(name, metric, value, floor, ok,
-                      f"{metric} {value:.4g} vs production {best:.4g} - {tolerance:.4g} = {floor:.4g}: {verdict}")
+                      f"{metric} {value:.4g} {'>=' if ok else '<'} production {best:.4g} - tolerance {tolerance:.4g}"
+                      + ("" if ok else " (FAIL: regression vs production)"))
 
 
 def decide(metrics: Mapping[str, Any], champion: Mapping[str, Any] | None,

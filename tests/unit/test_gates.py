@@ -32,7 +32,7 @@ CASES = [
      THRESHOLDS, False, {"no_regression_accuracy", "no_regression_macro_f1"}),
     ("regression_within_tolerance", _with(accuracy=0.896), {"accuracy": 0.90, "macro_f1": 0.89},
      THRESHOLDS, True, set()),
-    ("champion_without_metric_is_skipped", GOOD, {"accuracy": 0.99}, THRESHOLDS, False,
+    ("champion_missing_one_metric_skips_that_gate", GOOD, {"accuracy": 0.99}, THRESHOLDS, False,
      {"no_regression_accuracy"}),
     ("missing_metric_fails", {k: v for k, v in GOOD.items() if k != "latency_p95_ms"}, None, THRESHOLDS, False,
      {"max_p95_latency_ms"}),
