@@ -1,0 +1,166 @@
+"""Stage ``monitor`` on real dated news: a far month is flagged, reference resamples are not (FPR).
+
+Real everything: HuffPost v3 / AG News through the real ``ingest_news``, a real exported bundle
+(tokenizer, classifier embeddings and predictions, LM bits per byte through ONNX Runtime) and
+evidently's tests. The reference is HuffPost 2018 (the first months of the v3 file); 2022-08 is
+four years later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import yaml
+from _registry_project import bundles, raw_news
+
+from pipeline_tasks import drift
+from pipeline_tasks.config import parse_params
+from pipeline_tasks.errors import DataError
+
+pytestmark = pytest.mark.slow
+
+FPR_RESAMPLES = 20
+FPR_BOUND = 0.1
+REFERENCE_2018 = {"source": "huffpost_v3", "start": "2018-05-01", "end": "2019-01-01"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, corpora):
+    base = tmp_path_factory.getbasetemp()
+    bundle_dir = bundles(base, corpora, ("a",))["a"]
+    raw_dir = raw_news(base / "monitor_data", ("huffpost_v3", "ag_news_test"))
+    return {"bundle_dir": bundle_dir, "raw_news_dir": raw_dir}
+
+
+def _params(inputs, tmp_path, **monitor):
+    paths = {"bundle_dir": str(inputs["bundle_dir"]), "raw_news_dir": str(inputs["raw_news_dir"]),
+             "prepared_dir": str(tmp_path / "prepared"), "monitor_dir": str(tmp_path / "monitor")}
+    return {"seed": 1337, "paths": paths, "monitor": monitor}
+
+
+def test_monitor_flags_far_month_writes_report_and_exits_zero(inputs, tmp_path, capsys):
+    from pipeline_tasks.cli import main
+
+    raw = _params(inputs, tmp_path, reference=REFERENCE_2018, batch={"source": "huffpost_v3"},
+                  window_start="2022-08-01", window_end="2022-09-01",
+                  timeline={"start": "2018-05-01", "end": "2022-10-01", "step_months": 12})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
+    root, saved = logging.getLogger(), logging.getLogger().handlers[:]
+    try:  # the CLI configures logging with force=True; give pytest its handlers back afterwards
+        assert main(["monitor", "--params", str(params_file)]) == 0  # drift is a signal, not a failure
+    finally:
+        root.handlers[:] = saved
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["drift_detected"] is True
+
+    out = tmp_path / "monitor"
+    summary = json.loads((out / "drift_summary.json").read_text())
+    assert summary["drift_detected"] is True and summary["fired"]
+    assert summary["batch"]["rows"] > 100 and summary["batch"]["window"][0].startswith("2022-08-01")
+    for name in drift.SIGNALS:  # every signal: value, threshold from params, verdict
+        assert {"value", "threshold", "fired", "why"} <= set(summary["signals"][name])
+    assert summary["signals"]["descriptors"]["threshold"] == 0.5
+    assert summary["details"]["bpb"]["reference"] > 0 and summary["details"]["bpb"]["current"] > 0
+    # the HTML report ran the same evidently tests on the same rows: identical scores
+    for name, column in summary["details"]["descriptors"]["columns"].items():
+        assert summary["evidently_report"][name] == pytest.approx(column["score"], rel=1e-9, abs=1e-12)
+    assert summary["evidently_report"]["pooled"] == pytest.approx(summary["values"]["embedding"], abs=1e-12)
+    assert summary["evidently_report"]["prediction"] == pytest.approx(summary["values"]["prediction"])
+    html = (out / "drift_report.html").read_text(encoding="utf-8")
+    assert "Drift in embeddings" in html and all(f"Value Drift for column {c}" in html for c in drift.DESCRIPTORS)
+    rows = (out / "drift_over_time.csv").read_text().splitlines()
+    assert rows[0].startswith("window,start,end,rows") and len(rows) == 1 + 1 + 5  # header, main, 5 years
+    assert (out / "drift_over_time.png").read_bytes()[:4] == b"\x89PNG"
+    stats = json.loads((out / "reference_stats.json").read_text())
+    assert stats["rows"] > 1000 and set(stats["descriptors"]) == set(drift.DESCRIPTORS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "monitor" and "drift_summary.json" in manifest["outputs"]
+
+
+@pytest.fixture(scope="module")
+def pool(inputs):
+    """HuffPost 2018 texts featurized once (every row through the model), plus the far month and AG News."""
+    from pipeline_tasks.bundle import load_bundle
+    from pipeline_tasks.monitor import SliceParams, load_slice
+
+    paths = parse_params({"paths": {"raw_news_dir": str(inputs["raw_news_dir"])}}).paths
+    bundle = load_bundle(inputs["bundle_dir"])
+
+    def features(spec):
+        frame = load_slice(SliceParams(**spec), paths, seed=0)
+        labels = [v if isinstance(v, str) else None for v in frame["label"]]
+        return drift.featurize(bundle, frame["text"].tolist(), labels, np.arange(len(frame)))
+
+    return {"ref": features(REFERENCE_2018),
+            "far": features({"source": "huffpost_v3", "start": "2022-08-01", "end": "2022-09-01"}),
+            "ag": features({"source": "ag_news_test", "max_rows": 1000})}
+
+
+def _subset(features, idx):
+    return drift.Features({k: v[idx] for k, v in features.descriptors.items()}, np.arange(len(idx)),
+                          features.embeddings[idx], features.predictions[idx],
+                          None if features.labels is None else features.labels[idx], features.bpb[idx])
+
+
+def _decide(ref, cur, settings):
+    values, _ = drift.compare(ref, cur, settings)
+    return drift.decide_drift(values, {k: getattr(settings.thresholds, k) for k in drift.SIGNALS}, settings.min_signals)
+
+
+def test_monitor_false_positive_rate_on_reference_resamples_is_low(pool):
+    settings = parse_params({"monitor": {}}).monitor  # the default thresholds of MonitorParams
+    rng = np.random.default_rng(2024)
+    n = pool["ref"].rows
+    flagged = []
+    for _ in range(FPR_RESAMPLES):
+        perm = rng.permutation(n)
+        # a "month" of 200 rows vs a disjoint reference sample of the default reference size
+        cur, ref = perm[:200], perm[200: 200 + settings.reference_rows]
+        flagged.append(_decide(_subset(pool["ref"], ref), _subset(pool["ref"], cur), settings).drift_detected)
+    fpr = sum(flagged) / len(flagged)
+    print(f"\nmonitor false-positive rate over {FPR_RESAMPLES} resamples of HuffPost 2018: {fpr:.2f}")
+    assert fpr <= FPR_BOUND
+
+
+def test_monitor_flags_far_month_and_other_source_against_2018_reference(pool):
+    settings = parse_params({"monitor": {}}).monitor
+    ref_idx = np.random.default_rng(0).permutation(pool["ref"].rows)[: settings.reference_rows]
+    ref = _subset(pool["ref"], ref_idx)
+    far = _decide(ref, pool["far"], settings)
+    assert far.drift_detected and "descriptors" in far.fired
+    ag = _decide(ref, pool["ag"], settings)  # AG News (2004 wire stories) vs HuffPost: a different source
+    assert ag.drift_detected and len(ag.fired) >= 3 and {"descriptors", "bpb"} <= set(ag.fired)
+
+
+def test_monitor_reads_a_folder_of_new_files_without_labels(inputs, tmp_path):
+    from pipeline_tasks import monitor
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    import pandas as pd
+
+    frame = pd.read_parquet(inputs["raw_news_dir"] / "huffpost_v3.parquet").head(90)
+    with open(inbox / "a.jsonl", "w", encoding="utf-8") as fh:
+        for title, text in zip(frame["title"][:40], frame["text"][:40]):
+            fh.write(json.dumps({"title": title, "description": text.split("\n", 1)[-1]}) + "\n")
+    frame.iloc[40:70][["text"]].to_csv(inbox / "b.csv", index=False)
+    (inbox / "c.txt").write_text("\n".join(t.replace("\n", " ") for t in frame["text"][70:90]), encoding="utf-8")
+    raw = _params(inputs, tmp_path, reference={"source": "huffpost_v3", "end": "2019-01-01", "max_rows": 300},
+                  batch={"path": str(inbox)}, reference_rows=200, sample_rows=100, html_report=False)
+    result = monitor.run(parse_params(raw))
+    summary = json.loads((tmp_path / "monitor" / "drift_summary.json").read_text())
+    assert result["rows"] == 90 and summary["batch"]["rows"] == 90
+    assert summary["values"]["label"] is None and "unavailable" in summary["signals"]["label"]["why"]
+
+
+def test_monitor_too_small_window_fails_naming_the_file(inputs, tmp_path):
+    from pipeline_tasks import monitor
+
+    raw = _params(inputs, tmp_path, reference=REFERENCE_2018, batch={"source": "huffpost_v3"},
+                  window_start="2030-01-01", window_end="2030-02-01")
+    with pytest.raises(DataError, match="huffpost_v3.parquet.*0 rows"):
+        monitor.run(parse_params(raw))
