@@ -30,10 +30,12 @@ $(BIN)/.installed: requirements/tasks.txt requirements/dev.txt pyproject.toml
 	$(BIN)/python -c "import evidently, kfp; assert kfp.__version__.startswith('2.'), kfp.__version__"
 	touch $@
 
-$(AIRFLOW_VENV)/.installed: requirements/orchestration.txt
+$(AIRFLOW_VENV)/.installed: requirements/orchestration.txt pyproject.toml
 	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
 	$(AIRFLOW_VENV)/bin/python -m pip install -q -r requirements/orchestration.txt
+	# the package itself (PyYAML only) so DAGs and the node driver can read dvc.yaml/params
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed
@@ -49,6 +51,12 @@ test: install install-airflow
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow and not airflow"
+
+lint-docker: install
+	$(BIN)/hadolint docker/Dockerfile.tasks docker/Dockerfile.tasks-cuda docker/Dockerfile.airflow
+
+kfp: install
+	mkdir -p build && $(BIN)/lmpipe kfp-compile --output build/lm_pipeline.kfp.yaml
 
 bench: install
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
