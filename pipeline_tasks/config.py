@@ -242,13 +242,40 @@ def parse_params(raw: Mapping[str, Any], source: Path | None = None) -> Params:
 def load_params(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> Params:
     """Load, merge dotted ``overrides`` (``{"pretrain.max_steps": 5}``) and validate params."""
     params_path = find_params_file(path)
+    raw = read_params_raw(params_path)
+    for dotted, value in (overrides or {}).items():
+        apply_override(raw, dotted, value)
+    return parse_params(raw, params_path)
+
+
+def read_params_raw(params_path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Parse a params file; ``extends: base.yaml`` deep-merges it over its base (profiles)."""
     try:
         raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{params_path}: not valid YAML: {exc}") from exc
-    for dotted, value in (overrides or {}).items():
-        apply_override(raw, dotted, value)
-    return parse_params(raw, params_path)
+    except OSError as exc:
+        raise ConfigError(f"{params_path}: cannot read: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params_path}: top level must be a mapping of sections")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    base_path = (params_path.parent / str(base_name)).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{params_path}: extends {base_name} forms a cycle")
+    return deep_merge(read_params_raw(base_path, (*_seen, base_path)), raw)
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """Mappings merge key by key; any other value (lists included) in ``overlay`` replaces ``base``."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(raw: dict, dotted: str, value: Any) -> None:

@@ -95,3 +95,17 @@ def test_load_params_invalid_yaml_names_file(tmp_path):
     bad.write_text("paths: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_load_params_extends_deep_merges_over_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 1\npaths:\n  prepared_dir: a\n  tokens_dir: t\n")
+    (tmp_path / "gpu.yaml").write_text("extends: base.yaml\npaths:\n  prepared_dir: b\n")
+    params = load_params(tmp_path / "gpu.yaml")
+    assert (params.seed, params.paths.prepared_dir, params.paths.tokens_dir) == (1, "b", "t")
+
+
+def test_load_params_extends_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_params(tmp_path / "a.yaml")
