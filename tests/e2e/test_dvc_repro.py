@@ -52,8 +52,8 @@ def test_repro_writes_shippable_artifacts(repro_project):
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     if "export" in stages:
         bundle = project / paths["bundle_dir"]
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        assert any(name.endswith(".onnx") for name in manifest["files"] if "int8" in name)
+        assert (bundle / "manifest.json").is_file()
+        assert any(p.name.endswith(".onnx") and "int8" in p.name for p in bundle.iterdir())
     if "evaluate" in stages:
         evaluate_dir = project / paths["evaluate_dir"]
         gates = json.loads((evaluate_dir / "gates.json").read_text())
