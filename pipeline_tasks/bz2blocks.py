@@ -17,6 +17,7 @@ every complete block has been returned, like :mod:`bz2` does.
 
 from __future__ import annotations
 
+import abc
 import bz2
 import collections
 import io
@@ -112,18 +113,54 @@ def iter_segments(fh, read_size: int = READ_SIZE) -> Iterator[Segment]:
             return
 
 
-class ParallelBz2Reader(io.RawIOBase):
+class ChunkReader(io.RawIOBase):
+    """A readable binary stream over chunks produced by :meth:`_next_chunk` (None at the end).
+
+    Shared by the parallel bz2 reader here and the read-ahead thread in :mod:`wikidump`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._buffer, self._pos, self._eof = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def _next_chunk(self) -> bytes | None:
+        """The next chunk of decompressed bytes, or None when the stream is exhausted."""
+
+    def read(self, size: int = -1) -> bytes:
+        while self._pos >= len(self._buffer):
+            if self._eof:
+                return b""
+            chunk = self._next_chunk()
+            if chunk is None:
+                self._eof = True
+                return b""
+            self._buffer, self._pos = chunk, 0
+        if size is None or size < 0:
+            size = len(self._buffer) - self._pos
+        data = self._buffer[self._pos:self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class ParallelBz2Reader(ChunkReader):
     """Binary stream of a bzip2 file decompressed by ``pool`` workers, ``window`` blocks ahead."""
 
     def __init__(self, path, pool, window: int = 4):
+        super().__init__()
         self._fh = open(path, "rb")
         self._segments = iter_segments(self._fh)
         self._pool, self._window = pool, window
         self._pending: collections.deque = collections.deque()
-        self._buffer, self._pos, self._exhausted, self._error = b"", 0, False, None
-
-    def readable(self) -> bool:
-        return True
+        self._exhausted, self._error = False, None
 
     def _fill(self) -> None:
         while not self._exhausted and len(self._pending) < self._window:
@@ -136,7 +173,7 @@ class ParallelBz2Reader(io.RawIOBase):
             else:
                 self._pending.append((segment, self._pool.apply_async(decode_segment, (segment,))))
 
-    def _next_block(self) -> bytes | None:
+    def _next_chunk(self) -> bytes | None:
         self._fill()
         if not self._pending:
             if self._error is not None:
@@ -155,23 +192,6 @@ class ParallelBz2Reader(io.RawIOBase):
                 segment = merge(segment, following)
                 result = self._pool.apply_async(decode_segment, (segment,))
         raise OSError(f"invalid bzip2 data in the block at byte {segment.base}")
-
-    def read(self, size: int = -1) -> bytes:
-        while self._pos >= len(self._buffer):
-            block = self._next_block()
-            if block is None:
-                return b""
-            self._buffer, self._pos = block, 0
-        if size is None or size < 0:
-            size = len(self._buffer) - self._pos
-        data = self._buffer[self._pos:self._pos + size]
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self._fh.close()

@@ -62,27 +62,19 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclasses.dataclass(frozen=True)
-class WikiSourceParams:
-    """One Wikipedia source: where it is (see :class:`SourceSpec`) and how to read it."""
+class WikiSourceParams(SourceSpec):
+    """One Wikipedia source: where it is (:class:`SourceSpec`) and how to read it."""
 
-    name: str
-    path: str | None = None
-    mirror_path: str | None = None
-    url: str | None = None
-    sha256: str | None = None
-    sha1: str | None = None
-    md5: str | None = None
     format: Literal["mediawiki_xml", "wikitext_raw", "wikiextractor", "jsonl"] = "mediawiki_xml"
     lang: str | None = None  # used when the dump has no <siteinfo><dbname>
 
     def __post_init__(self):
         if not _NAME.fullmatch(self.name):
             raise ValueError(f"source {self.name!r}: name must match {_NAME.pattern} (it names the output file)")
-        self.to_spec()  # path/mirror/url and checksum checks live in SourceSpec
+        super().__post_init__()  # path/mirror/url and checksum checks
 
     def to_spec(self) -> SourceSpec:
-        return SourceSpec(name=self.name, path=self.path, mirror_path=self.mirror_path, url=self.url,
-                          sha256=self.sha256, sha1=self.sha1, md5=self.md5)
+        return self
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline_tasks.bz2blocks import ChunkReader
 from pipeline_tasks.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,13 @@ def detect_compression(path: Path) -> str:
     return next((kind for magic, kind in MAGIC if head.startswith(magic)), "none")
 
 
-class _ReadAhead(io.RawIOBase):
+class _ReadAhead(ChunkReader):
     """Decompress in a background thread into a small bounded queue (``depth`` chunks in flight)."""
 
     def __init__(self, fileobj, chunk: int = READ_CHUNK, depth: int = 4):
+        super().__init__()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._buffer, self._pos = b"", 0
-        self._done = False
         self._thread = threading.Thread(target=self._pump, args=(fileobj, chunk), daemon=True)
         self._thread.start()
 
@@ -111,26 +111,12 @@ class _ReadAhead(io.RawIOBase):
             except queue.Full:
                 continue
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self._pos >= len(self._buffer) and not self._done:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._buffer, self._pos, self._done = item, 0, not item
-        if size is None or size < 0:
-            size = len(self._buffer) - self._pos
-        data = self._buffer[self._pos:self._pos + size]
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
+    def _next_chunk(self) -> bytes | None:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._eof = True  # the pump thread has ended: never wait on the queue again
+            raise item
+        return item or None
 
     def close(self) -> None:
         self._stop.set()
