@@ -23,9 +23,8 @@ import sys
 import time
 from typing import Any
 
-import yaml
 
-from pipeline_tasks.config import ConfigError, load_params
+from pipeline_tasks.config import ConfigError, load_params, load_yaml
 from pipeline_tasks.errors import PipelineError
 from pipeline_tasks.stages import COMMANDS, STAGES
 
@@ -72,7 +71,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"-S {item!r}: expected KEY=VALUE, e.g. -S pretrain.max_steps=10")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = load_yaml(value)
     return overrides
 
 

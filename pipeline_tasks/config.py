@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +26,33 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``3e-3`` and ``1e5`` as floats (YAML 1.2), not strings.
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot and a signed exponent; DVC writes
+    params (``dvc exp run -S pretrain.lr=3e-3``) with a YAML 1.2 library, so without this the
+    value a user typed as a number would be rejected as a string.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse params text (a file or a ``-S`` value) with :class:`ParamsLoader`."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - ParamsLoader is a SafeLoader
+
 
 PARAMS_FILE_ENV = "LMPIPE_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -251,7 +279,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 def read_params_raw(params_path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Parse a params file; ``extends: base.yaml`` deep-merges it over its base (profiles)."""
     try:
-        raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(params_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{params_path}: not valid YAML: {exc}") from exc
     except OSError as exc:

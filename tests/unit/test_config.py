@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from pipeline_tasks.config import (ConfigError, Params, apply_override, build_dataclass, load_params,
+from pipeline_tasks.config import (ConfigError, Params, apply_override, build_dataclass, load_params, load_yaml,
                                    parse_params, to_plain)
 
 
@@ -109,3 +109,20 @@ def test_load_params_extends_cycle_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_params(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("3e-3", 0.003), ("1e5", 100000.0), ("1.0e-4", 0.0001), ("-2E+2", -200.0), (".5", 0.5),
+    ("12", 12), ('"3e-3"', "3e-3"), ("1.2.3", "1.2.3"), ("e5", "e5"),
+])
+def test_load_yaml_reads_yaml12_floats(text, expected):
+    value = load_yaml(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_override_with_exponent_float_reaches_a_float_field(tmp_path):
+    # `dvc exp run -S pretrain.lr=3e-3` writes 3e-3 into params.yaml: it must read as a number
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("pretrain:\n  lr: 3e-3\n", encoding="utf-8")
+    params = load_params(params_file, overrides={"pretrain.min_lr": load_yaml("1e-5")})
+    assert params.pretrain.lr == 0.003 and params.pretrain.min_lr == 1e-5
