@@ -44,7 +44,8 @@ install-airflow: $(AIRFLOW_VENV)/.installed
 run: install
 	@test -d "$(LMPIPE_DATA_MIRROR)" || { echo "LMPIPE_DATA_MIRROR=$(LMPIPE_DATA_MIRROR) is not a folder: point it at the offline data mirror (../shared/corpora)"; exit 2; }
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@echo "== summary (full metrics: dvc metrics show)"
+	@$(BIN)/lmpipe summary
 
 test: install install-airflow
 	$(BIN)/python -m pytest tests

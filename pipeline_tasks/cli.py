@@ -48,6 +48,7 @@ COMMAND_HELP = {
     "promote": "move the production alias to a challenger that passed its gates",
     "rollback": "restore the previous production model",
     "kfp-compile": "compile the stages into a Kubeflow Pipelines YAML",
+    "summary": "headline numbers of the last run, one line per stage",
 }
 
 

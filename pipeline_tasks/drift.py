@@ -401,7 +401,9 @@ class DriftDecision:
 
     def summary(self) -> str:
         verdict = "DRIFT" if self.drift_detected else "no drift"
-        return f"{verdict}: {len(self.fired)}/{self.min_signals} signals fired ({', '.join(self.fired) or 'none'})"
+        checked = sum(1 for s in self.signals if s.threshold is not None and s.value is not None)
+        return (f"{verdict}: {len(self.fired)} of {checked} signals fired ({', '.join(self.fired) or 'none'}; "
+                f"drift at >= {self.min_signals})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"drift_detected": self.drift_detected, "min_signals": self.min_signals,

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "promote": "promote",
     "rollback": "promote",
     "kfp-compile": "kfp_pipeline",
+    "summary": "summary",
 }
 
 # Stages that benefit from an accelerator (Airflow pools / KFP accelerator requests read this).
