@@ -56,7 +56,7 @@ RESUME_NEUTRAL = frozenset({"resume", "keep_last", "checkpoint_interval", "log_i
 @dataclasses.dataclass(frozen=True)
 class PretrainParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # CUDA autocast; CPU is float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast: bf16 on CUDA and native-bf16 CPUs
     compile: bool = False  # torch.compile the model (CUDA: ~1.3-2x faster after a compile warm-up)
     num_threads: int = 0  # CPU intra-op threads per process (0: cores / local processes)
     deterministic: bool = True  # deterministic kernels: bit-exact resume on CPU (slower on CUDA)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline_tasks.artifacts import atomic_path, atomic_write_text, sha256_file
+from pipeline_tasks.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +47,38 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 dot-product instructions (AVX512-BF16 / AMX on x86, BF16 on Arm).
+
+    There oneDNN runs bf16 matmuls ~2x faster than fp32 (measured 2.4x for the finetune model on
+    an AMD EPYC with AVX512-BF16); without them bf16 is emulated and slower, so ``auto`` keeps fp32.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    native = re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) or re.search(r"^Features\s*:.*\bbf16\b", cpuinfo, re.M)
+    return bool(native) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
-    """Compute dtype: bf16 on GPUs that support it (``auto``), always float32 on CPU."""
+    """Compute dtype. ``auto``: bf16 on GPUs that support it (else fp16), and on CPUs with native
+    bf16 (:func:`cpu_has_native_bf16`), else float32. float16 is CUDA only."""
     if device.type != "cuda":
-        return torch.float32
+        if preference == "float16":
+            raise PipelineError("dtype float16 is for CUDA only; use auto, bfloat16 or float32 on CPU")
+        if preference == "auto":
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[preference]
     if preference == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[preference]
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)

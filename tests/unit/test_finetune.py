@@ -54,6 +54,7 @@ def test_finetune_params_load_nested_dataset_section():
     ({"max_len": 1}, "max_len must be >= 2"),
     ({"class_weighting": "inverse_freq", "sampler": "weighted"}, "not both"),
     ({"epochs_typo": 3}, "finetune.epochs_typo: unknown key"),
+    ({"backbone_dropout": 1.0}, "backbone_dropout must be in"),
 ])
 def test_finetune_params_reject_bad_values(section, message):
     with pytest.raises(ConfigError, match=message):
@@ -261,7 +262,8 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
 
 def test_resolve_dtype_cpu_uses_bf16_only_where_native():
     from pipeline_tasks.errors import PipelineError
-    from pipeline_tasks.finetune_train import cpu_has_native_bf16, resolve_dtype
+    from pipeline_tasks.training import autocast_dtype as resolve_dtype
+    from pipeline_tasks.training import cpu_has_native_bf16
 
     cpu = torch.device("cpu")
     assert resolve_dtype(cpu, "float32") == torch.float32
