@@ -34,9 +34,10 @@ def _prepare(d: dict) -> str:
     return f"{docs.get('in', '?'):,} -> {docs.get('out', '?'):,} docs (train/val/test {parts})"
 
 
-def _validate(d: dict) -> str:
+def _validate(d: dict, report_dir: Path) -> str:
     verdict = "PASSED" if d.get("success") else "FAILED"
-    return f"{verdict}: {d.get('successful', '?')}/{d.get('evaluated', '?')} expectations (Data Docs: {d.get('data_docs')})"
+    docs = report_dir / d["data_docs"] if d.get("data_docs") else None
+    return f"{verdict}: {d.get('successful', '?')}/{d.get('evaluated', '?')} expectations (Data Docs: {docs})"
 
 
 def _tokenize(d: dict) -> str:
@@ -86,7 +87,7 @@ def rows(params) -> list[tuple[str, str]]:
     p = params.paths
     reports: list[tuple[str, Path, Callable[[dict], str]]] = [
         ("prepare", Path(p.prepare_reports_dir) / "stats.json", _prepare),
-        ("validate", Path(p.validate_dir) / "summary.json", _validate),
+        ("validate", Path(p.validate_dir) / "summary.json", lambda d: _validate(d, Path(p.validate_dir))),
         ("tokenize", Path(p.tokenize_reports_dir) / "metrics.json", _tokenize),
         ("pretrain", Path(p.pretrain_reports_dir) / "metrics.json", _pretrain),
         ("finetune", Path(p.finetune_reports_dir) / "metrics.json", _finetune),
