@@ -57,7 +57,7 @@ STAGE = "ingest_wiki"
 ROW_GROUP_ROWS = 5_000
 ROW_GROUP_CHARS = 32_000_000  # ~32-100 MB of text per row group
 LOG_EVERY_S = 30.0
-AUTO_POOL_BZ2_WORKERS = 4
+AUTO_POOL_BZ2_WORKERS = 2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -92,8 +92,8 @@ class IngestWikiParams:
     cleaner: Literal["fast", "mwparserfromhell"] = "fast"
     skip_disambiguation: bool = True
     # bz2: "thread" decodes in a read-ahead thread, "pool" block by block in the worker pool,
-    # "auto" = pool from 4 workers on. On 2 cores two concurrent decoders thrash the cache (+60-80%
-    # CPU per block measured), so the pool only pays once there are cores to spare.
+    # "auto" = pool from 2 workers on: on an idle 2-core machine the pool took 0.27 s and 0.47 CPU-s
+    # for the gensim sample against 0.38 s and 0.54 CPU-s with the read-ahead thread (bench/ingest_wiki.py).
     bz2_decoder: Literal["auto", "thread", "pool"] = "auto"
 
     def __post_init__(self):

@@ -123,6 +123,58 @@ class _ReadAhead(ChunkReader):
         super().close()
 
 
+class _LargeInputDecompressor:
+    """``read(n)`` over a bz2 / xz file that feeds the decompressor 1 MiB of input per call.
+
+    Written by hand because ``bz2.open`` / ``lzma.open`` feed 8 KiB per call and release and
+    re-take the GIL around each one: with the cleaner busy in the main thread, every re-take waits
+    for the interpreter's switch interval, and the read-ahead thread (not the cleaner) became the
+    bottleneck. Output per call is capped at ``n`` bytes (bounded memory on compression bombs).
+    Concatenated streams (multistream dumps) are read through; trailing garbage after a complete
+    stream ends the input as it does for ``bz2.open``; a stream cut short raises ``EOFError``.
+    """
+
+    def __init__(self, path: Path, factory, input_chunk: int = 1 << 20):
+        self._fh = open(path, "rb")
+        self._factory, self._input_chunk = factory, input_chunk
+        self._decompressor = factory()
+        self._done = False
+
+    def read(self, size: int) -> bytes:
+        while not self._done:
+            dec = self._decompressor
+            if dec.eof:
+                rest = dec.unused_data or self._fh.read(self._input_chunk)
+                if not rest:
+                    self._done = True
+                    break
+                self._decompressor = self._factory()
+                try:
+                    data = self._decompressor.decompress(rest, size)
+                except (OSError, lzma.LZMAError):  # not another stream: trailing garbage
+                    self._done = True
+                    break
+            elif dec.needs_input:
+                raw = self._fh.read(self._input_chunk)
+                if not raw:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                data = dec.decompress(raw, size)
+            else:
+                data = dec.decompress(b"", size)
+            if data:
+                return data
+        return b""
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def open_decompressed(path: Path, pool=None) -> io.RawIOBase:
     """Binary stream of the decompressed content; multistream bz2 (concatenated streams) works.
 
@@ -137,8 +189,10 @@ def open_decompressed(path: Path, pool=None) -> io.RawIOBase:
         from pipeline_tasks.bz2blocks import ParallelBz2Reader
 
         return ParallelBz2Reader(path, pool, window=2 * (os.cpu_count() or 2))
-    opener = {"bz2": bz2.open, "xz": lzma.open, "gzip": gzip.open}[kind]
-    return _ReadAhead(opener(path, "rb"))
+    if kind == "gzip":
+        return _ReadAhead(gzip.open(path, "rb"))
+    factory = bz2.BZ2Decompressor if kind == "bz2" else lzma.LZMADecompressor
+    return _ReadAhead(_LargeInputDecompressor(path, factory))
 
 
 def _compression_error(path: Path, exc: BaseException) -> DataError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bz2
 import io
 import json
+import lzma
 
 import pytest
 
@@ -419,3 +420,27 @@ def test_parallel_bz2_reader_rejoins_a_block_split_by_a_false_magic(tmp_path, po
 
     monkeypatch.setattr(bz2blocks, "iter_segments", with_false_split)
     assert _read_all(bz2blocks.ParallelBz2Reader(tmp_path / "x.bz2", pool)) == data
+
+
+@pytest.mark.parametrize("name, make", [
+    ("multi.bz2", lambda d: bz2.compress(d[:70_000]) + bz2.compress(d[70_000:])),
+    ("garbage.bz2", lambda d: bz2.compress(d) + b"\0\0\0trailing garbage"),
+    ("multi.xz", lambda d: lzma.compress(d[:1000]) + lzma.compress(d[1000:])),
+])
+def test_open_decompressed_reads_concatenated_streams(tmp_path, name, make):
+    from pipeline_tasks.wikidump import open_decompressed
+
+    data = bytes(range(256)) * 300 + "é wiki text ".encode() * 5000
+    (tmp_path / name).write_bytes(make(data))
+    with open_decompressed(tmp_path / name) as stream:
+        assert b"".join(iter(lambda: stream.read(4096), b"")) == data
+
+
+def test_open_decompressed_cut_stream_raises_eof(tmp_path):
+    from pipeline_tasks.wikidump import open_decompressed
+
+    whole = bz2.compress(bytes(range(256)) * 4000)
+    (tmp_path / "cut.bz2").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(EOFError, match="end-of-stream marker"):
+        with open_decompressed(tmp_path / "cut.bz2") as stream:
+            b"".join(iter(lambda: stream.read(4096), b""))
