@@ -23,7 +23,6 @@ import sys
 import time
 from typing import Any
 
-
 from pipeline_tasks.config import ConfigError, load_params, load_yaml
 from pipeline_tasks.errors import PipelineError
 from pipeline_tasks.stages import COMMANDS, STAGES

@@ -28,7 +28,6 @@ from typing import Any, Literal, Union
 import yaml
 
 
-
 class ParamsLoader(yaml.SafeLoader):
     """SafeLoader that reads ``3e-3`` and ``1e5`` as floats (YAML 1.2), not strings.
 

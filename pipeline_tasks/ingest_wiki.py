@@ -73,9 +73,6 @@ class WikiSourceParams(SourceSpec):
             raise ValueError(f"source {self.name!r}: name must match {_NAME.pattern} (it names the output file)")
         super().__post_init__()  # path/mirror/url and checksum checks
 
-    def to_spec(self) -> SourceSpec:
-        return self
-
 
 @dataclasses.dataclass(frozen=True)
 class IngestWikiParams:
@@ -392,7 +389,7 @@ def run(params, **options) -> dict[str, Any]:
     paths = params.paths
     if not cfg.sources:
         raise DataError("ingest_wiki.sources is empty: add at least one source to params.yaml")
-    resolved = [(source, resolve_source(source.to_spec(), paths.downloads_dir)) for source in cfg.sources]
+    resolved = [(source, resolve_source(source, paths.downloads_dir)) for source in cfg.sources]
     workers = cfg.workers or os.cpu_count() or 1
     started = time.perf_counter()
     per_source = {}

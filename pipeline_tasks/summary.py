@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 def _read(path: Path) -> dict[str, Any] | None:

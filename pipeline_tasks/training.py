@@ -64,14 +64,13 @@ def cpu_has_native_bf16() -> bool:
 def autocast_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     """Compute dtype. ``auto``: bf16 on GPUs that support it (else fp16), and on CPUs with native
     bf16 (:func:`cpu_has_native_bf16`), else float32. float16 is CUDA only."""
-    if device.type != "cuda":
-        if preference == "float16":
-            raise PipelineError("dtype float16 is for CUDA only; use auto, bfloat16 or float32 on CPU")
-        if preference == "auto":
-            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[preference]
+    cuda = device.type == "cuda"
     if preference == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if preference == "float16" and not cuda:
+        raise PipelineError("dtype float16 is for CUDA only; use auto, bfloat16 or float32 on CPU")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[preference]
 
 

@@ -216,7 +216,7 @@ def test_ingest_params_reject_bad_values():
         WikiSourceParams(name="../evil", path="x")
     with pytest.raises(ValueError):
         WikiSourceParams(name="a", url="https://example.org/x.bz2")  # a url needs a checksum
-    assert WikiSourceParams(name="a", mirror_path="m", sha256="a" * 64).to_spec().checksums() == {"sha256": "a" * 64}
+    assert WikiSourceParams(name="a", mirror_path="m", sha256="a" * 64).checksums() == {"sha256": "a" * 64}
 
 
 # ---------------------------------------------------------------------------- XML reader
