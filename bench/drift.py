@@ -2,7 +2,7 @@
 
 Throughput part: the texts are resampled (with replacement, seeded) from the real news corpora in
 ``$LMPIPE_DATA_MIRROR`` (HuffPost v3 + v2 headlines and descriptions, AG News train subset and
-test set), written as one Parquet batch and run through :func:`pipeline_tasks.monitor.run` exactly
+test set), written as one Parquet batch and run through :func:`pipeline_tasks.monitor.monitor.run` exactly
 as ``lmpipe monitor`` would, against a reference of HuffPost 2018 rows. Reported breakdown (from the
 stage's own timers): descriptors over all texts (our BPE tokenizer), embeddings + predictions and
 LM bits per byte on the fixed-size samples (``monitor.sample_rows`` / ``reference_rows``; the
@@ -13,7 +13,7 @@ the cost of embedding every text of a batch can be read off.
 Quality part (``--fpr``, default on): HuffPost 2018 rows featurized once; ``--resamples`` random
 "months" of 200 rows against disjoint reference samples (false positives), HuffPost 2022-08
 against the 2018 reference and AG News against it (both must be flagged). Same code path as the
-stage (:func:`pipeline_tasks.drift.compare` + :func:`~pipeline_tasks.drift.decide_drift`).
+stage (:func:`pipeline_tasks.monitor.drift.compare` + :func:`~pipeline_tasks.monitor.drift.decide_drift`).
 
 Needs an exported bundle (``--bundle``, default ``paths.bundle_dir`` of params.yaml).
 Output: a table on stdout and ``bench/results/drift.json``.
@@ -74,7 +74,7 @@ def pin_cores(cores: int) -> list[int]:
 def throughput(bundle_dir: Path, corpus, n_texts: int, cores: int, seed: int, work: Path) -> dict:
     import pandas as pd
 
-    from pipeline_tasks import monitor
+    from pipeline_tasks.monitor.monitor import monitor
     from pipeline_tasks.config import parse_params
 
     batch = corpus.sample(n_texts, replace=True, random_state=seed).reset_index(drop=True)
@@ -104,8 +104,8 @@ def false_positive_rate(bundle_dir: Path, corpus, resamples: int, seed: int) -> 
     import numpy as np
     import pandas as pd
 
-    from pipeline_tasks import drift
-    from pipeline_tasks.bundle import load_bundle
+    from pipeline_tasks.monitor.monitor import drift
+    from pipeline_tasks.ship.bundle import load_bundle
     from pipeline_tasks.config import parse_params
 
     settings = parse_params({"monitor": {}}).monitor
@@ -161,7 +161,7 @@ def main() -> int:
     for noisy in ("matplotlib", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from pipeline_tasks.predict import default_bundle_dir
+    from pipeline_tasks.serve.predict import default_bundle_dir
 
     bundle_dir = Path(args.bundle) if args.bundle else default_bundle_dir(args.params)
     if not (bundle_dir / "manifest.json").is_file():

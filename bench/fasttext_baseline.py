@@ -6,7 +6,7 @@ scored on exactly its test rows:
 
 * when ``paths.prepared_dir/train.parquet`` exists: the labelled rows of ``finetune.dataset``
   (``train_sources`` from train.parquet, ``test_sources`` from test.parquet), read with the same
-  helper as finetune (:func:`pipeline_tasks.finetune_data.read_labelled_split`), so the text is
+  helper as finetune (:func:`pipeline_tasks.train.classifier_data.read_labelled_split`), so the text is
   the prepared (cleaned, deduplicated) text;
 * otherwise directly from the shared corpora (``$LMPIPE_DATA_MIRROR``): the 20k AG News train
   subset and the official 7,600-row test set, cleaned with ingest_news' own ``clean_text`` (no
@@ -60,7 +60,7 @@ def fasttext_normalise(text: str) -> str:
 
 
 def load_prepared(params) -> tuple[dict, dict, str]:
-    from pipeline_tasks.finetune_data import read_labelled_split
+    from pipeline_tasks.train.classifier_data import read_labelled_split
 
     ds = params.finetune.dataset
     prepared = Path(params.paths.prepared_dir)
@@ -70,7 +70,7 @@ def load_prepared(params) -> tuple[dict, dict, str]:
 
 
 def load_corpora(mirror: Path) -> tuple[dict, dict, str]:
-    from pipeline_tasks.newsformats import clean_text
+    from pipeline_tasks.ingest.newsformats import clean_text
 
     def row(label: str, title: str, body: str) -> tuple[str, str]:
         opts = dict(backslash_breaks=True, repair_entities=True)

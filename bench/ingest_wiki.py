@@ -8,7 +8,7 @@ Side by side in one run (the machine may be shared: compare the ratios, not the 
   ``--no-templates`` since we drop templates too, output to a temp folder). Its time includes the
   interpreter start; the table also shows it without that (the time of ``python -c "import
   wikiextractor.WikiExtractor"``), and the target is checked against the faster of the two;
-* ``ours``: :func:`pipeline_tasks.ingest_wiki.ingest_file` with ``workers=N`` (the same N; pool
+* ``ours``: :func:`pipeline_tasks.ingest.ingest_wiki.ingest_file` with ``workers=N`` (the same N; pool
   start included; default ``bz2_decoder: auto``), writing Parquet to a temp folder; plus
   ``workers=1``, bz2 blocks forced into the pool, and, for reference, the mwparserfromhell-only
   cleaner.
@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_tasks.ingest_wiki import IngestWikiParams, WikiSourceParams, ingest_file, worker_pool  # noqa: E402
+from pipeline_tasks.ingest.ingest_wiki import IngestWikiParams, WikiSourceParams, ingest_file, worker_pool  # noqa: E402
 
 GENSIM = "wikipedia_dumps/piskvorky_gensim/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 TARGET_VS_WIKIEXTRACTOR = 2.0

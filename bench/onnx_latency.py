@@ -63,7 +63,7 @@ def ensure_inputs(params, build: bool) -> None:
 
 
 def measure(name: str, fn, singles, batches, args) -> dict:
-    from pipeline_tasks.onnx_tools import latency_stats, throughput
+    from pipeline_tasks.ship.onnx_tools import latency_stats, throughput
 
     lat = latency_stats(fn, singles, args.warmup, args.runs)
     rows = [int(b[0].shape[0]) for b in batches]
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from pipeline_tasks.bundle import load_bundle, make_session
-    from pipeline_tasks.export import load_classifier
-    from pipeline_tasks.onnx_tools import read_labeled_split
+    from pipeline_tasks.ship.bundle import load_bundle, make_session
+    from pipeline_tasks.ship.export import load_classifier
+    from pipeline_tasks.ship.onnx_tools import read_labeled_split
 
     torch.set_num_threads(args.threads)
     paths = params.paths

@@ -51,7 +51,7 @@ def build_raw_from_corpora(corpora: Path, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline_tasks.prepare import prepared_schema
+    from pipeline_tasks.dataset.prepare import prepared_schema
 
     news_schema = pa.schema([f.with_nullable(True) for f in prepared_schema()])
     wiki_schema = pa.schema([f for f in news_schema if f.name not in ("label", "raw_label", "split")])
@@ -122,7 +122,7 @@ def datasketch_baseline(keys, cjk, params) -> tuple[float, int]:
     """The same greedy near-dup walk with datasketch objects (sha1 per shingle)."""
     from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-    from pipeline_tasks.dedup import shingles
+    from pipeline_tasks.dataset.dedup import shingles
 
     started = time.perf_counter()
     sets = [sorted(" ".join(s).encode() if isinstance(s, tuple) else s.encode()
@@ -152,9 +152,11 @@ def main() -> int:
     parser.add_argument("--from-corpora", action="store_true", help="ignore data/raw, build raw files from corpora")
     args = parser.parse_args()
 
-    from pipeline_tasks import dedup, prepare, validate
+    from pipeline_tasks.dataset import dedup
+    from pipeline_tasks.dataset import prepare
+    from pipeline_tasks.dataset import validate
     from pipeline_tasks.config import load_params, parse_params
-    from pipeline_tasks.textstats import char_profile, normalize_key
+    from pipeline_tasks.dataset.textstats import char_profile, normalize_key
 
     project = load_params(ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))

@@ -5,7 +5,7 @@ needed — after warm-up steps that are excluded (allocator, cuDNN autotune, tor
 the device synchronised around the timed region. Runs eager and ``torch.compile`` variants.
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6·N + 12·L·H·Q·T
-(``pipeline_tasks.model.flops_per_token``: N = matmul weights incl. the tied output
+(``pipeline_tasks.train.model.flops_per_token``: N = matmul weights incl. the tied output
 projection, L layers, H heads, Q head dim, T context; PaLM appendix B, nanoGPT ``estimate_mfu``)
 and peak = 989 TFLOP/s (H100/H200 SXM dense bf16), reported on CUDA only.
 
@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_tasks.model import (  # noqa: E402  (after the sys.path tweak for a bare checkout)
+from pipeline_tasks.train.model import (  # noqa: E402  (after the sys.path tweak for a bare checkout)
     H100_BF16_PEAK_FLOPS, ModelConfig, ModelParams, build_lm, flops_per_token, num_parameters,
 )
-from pipeline_tasks.training import autocast_context, autocast_dtype, configure_optimizer  # noqa: E402
+from pipeline_tasks.train.training import autocast_context, autocast_dtype, configure_optimizer  # noqa: E402
 
 PRESETS = {
     "30m": (dict(arch="gpt", n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=8192), 64),

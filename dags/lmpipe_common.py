@@ -4,7 +4,7 @@ Not a DAG file (listed in ``.airflowignore``). Reads, at parse time and with PyY
 
 * ``$LMPIPE_REPO/dvc.yaml``: the stage list and each stage's command (the one source of truth);
 * ``$LMPIPE_REPO/params.yaml`` section ``orchestration``
-  (:class:`pipeline_tasks.orchestration.OrchestrationParams`).
+  (:class:`pipeline_tasks.orchestration.settings.OrchestrationParams`).
 
 ``LMPIPE_ORCHESTRATION_PARAMS`` may name another params file for these settings only.
 ``LMPIPE_REPO`` defaults to the folder above ``dags/`` (a checkout); the Airflow image sets it to
@@ -29,7 +29,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, BaseNotifier, Variable
 
-from pipeline_tasks.orchestration import (
+from pipeline_tasks.orchestration.settings import (
     OrchestrationParams,
     driver_argv,
     load_orchestration_params,

@@ -89,19 +89,19 @@ class PathsParams:
 # error only if params.yaml has that section.
 SECTIONS: dict[str, str] = {
     "paths": "pipeline_tasks.config:PathsParams",
-    "ingest_wiki": "pipeline_tasks.ingest_wiki:IngestWikiParams",
-    "ingest_news": "pipeline_tasks.ingest_news:IngestNewsParams",
-    "prepare": "pipeline_tasks.prepare:PrepareParams",
-    "validate": "pipeline_tasks.validate:ValidateParams",
-    "tokenize": "pipeline_tasks.tokenize:TokenizeParams",
-    "model": "pipeline_tasks.model_config:ModelParams",  # torch-free; re-exported by .model
-    "pretrain": "pipeline_tasks.pretrain:PretrainParams",
-    "finetune": "pipeline_tasks.finetune:FinetuneParams",
-    "export": "pipeline_tasks.export:ExportParams",
-    "evaluate": "pipeline_tasks.evaluate:EvaluateParams",
-    "monitor": "pipeline_tasks.monitor:MonitorParams",
-    "register": "pipeline_tasks.register:RegisterParams",
-    "orchestration": "pipeline_tasks.orchestration:OrchestrationParams",
+    "ingest_wiki": "pipeline_tasks.ingest.params:IngestWikiParams",
+    "ingest_news": "pipeline_tasks.ingest.params:IngestNewsParams",
+    "prepare": "pipeline_tasks.dataset.params:PrepareParams",
+    "validate": "pipeline_tasks.dataset.params:ValidateParams",
+    "tokenize": "pipeline_tasks.dataset.params:TokenizeParams",
+    "model": "pipeline_tasks.train.params:ModelParams",
+    "pretrain": "pipeline_tasks.train.params:PretrainParams",
+    "finetune": "pipeline_tasks.train.params:FinetuneParams",
+    "export": "pipeline_tasks.ship.params:ExportParams",
+    "evaluate": "pipeline_tasks.ship.params:EvaluateParams",
+    "monitor": "pipeline_tasks.monitor.params:MonitorParams",
+    "register": "pipeline_tasks.registry.params:RegisterParams",
+    "orchestration": "pipeline_tasks.orchestration.settings:OrchestrationParams",
 }
 SCALAR_SECTIONS: dict[str, type] = {"seed": int, "project": str}
 

@@ -50,7 +50,7 @@ def dvc_stage_names() -> list[str]:
 def airflow_python() -> Path:
     if not AIRFLOW_PY.is_file():
         pytest.skip(f"orchestration env missing ({AIRFLOW_PY}): run `make install-airflow`")
-    check = subprocess.run([str(AIRFLOW_PY), "-c", "import airflow.sdk, pipeline_tasks.orchestration"],
+    check = subprocess.run([str(AIRFLOW_PY), "-c", "import airflow.sdk, pipeline_tasks.orchestration.settings"],
                            capture_output=True, text=True)
     if check.returncode != 0:
         pytest.skip(f".venv-airflow cannot import airflow + pipeline_tasks (run `make install-airflow`, which "

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_tasks.orchestration import load_orchestration_params
+from pipeline_tasks.orchestration.settings import load_orchestration_params
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))

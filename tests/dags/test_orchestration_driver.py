@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_tasks.orchestration import (
+from pipeline_tasks.orchestration.settings import (
     OrchestrationParams,
     load_orchestration_params,
     node_argv,

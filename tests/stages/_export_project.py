@@ -3,7 +3,7 @@
 Real data: a seeded, class-balanced sample of the AG News train subset (the ``archive.zip`` in
 the shared corpora) plus HuffPost records (with dates, mapped to the canonical labels) so that
 per-source and per-month slices exist. Real pipeline code: ``tokenize.run`` trains the BPE
-tokenizer and writes the shards; ``pipeline_tasks.model`` builds the GPT / LSTM; a short training
+tokenizer and writes the shards; ``pipeline_tasks.train.model`` builds the GPT / LSTM; a short training
 loop here pretrains the LM and fine-tunes the classifier (written in the ``finetune`` checkpoint
 format of docs/ARCHITECTURE.md) until it is confident enough for a meaningful int8 agreement
 check. No mocks. Costs ~10-30 s per architecture on a shared 2-core machine.
@@ -126,7 +126,7 @@ def _train_classifier(clf, tokenizer, frame, pad_id: int, cls_id: int | None, st
     import numpy as np
     import torch
 
-    from pipeline_tasks.bundle import encode_texts
+    from pipeline_tasks.ship.bundle import encode_texts
 
     texts, y = frame["text"].tolist(), frame["label"].map({lab: i for i, lab in enumerate(LABELS)}).to_numpy()
     rng = np.random.default_rng(seed)
@@ -178,9 +178,9 @@ def _build(root: Path, raw: dict, paths: dict, corpora: Path, arch: str) -> Tiny
     import torch
     from tokenizers import Tokenizer
 
-    from pipeline_tasks import tokenize
+    from pipeline_tasks.dataset import tokenize
     from pipeline_tasks.config import parse_params
-    from pipeline_tasks.model import ModelConfig, SequenceClassifier, build_lm
+    from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
 
     write_prepared(Path(paths["prepared_dir"]), corpora)
     tokenize.run(parse_params(raw))
@@ -217,7 +217,7 @@ _EXPORTED: dict[str, dict] = {}
 
 def export_bundle(project: TinyProject, **export_params) -> dict:
     """Run the real export stage once per project (default params unless given); returns its summary."""
-    from pipeline_tasks import export
+    from pipeline_tasks.ship import export
 
     key = f"{project.root}:{sorted(export_params.items())}"
     if key not in _EXPORTED:

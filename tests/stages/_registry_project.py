@@ -7,7 +7,7 @@
 * :func:`raw_news` — ``data/raw/news/<source>.parquet`` from the real ``ingest_news`` stage with the
   source definitions of the repository's ``params.yaml`` (checksums included).
 * :func:`write_evaluation` — ``gates.json`` / ``metrics.json`` for given metrics, decided by the real
-  gate policy (:func:`pipeline_tasks.gates.decide`), so a test can set up a pass, a fail or a
+  gate policy (:func:`pipeline_tasks.ship.gates.decide`), so a test can set up a pass, a fail or a
   regression deterministically.
 """
 
@@ -31,7 +31,7 @@ def project(base: Path, corpora: Path):
 
 def bundles(base: Path, corpora: Path, names: tuple[str, ...] = ("a",)) -> dict[str, Path]:
     """``{name: bundle_dir}``, one real export per name (cached on disk for the session)."""
-    from pipeline_tasks import export
+    from pipeline_tasks.ship import export
 
     tiny = project(base, corpora)
     out = {}
@@ -50,7 +50,7 @@ def bundles(base: Path, corpora: Path, names: tuple[str, ...] = ("a",)) -> dict[
 
 def raw_news(out_dir: Path, sources: tuple[str, ...]) -> Path:
     """Run the real ingest_news on the named sources of the repo's params.yaml; returns raw_news_dir."""
-    from pipeline_tasks import ingest_news
+    from pipeline_tasks.ingest import ingest_news
     from pipeline_tasks.config import parse_params
 
     raw_dir = out_dir / "raw_news"
@@ -65,7 +65,7 @@ def raw_news(out_dir: Path, sources: tuple[str, ...]) -> Path:
 
 def write_evaluation(evaluate_dir: Path, metrics: dict, champion: dict | None = None, gates: dict | None = None) -> dict:
     """``metrics.json`` + ``gates.json`` (real gate decision) + a model card; returns gates.json."""
-    from pipeline_tasks.gates import GateThresholds, decide
+    from pipeline_tasks.ship.gates import GateThresholds, decide
 
     evaluate_dir.mkdir(parents=True, exist_ok=True)
     decision = decide(metrics, champion, GateThresholds(**(gates or GATES))).to_dict()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_tasks.orchestration import stage_paths
+from pipeline_tasks.orchestration.settings import stage_paths
 from tests.dags.conftest import tiny_overrides
 from tests.tiny import write_tiny_params
 

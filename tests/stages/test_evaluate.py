@@ -48,7 +48,7 @@ def _params(project, tmp_path, gates=None, champion=None):
 
 @pytest.fixture(scope="module")
 def evaluated(project, tmp_path_factory):
-    from pipeline_tasks import evaluate
+    from pipeline_tasks.ship import evaluate
 
     tmp = tmp_path_factory.mktemp("evaluate_pass")
     summary = evaluate.run(_params(project, tmp))
@@ -99,7 +99,7 @@ def test_evaluate_writes_gates_plots_and_model_card(evaluated):
 
 
 def test_evaluate_bootstrap_intervals_are_seeded():
-    from pipeline_tasks.evaluate import EvaluateParams, score
+    from pipeline_tasks.ship.evaluate import EvaluateParams, score
 
     rng = np.random.default_rng(1)
     y, pred = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
@@ -109,7 +109,7 @@ def test_evaluate_bootstrap_intervals_are_seeded():
 
 
 def test_evaluate_regression_vs_champion_is_a_failed_gate(project, evaluated, tmp_path):
-    from pipeline_tasks import evaluate
+    from pipeline_tasks.ship import evaluate
 
     accuracy = json.loads((evaluated[1] / "metrics.json").read_text())["accuracy"]
     summary = evaluate.run(_params(project, tmp_path, champion={"accuracy": accuracy + 0.1, "macro_f1": 0.0}))
@@ -137,7 +137,7 @@ def test_evaluate_failed_gate_exits_zero_with_banner(project, tmp_path):
 
 
 def test_evaluate_corrupt_champion_file_is_a_clear_error(tmp_path):
-    from pipeline_tasks.evaluate import read_champion
+    from pipeline_tasks.ship.evaluate import read_champion
 
     assert read_champion(tmp_path / "absent.json") is None
     bad = tmp_path / "production_metrics.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_tasks.bundle import VARIANT_FILES, load_bundle, verify_bundle
+from pipeline_tasks.ship.bundle import VARIANT_FILES, load_bundle, verify_bundle
 from pipeline_tasks.errors import PipelineError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared tiny project, with or without __init__.py
@@ -33,7 +33,7 @@ def gpt(tmp_path_factory, corpora):
 def _torch_logits(project, input_ids, mask):
     import torch
 
-    from pipeline_tasks.export import load_classifier
+    from pipeline_tasks.ship.export import load_classifier
 
     model, _ = load_classifier(project.path("finetune_dir") / "model.pt")
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_export_int8_agrees_with_fp32_on_test_rows(gpt):
 def test_export_pooled_output_is_the_classifier_embedding(gpt):
     import torch
 
-    from pipeline_tasks.export import classifier_graph, load_classifier
+    from pipeline_tasks.ship.export import classifier_graph, load_classifier
 
     bundle = load_bundle(gpt.path("bundle_dir"))
     texts = _test_texts(gpt)[:16]
@@ -119,7 +119,7 @@ def test_export_pooled_output_is_the_classifier_embedding(gpt):
 def test_export_lm_is_causal_and_matches_torch(gpt):
     import torch
 
-    from pipeline_tasks.export import load_lm
+    from pipeline_tasks.ship.export import load_lm
 
     bundle = load_bundle(gpt.path("bundle_dir"))
     rng = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def test_export_lm_is_causal_and_matches_torch(gpt):
 
 
 def test_export_parity_failure_fails_and_keeps_previous_bundle(gpt, tmp_path):
-    from pipeline_tasks import export
+    from pipeline_tasks.ship import export
 
     bundle_dir, reports = tmp_path / "bundle", tmp_path / "reports"
     shutil.copytree(gpt.path("bundle_dir"), bundle_dir)
@@ -169,7 +169,7 @@ def test_export_lstm_bundle_passes_parity(tmp_path_factory, corpora):
 
 
 def test_export_params_reject_bad_values():
-    from pipeline_tasks.export import ExportParams
+    from pipeline_tasks.ship.export import ExportParams
 
     with pytest.raises(ValueError, match="opset"):
         ExportParams(opset=5)

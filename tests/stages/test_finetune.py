@@ -107,7 +107,7 @@ def write_params(root: Path, shared: Path, model=None, pretrain=None, finetune=N
 @pytest.fixture(scope="module")
 def shared(corpora, tmp_path_factory) -> Path:
     """Prepared rows + the real tokenize stage (vocab 512) once for the module."""
-    from pipeline_tasks import tokenize
+    from pipeline_tasks.dataset import tokenize
 
     root = tmp_path_factory.mktemp("ft_shared")
     write_prepared(corpora, root / "data/prepared")
@@ -122,7 +122,7 @@ def shared(corpora, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(shared, tmp_path_factory) -> dict[str, Path]:
     """A tiny pretrained GPT and LSTM from the real pretrain stage."""
-    from pipeline_tasks import pretrain
+    from pipeline_tasks.train import pretrain
 
     roots = {}
     for arch in ("gpt", "lstm"):
@@ -133,7 +133,7 @@ def pretrained(shared, tmp_path_factory) -> dict[str, Path]:
 
 
 def _finetune_in(root: Path, shared: Path, from_scratch: bool = False, **overrides):
-    from pipeline_tasks import finetune
+    from pipeline_tasks.train import finetune
 
     params = load_params(write_params(root, shared, model=overrides.pop("model", None), finetune=overrides))
     return params, finetune.run(params, from_scratch=from_scratch)
@@ -150,7 +150,7 @@ def _with_pretrain(pre_root: Path, tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_finetune_learns_above_chance_and_writes_the_contract(arch, shared, pretrained, tmp_path):
-    from pipeline_tasks.model import ModelConfig, SequenceClassifier, build_lm
+    from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
 
     root = _with_pretrain(pretrained[arch], tmp_path)
     params, result = _finetune_in(root, shared, model={"arch": arch})
@@ -181,8 +181,8 @@ def test_finetune_learns_above_chance_and_writes_the_contract(arch, shared, pret
     model.load_state_dict(ckpt["model"])
     from tokenizers import Tokenizer
 
-    from pipeline_tasks import finetune_data as fd
-    from pipeline_tasks.finetune_train import predict
+    from pipeline_tasks.train import classifier_data as fd
+    from pipeline_tasks.train.finetune_loop import predict
 
     rows = fd.read_labelled_split(params.paths.prepared_dir, "test", ["ag_news_test"])
     seqs = fd.encode_texts(Tokenizer.from_file(str(Path(params.paths.tokens_dir) / "tokenizer.json")), rows["text"],
@@ -233,7 +233,7 @@ def test_finetune_unknown_source_fails_naming_params(shared, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_imbalance_options_lr_decay_and_frozen_embeddings_run(shared, pretrained, tmp_path):
-    from pipeline_tasks.finetune_train import layer_index
+    from pipeline_tasks.train.finetune_loop import layer_index
 
     root = _with_pretrain(pretrained["gpt"], tmp_path / "a")
     params, result = _finetune_in(root, shared, sampler="weighted", layer_lr_decay=0.8, freeze_embeddings=True,

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from _registry_project import bundles, raw_news
 
-from pipeline_tasks import drift
+from pipeline_tasks.monitor.monitor import drift
 from pipeline_tasks.config import parse_params
 from pipeline_tasks.errors import DataError
 
@@ -84,8 +84,8 @@ def test_monitor_flags_far_month_writes_report_and_exits_zero(inputs, tmp_path, 
 @pytest.fixture(scope="module")
 def pool(inputs):
     """HuffPost 2018 texts featurized once (every row through the model), plus the far month and AG News."""
-    from pipeline_tasks.bundle import load_bundle
-    from pipeline_tasks.monitor import SliceParams, load_slice
+    from pipeline_tasks.ship.bundle import load_bundle
+    from pipeline_tasks.monitor.monitor import SliceParams, load_slice
 
     paths = parse_params({"paths": {"raw_news_dir": str(inputs["raw_news_dir"])}}).paths
     bundle = load_bundle(inputs["bundle_dir"])
@@ -137,7 +137,7 @@ def test_monitor_flags_far_month_and_other_source_against_2018_reference(pool):
 
 
 def test_monitor_reads_a_folder_of_new_files_without_labels(inputs, tmp_path):
-    from pipeline_tasks import monitor
+    from pipeline_tasks.monitor.monitor import monitor
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -158,7 +158,7 @@ def test_monitor_reads_a_folder_of_new_files_without_labels(inputs, tmp_path):
 
 
 def test_monitor_too_small_window_fails_naming_the_file(inputs, tmp_path):
-    from pipeline_tasks import monitor
+    from pipeline_tasks.monitor.monitor import monitor
 
     raw = _params(inputs, tmp_path, reference=REFERENCE_2018, batch={"source": "huffpost_v3"},
                   window_start="2030-01-01", window_end="2030-02-01")

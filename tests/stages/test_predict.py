@@ -40,14 +40,14 @@ def _lines(stdout):
 
 
 def test_predict_modules_do_not_import_torch():
-    code = ("import sys, pipeline_tasks.predict, pipeline_tasks.bundle, pipeline_tasks.cli; "
+    code = ("import sys, pipeline_tasks.serve.predict, pipeline_tasks.ship.bundle, pipeline_tasks.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_predict_cli_runs_without_torch_from_bundle_path_only(project, tmp_path):
-    from pipeline_tasks.bundle import load_bundle
+    from pipeline_tasks.ship.bundle import load_bundle
 
     texts = ["Fed raises interest rates again as inflation persists",
              "Striker scores twice as champions win the cup final"]
@@ -108,7 +108,7 @@ def test_predict_names_bad_json_line(project, tmp_path):
 
 
 def test_bundle_predict_proba_is_a_distribution(project):
-    from pipeline_tasks.bundle import load_bundle
+    from pipeline_tasks.ship.bundle import load_bundle
 
     bundle = load_bundle(project.path("bundle_dir"))
     probs = bundle.predict_proba(["", "a", "Stocks " * 500], "int8_dynamic")  # empty, tiny, truncated

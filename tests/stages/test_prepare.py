@@ -7,7 +7,7 @@ import json
 import pytest
 
 from _prepare_data import project_params, write_raw
-from pipeline_tasks import prepare
+from pipeline_tasks.dataset import prepare
 from pipeline_tasks.errors import DataError
 
 

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tokens_dir(corpora, tmp_path_factory) -> Path:
-    from pipeline_tasks import tokenize
+    from pipeline_tasks.dataset import tokenize
 
     tmp = tmp_path_factory.mktemp("tokens")
     write_prepared(corpora, tmp / "data/prepared", n_wiki=12, n_news=200, n_zh=3)
@@ -65,8 +65,8 @@ def run_dir(params) -> Path:
 
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_pretrain_loss_falls_and_writes_outputs(arch, tokens_dir, tmp_path):
-    from pipeline_tasks import pretrain
-    from pipeline_tasks.model import ModelConfig, build_lm, load_lm
+    from pipeline_tasks.train import pretrain
+    from pipeline_tasks.train.model import ModelConfig, build_lm, load_lm
 
     params = load_params(make_params(tmp_path, tokens_dir, model={"arch": arch}, max_steps=30, eval_interval=10))
     result = pretrain.run(params)
@@ -179,7 +179,7 @@ def test_pretrain_ddp_two_cpu_processes_train_the_same_number_of_steps(tokens_di
 
 
 def test_pretrain_falls_back_to_previous_checkpoint_when_newest_is_corrupt(tokens_dir, tmp_path, caplog):
-    from pipeline_tasks import pretrain
+    from pipeline_tasks.train import pretrain
 
     params = load_params(make_params(tmp_path, tokens_dir, max_steps=15))
     pretrain.run(params)
@@ -201,8 +201,8 @@ def test_pretrain_falls_back_to_previous_checkpoint_when_newest_is_corrupt(token
 
 
 def test_pretrain_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tokens_dir, tmp_path):
-    from pipeline_tasks import pretrain
-    from pipeline_tasks.training import CheckpointManager
+    from pipeline_tasks.train import pretrain
+    from pipeline_tasks.train.training import CheckpointManager
 
     # an absurd learning rate with no warm-up: step 1 is fine, its update overflows the weights
     params = load_params(make_params(tmp_path, tokens_dir, lr=1e30, min_lr=1e29, warmup_steps=0,
@@ -218,7 +218,7 @@ def test_pretrain_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoi
 
 
 def test_pretrain_rejects_tokens_per_step_not_divisible(tokens_dir, tmp_path):
-    from pipeline_tasks import pretrain
+    from pipeline_tasks.train import pretrain
     from pipeline_tasks.config import ConfigError
 
     params = load_params(make_params(tmp_path, tokens_dir, tokens_per_step=300))
@@ -227,7 +227,7 @@ def test_pretrain_rejects_tokens_per_step_not_divisible(tokens_dir, tmp_path):
 
 
 def test_pretrain_changed_params_start_a_separate_run(tokens_dir, tmp_path):
-    from pipeline_tasks import pretrain
+    from pipeline_tasks.train import pretrain
 
     pretrain.run(load_params(make_params(tmp_path, tokens_dir, max_steps=5)))
     pretrain.run(load_params(make_params(tmp_path, tokens_dir, max_steps=5, lr=1e-3)))

@@ -22,7 +22,7 @@ import yaml
 from _registry_project import GATES, PASSING, bundles, write_evaluation
 
 from pipeline_tasks.config import parse_params
-from pipeline_tasks.promote import PromotionError, change_production, read_history
+from pipeline_tasks.registry.promote import PromotionError, change_production, read_history
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def _raw(registry, bundle_dir: Path) -> dict:
 
 
 def _register(registry, bundle_dir: Path, metrics: dict) -> dict:
-    from pipeline_tasks import register
+    from pipeline_tasks.registry.store import register
 
     write_evaluation(registry["root"] / "evaluate", metrics)  # evaluated before any production existed
     return register.run(parse_params(_raw(registry, bundle_dir)))
@@ -117,7 +117,7 @@ def _params(registry, bundle_dir: Path):
 
 
 def _production(registry, params):
-    from pipeline_tasks.registry import alias_version, connect
+    from pipeline_tasks.registry.store import alias_version, connect
 
     client, _ = connect(params.paths.registry_dir)
     return alias_version(client, registry["name"], "production"), alias_version(client, registry["name"], "challenger")
@@ -157,7 +157,7 @@ def test_promote_moves_alias_rollback_restores_and_regressions_are_refused(regis
     assert [(h["action"], h["from"], h["to"]) for h in history] == [
         ("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
     assert [h["seq"] for h in history] == [1, 2, 3] and all(h["actor"] == "ci-bot" and h["when"] for h in history)
-    from pipeline_tasks.registry import connect
+    from pipeline_tasks.registry.store import connect
 
     client, _ = connect(root / "registry")
     tags = client.get_registered_model(registry["name"]).tags
@@ -171,7 +171,7 @@ def test_promote_moves_alias_rollback_restores_and_regressions_are_refused(regis
 RACER = """
 import os, sys, time
 from pipeline_tasks.cli import main
-import mlflow, pipeline_tasks.promote, pipeline_tasks.registry, pipeline_tasks.register
+import mlflow, pipeline_tasks.registry.promote, pipeline_tasks.registry.store, pipeline_tasks.registry.register
 open(os.environ["RACE_READY"], "w").close()
 while not os.path.exists(os.environ["RACE_GO"]):
     time.sleep(0.0005)
@@ -231,7 +231,7 @@ def test_concurrent_promotions_exactly_one_wins(registry, versions):
 
 
 def test_predict_serves_production_from_the_registry_without_torch(registry, versions):
-    from pipeline_tasks.bundle import load_bundle
+    from pipeline_tasks.ship.bundle import load_bundle
 
     root = registry["root"]
     _register(registry, versions["b"], PASSING)  # b serves its fp32 variant

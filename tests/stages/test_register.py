@@ -18,9 +18,9 @@ import pytest
 from _registry_project import PASSING, bundles, registry_params, write_evaluation
 
 from pipeline_tasks.config import ConfigError, parse_params
-from pipeline_tasks.promote import change_production
-from pipeline_tasks.register import dvc_lock_hashes, gate_metrics, lineage_tags
-from pipeline_tasks.registry import RegistryError
+from pipeline_tasks.registry.promote import change_production
+from pipeline_tasks.registry.register import dvc_lock_hashes, gate_metrics, lineage_tags
+from pipeline_tasks.registry.store import RegistryError
 
 MODEL = "lm-pipeline-news-classifier"
 
@@ -98,14 +98,14 @@ def embedded_store(monkeypatch):
 
 
 def _client(params):
-    from pipeline_tasks.registry import connect
+    from pipeline_tasks.registry.store import connect
 
     return connect(params.paths.registry_dir)[0]
 
 
 @pytest.mark.slow
 def test_register_gate_failed_records_rejected_run_and_registers_nothing(bundle_dir, tmp_path):
-    from pipeline_tasks import register
+    from pipeline_tasks.registry.store import register
 
     params = registry_params(tmp_path, bundle_dir)
     gates = write_evaluation(tmp_path / "evaluate", {**PASSING, "accuracy": 0.31})
@@ -126,7 +126,7 @@ def test_register_gate_failed_records_rejected_run_and_registers_nothing(bundle_
 
 @pytest.mark.slow
 def test_register_passed_sets_challenger_with_lineage_once(bundle_dir, tmp_path):
-    from pipeline_tasks import register
+    from pipeline_tasks.registry.store import register
     from pipeline_tasks.artifacts import sha256_file
 
     params = registry_params(tmp_path, bundle_dir)
@@ -169,8 +169,8 @@ def _clean_site(tmp: Path) -> Path:
 
 @pytest.mark.slow
 def test_registered_model_predicts_in_clean_subprocess_without_torch(bundle_dir, tmp_path):
-    from pipeline_tasks import register
-    from pipeline_tasks.bundle import load_bundle
+    from pipeline_tasks.registry.store import register
+    from pipeline_tasks.ship.bundle import load_bundle
 
     params = registry_params(tmp_path, bundle_dir)
     write_evaluation(tmp_path / "evaluate", PASSING)

@@ -11,12 +11,12 @@ from _lm_data import write_params, write_prepared
 
 from pipeline_tasks.config import load_params
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.shards import open_shard
+from pipeline_tasks.dataset.shards import open_shard
 
 
 @pytest.fixture(scope="module")
 def tokenized(corpora, tmp_path_factory):
-    from pipeline_tasks import tokenize
+    from pipeline_tasks.dataset import tokenize
 
     tmp = tmp_path_factory.mktemp("tokenize")
     params = load_params(write_params(tmp, tokenize={"vocab_size": 1024}))
@@ -64,7 +64,7 @@ def test_tokenize_reports_compression_per_source(tokenized):
 
 
 def test_tokenize_kinds_filter_keeps_only_selected_documents(corpora, tmp_path):
-    from pipeline_tasks import tokenize
+    from pipeline_tasks.dataset import tokenize
 
     params = load_params(write_params(tmp_path, tokenize={"vocab_size": 600, "kinds": ["news"]}))
     write_prepared(corpora, tmp_path / "data/prepared", n_wiki=4, n_news=60, n_zh=2)
@@ -74,7 +74,7 @@ def test_tokenize_kinds_filter_keeps_only_selected_documents(corpora, tmp_path):
 
 
 def test_tokenize_missing_prepared_split_names_the_file(tmp_path):
-    from pipeline_tasks import tokenize
+    from pipeline_tasks.dataset import tokenize
 
     params = load_params(write_params(tmp_path, tokenize={"vocab_size": 600}))
     with pytest.raises(DataError, match="train.parquet not found: run the prepare stage"):

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from pipeline_tasks.artifacts import write_manifest
-from pipeline_tasks.bundle import BundleError, check_external_data, encode_texts, make_session, verify_bundle
+from pipeline_tasks.ship.bundle import BundleError, check_external_data, encode_texts, make_session, verify_bundle
 
 TEXTS = ["Stocks rally as the Fed holds rates", "Late goal sends United through to the final",
          "New chip promises faster phones", "Talks resume after border clash"] * 20
 
 
 def _tokenizer():
-    from pipeline_tasks.tokenize import train_tokenizer
+    from pipeline_tasks.dataset.tokenize import train_tokenizer
 
     return train_tokenizer(iter([TEXTS]), vocab_size=300, min_frequency=1,
                            special_tokens=("<|endoftext|>", "<|pad|>", "<|cls|>"))
@@ -162,7 +162,7 @@ def test_encode_texts_right_pads_and_appends_cls():
 
 
 def test_encode_texts_matches_finetune_encoding():
-    from pipeline_tasks.finetune_data import encode_texts as finetune_encode
+    from pipeline_tasks.train.classifier_data import encode_texts as finetune_encode
 
     tok = _tokenizer()
     cls = tok.token_to_id("<|cls|>")
@@ -182,7 +182,7 @@ def test_make_session_refuses_silent_cuda_fallback(tmp_path):
 
 
 def test_bundle_refuses_config_pointing_outside(tmp_path):
-    from pipeline_tasks.bundle import Bundle
+    from pipeline_tasks.ship.bundle import Bundle
 
     root = _make_bundle(tmp_path / "b")
     (root / "config.json").write_text(json.dumps({"format_version": 1, "default_variant": "fp32",

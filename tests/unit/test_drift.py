@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline_tasks import drift
+from pipeline_tasks.monitor.monitor import drift
 from pipeline_tasks.config import ConfigError, parse_params
 
 BASE = {"descriptors": 0.5, "embedding": 0.015, "prediction": 0.15, "label": 0.15, "bpb": 0.05}
@@ -69,7 +69,7 @@ def test_decide_drift_rejects_min_signals_below_one():
 @pytest.fixture(scope="module")
 def tokenizer(corpora):
     """A byte-level BPE trained by the real tokenize code on 2,000 AG News texts (about a second)."""
-    from pipeline_tasks.tokenize import train_tokenizer
+    from pipeline_tasks.dataset.tokenize import train_tokenizer
 
     with open(corpora / "ag_news/mhjabreel_CharCnn_Keras/test.csv", newline="", encoding="utf-8") as fh:
         texts = [f"{title}\n{desc}" for _, title, desc in list(csv.reader(fh))[:2000]]
@@ -168,7 +168,7 @@ def test_embedding_drift_mmd_separates_shifted_embeddings():
 
 
 def test_month_windows_cut_at_calendar_months():
-    from pipeline_tasks.monitor import month_windows
+    from pipeline_tasks.monitor.monitor import month_windows
 
     utc = dt.timezone.utc
     windows = month_windows(dt.datetime(2021, 11, 15, tzinfo=utc), dt.datetime(2022, 2, 10, tzinfo=utc), 1)
@@ -178,7 +178,7 @@ def test_month_windows_cut_at_calendar_months():
 
 
 def test_monitor_params_build_main_and_timeline_windows():
-    from pipeline_tasks.monitor import batch_windows
+    from pipeline_tasks.monitor.monitor import batch_windows
 
     params = parse_params({"monitor": {"window_start": "2022-08-01", "window_end": "2022-09-01",
                                        "windows": [{"start": "2019-01-01", "end": "2019-02-01"}],

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_tasks import finetune_data as fd
+from pipeline_tasks.train import classifier_data as fd
 from pipeline_tasks.config import ConfigError, parse_params
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.finetune import FinetuneParams
+from pipeline_tasks.train.finetune import FinetuneParams
 
 TEXTS = [
     "Stocks rally as oil prices fall\nWall Street rose on Monday after crude futures dropped.",
@@ -154,7 +154,7 @@ def test_pad_batch_right_pads_with_pad_id_and_masks():
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_padded_batch_gives_the_same_logits_as_each_text_alone(tokenizer, arch, pooling):
     """Collate + pooling contract: right padding never changes a text's logits."""
-    from pipeline_tasks.model import ModelConfig, SequenceClassifier, build_lm
+    from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
 
     torch.manual_seed(0)
     config = ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tokenizer.get_vocab_size())
@@ -224,8 +224,8 @@ def test_sample_weights_give_every_class_equal_mass():
 
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_param_groups_place_every_weight_and_decay_lr_from_the_top(arch):
-    from pipeline_tasks.finetune_train import freeze_embeddings, layer_index, param_groups
-    from pipeline_tasks.model import ModelConfig, SequenceClassifier, build_lm
+    from pipeline_tasks.train.finetune_loop import freeze_embeddings, layer_index, param_groups
+    from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
 
     L = 3
     config = ModelConfig(arch=arch, n_layer=L, n_head=2, n_embd=16, block_size=16, vocab_size=64)
@@ -248,7 +248,7 @@ def test_param_groups_place_every_weight_and_decay_lr_from_the_top(arch):
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
-    from pipeline_tasks.finetune_train import lr_at
+    from pipeline_tasks.train.finetune_loop import lr_at
 
     cfg = FinetuneParams(lr=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1, schedule="linear")
     lrs = [lr_at(s, 100, cfg) for s in range(101)]
@@ -262,8 +262,8 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
 
 def test_resolve_dtype_cpu_uses_bf16_only_where_native():
     from pipeline_tasks.errors import PipelineError
-    from pipeline_tasks.training import autocast_dtype as resolve_dtype
-    from pipeline_tasks.training import cpu_has_native_bf16
+    from pipeline_tasks.train.training import autocast_dtype as resolve_dtype
+    from pipeline_tasks.train.training import cpu_has_native_bf16
 
     cpu = torch.device("cpu")
     assert resolve_dtype(cpu, "float32") == torch.float32

@@ -1,4 +1,4 @@
-"""Table test for the pure gate policy ``pipeline_tasks.gates.decide``: every branch."""
+"""Table test for the pure gate policy ``pipeline_tasks.ship.gates.decide``: every branch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline_tasks.gates import GateThresholds, decide
+from pipeline_tasks.ship.gates import GateThresholds, decide
 
 THRESHOLDS = GateThresholds(min_accuracy=0.80, min_macro_f1=0.78, max_int8_accuracy_drop=0.01,
                             max_p95_latency_ms=20.0, max_size_mb=50.0, max_regression=0.005)

@@ -1,4 +1,4 @@
-"""Unit tests of the news parsing / cleaning core (pipeline_tasks.newsformats) and its params."""
+"""Unit tests of the news parsing / cleaning core (pipeline_tasks.ingest.newsformats) and its params."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import io
 
 import pytest
 
-from pipeline_tasks import newsformats as nf
+from pipeline_tasks.ingest import newsformats as nf
 from pipeline_tasks.config import ConfigError, load_params, parse_params
-from pipeline_tasks.ingest_news import IngestNewsParams, NewsSourceParams
+from pipeline_tasks.ingest.ingest_news import IngestNewsParams, NewsSourceParams
 
 UTC = dt.timezone.utc
 

@@ -13,10 +13,10 @@ import lzma
 import pytest
 
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.ingest_wiki import CleanOptions, IngestWikiParams, WikiSourceParams, _prefilter, clean_batch
-from pipeline_tasks.wikidump import (RawPage, SiteInfo, TruncatedInputError, iter_jsonl, iter_mediawiki,
+from pipeline_tasks.ingest.ingest_wiki import CleanOptions, IngestWikiParams, WikiSourceParams, _prefilter, clean_batch
+from pipeline_tasks.ingest.wikidump import (RawPage, SiteInfo, TruncatedInputError, iter_jsonl, iter_mediawiki,
                                      iter_wikiextractor, iter_wikitext_raw)
-from pipeline_tasks.wikitext import (clean_wikitext, has_forbidden_markup, is_disambiguation, is_redirect,
+from pipeline_tasks.ingest.wikitext import (clean_wikitext, has_forbidden_markup, is_disambiguation, is_redirect,
                                      namespace_aliases, normalize_plain)
 
 CLEANERS = ["fast", "mwparserfromhell"]
@@ -345,7 +345,7 @@ def test_iter_jsonl_reads_records_and_names_a_bad_line():
 
 @pytest.fixture(scope="module")
 def pool():
-    from pipeline_tasks.ingest_wiki import worker_pool
+    from pipeline_tasks.ingest.ingest_wiki import worker_pool
 
     with worker_pool(2) as workers:
         yield workers
@@ -373,7 +373,7 @@ def _read_all(reader) -> bytes:
 
 
 def test_bz2_blocks_split_and_decode_equal_bz2_module(tmp_path):
-    from pipeline_tasks.bz2blocks import decode_segment, iter_segments
+    from pipeline_tasks.ingest.bz2blocks import decode_segment, iter_segments
 
     data = _text(450_000)
     for level, expected_blocks in ((1, 5), (9, 1)):
@@ -386,7 +386,7 @@ def test_bz2_blocks_split_and_decode_equal_bz2_module(tmp_path):
 
 
 def test_parallel_bz2_reader_handles_multistream_and_truncation(tmp_path, pool):
-    from pipeline_tasks.bz2blocks import ParallelBz2Reader
+    from pipeline_tasks.ingest.bz2blocks import ParallelBz2Reader
 
     data = _text(700_000)
     multistream = b"".join(bz2.compress(data[i:i + 150_000], 1) for i in range(0, len(data), 150_000))
@@ -403,7 +403,7 @@ def test_parallel_bz2_reader_handles_multistream_and_truncation(tmp_path, pool):
 
 
 def test_parallel_bz2_reader_rejoins_a_block_split_by_a_false_magic(tmp_path, pool, monkeypatch):
-    from pipeline_tasks import bz2blocks
+    from pipeline_tasks.ingest import bz2blocks
 
     data = _text(300_000)
     (tmp_path / "x.bz2").write_bytes(bz2.compress(data, 1))
@@ -428,7 +428,7 @@ def test_parallel_bz2_reader_rejoins_a_block_split_by_a_false_magic(tmp_path, po
     ("multi.xz", lambda d: lzma.compress(d[:1000]) + lzma.compress(d[1000:])),
 ])
 def test_open_decompressed_reads_concatenated_streams(tmp_path, name, make):
-    from pipeline_tasks.wikidump import open_decompressed
+    from pipeline_tasks.ingest.wikidump import open_decompressed
 
     data = bytes(range(256)) * 300 + "é wiki text ".encode() * 5000
     (tmp_path / name).write_bytes(make(data))
@@ -437,7 +437,7 @@ def test_open_decompressed_reads_concatenated_streams(tmp_path, name, make):
 
 
 def test_open_decompressed_cut_stream_raises_eof(tmp_path):
-    from pipeline_tasks.wikidump import open_decompressed
+    from pipeline_tasks.ingest.wikidump import open_decompressed
 
     whole = bz2.compress(bytes(range(256)) * 4000)
     (tmp_path / "cut.bz2").write_bytes(whole[: len(whole) // 2])

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from pipeline_tasks.model import (
+from pipeline_tasks.train.model import (
     ModelConfig,
     ModelParams,
     SequenceClassifier,

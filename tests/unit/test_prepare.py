@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 
-from pipeline_tasks import dedup, prepare
+from pipeline_tasks.dataset import dedup
+from pipeline_tasks.dataset import prepare
 from pipeline_tasks.config import ConfigError, parse_params
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.textstats import char_profile, normalize_key
+from pipeline_tasks.dataset.textstats import char_profile, normalize_key
 
 WIKITEXT = "wikitext2/DRAGNLabs_LLMHumanModeling/wiki.valid.raw"
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipeline_tasks.config import ConfigError, load_params
-from pipeline_tasks.model import ModelConfig, build_lm
-from pipeline_tasks.pretrain import PretrainParams, accumulation_steps
-from pipeline_tasks.training import (
+from pipeline_tasks.train.model import ModelConfig, build_lm
+from pipeline_tasks.train.pretrain import PretrainParams, accumulation_steps
+from pipeline_tasks.train.training import (
     CheckpointManager, capture_rng_state, configure_optimizer, cosine_lr, restore_rng_state,
 )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_tasks.errors import SourceError
-from pipeline_tasks.sources import (
+from pipeline_tasks.ingest.sources import (
     MIRROR_ENV,
     USER_AGENT,
     DownloadPolicy,

@@ -6,7 +6,8 @@ import datetime as dt
 
 import pytest
 
-from pipeline_tasks import prepare, validate
+from pipeline_tasks.dataset import prepare
+from pipeline_tasks.dataset import validate
 from pipeline_tasks.config import ConfigError, parse_params
 
 PP = prepare.PrepareParams()

@@ -1,0 +1,379 @@
+"""Stage ``prepare``: merge raw wiki + news, filter, deduplicate, and split deterministically.
+
+Inputs: every ``*.parquet`` under ``paths.raw_wiki_dir`` and ``paths.raw_news_dir`` (schemas in
+docs/ARCHITECTURE.md; wiki files have no ``label``/``raw_label``/``split`` -> null).
+
+Steps (pure core :func:`prepare_documents`, each drop counted per source and reason):
+
+1. ``missing_id`` / ``empty_text`` (no letters or digits at all), ``duplicate_id`` (one row per id);
+2. filters: ``too_short`` / ``too_long`` (characters), ``nonletter`` (share of non-space characters
+   that are not letters above ``max_nonletter_share``);
+3. ``exact_duplicate`` on :func:`~pipeline_tasks.dataset.textstats.normalize_key` (NFKC, casefold,
+   punctuation stripped, whitespace collapsed; the stored text stays as ingested);
+4. split: a fixed ``split`` from ingest (AG News test -> test) wins, else
+   ``sha1(f"{salt}:{id}")`` mapped to [0, 1) against ``test_fraction`` / ``val_fraction``, so a
+   document never moves between splits when new data arrives;
+5. ``near_duplicate`` with MinHash LSH (:mod:`pipeline_tasks.dataset.dedup`).
+
+Whenever two rows compete (same id, same key, near duplicates) the representative is the first by
+priority: a fixed ``test`` row, then a labelled row, then the smallest id. So a test row is never
+dropped in favour of a train candidate, and no near duplicate spans two splits afterwards.
+
+Outputs: ``paths.prepared_dir/{train,val,test}.parquet`` (explicit schema :func:`prepared_schema`,
+sorted by id: re-runs are byte-identical), ``dropped.parquet`` (id, source, split, reason,
+duplicate_of, similarity), ``manifest.json``; ``paths.prepare_reports_dir/stats.json`` (DVC
+metrics: counts per source and reason, length quantiles, language and script shares, split sizes,
+labels per split).
+
+Params: section ``prepare`` (:class:`PrepareParams`). Command: ``python -m pipeline_tasks prepare``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+import types
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
+from pipeline_tasks.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+COLUMNS = ("id", "kind", "source", "lang", "title", "text", "label", "raw_label", "date", "url", "split")
+REQUIRED_COLUMNS = ("id", "kind", "source", "lang", "text")
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+DROP_REASONS = ("missing_id", "empty_text", "duplicate_id", "too_short", "too_long", "nonletter",
+                "exact_duplicate", "near_duplicate")
+Script = Literal["latin", "cyrillic", "cjk", "other"]
+DEFAULT_LANG_SCRIPTS = {"en": "latin", "de": "latin", "fr": "latin", "bg": "cyrillic", "ru": "cyrillic",
+                        "uk": "cyrillic", "zh": "cjk", "ja": "cjk", "ko": "cjk"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareParams:
+    min_chars: int = 40
+    max_chars: int = 200_000
+    max_nonletter_share: float | None = 0.5  # null disables the filter
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    salt: str = "lm-pipeline-split-v1"  # changing it reshuffles every hashed document
+    near_dup: bool = True
+    near_dup_threshold: float = 0.8  # estimated Jaccard of shingle sets
+    num_perm: int = 128
+    shingle_words: int = 5
+    shingle_chars: int = 5  # CJK text (no word spaces)
+    minhash_seed: int = 1
+    cjk_min_share: float = 0.5  # share of CJK letters above which a text is shingled by characters
+    lang_scripts: dict[str, Script] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType(dict(DEFAULT_LANG_SCRIPTS)))
+
+    def __post_init__(self):
+        if not 0 < self.min_chars <= self.max_chars:
+            raise ValueError(f"need 0 < min_chars <= max_chars, got {self.min_chars} and {self.max_chars}")
+        if self.max_nonletter_share is not None and not 0 < self.max_nonletter_share <= 1:
+            raise ValueError(f"max_nonletter_share must be in (0, 1] or null, got {self.max_nonletter_share}")
+        if min(self.val_fraction, self.test_fraction) < 0 or self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction and test_fraction must be >= 0 and sum to < 1 "
+                             f"(got {self.val_fraction} + {self.test_fraction})")
+        if not 0 < self.near_dup_threshold <= 1:
+            raise ValueError(f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+        if self.num_perm < 16 or self.shingle_words < 1 or self.shingle_chars < 1:
+            raise ValueError("num_perm must be >= 16 and shingle sizes >= 1")
+        if not self.salt:
+            raise ValueError("salt must be a non-empty string")
+
+
+def prepared_schema():
+    """Explicit Arrow schema of ``{train,val,test}.parquet`` (the union of the ingest schemas)."""
+    import pyarrow as pa
+
+    string_fields = [pa.field(name, pa.string(), nullable=name not in REQUIRED_COLUMNS + ("split",))
+                     for name in COLUMNS]
+    fields = [f if f.name != "date" else pa.field("date", pa.timestamp("s", tz="UTC")) for f in string_fields]
+    return pa.schema(fields)
+
+
+def hash_unit(doc_id: str, salt: str) -> float:
+    """Stable uniform number in [0, 1) for a document id (first 64 bits of sha1)."""
+    digest = hashlib.sha1(f"{salt}:{doc_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def hash_split(doc_id: str, salt: str, val_fraction: float, test_fraction: float) -> str:
+    """Split of a document without a fixed split: depends on its id and the salt only."""
+    u = hash_unit(doc_id, salt)
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the raw tables
+
+
+def read_raw(dirs: list[Path]):
+    """Concatenate every ``*.parquet`` of ``dirs`` into one DataFrame with :data:`COLUMNS` + ``_file``.
+
+    Returns ``(frame, inputs)`` where ``inputs`` maps each file to its sha256 (for the manifest).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = prepared_schema()
+    reading_schema = pa.schema([f.with_nullable(True) for f in schema])  # nulls are checked later
+    tables, inputs = [], {}
+    for directory in dirs:
+        if not directory.is_dir():
+            raise DataError(f"{directory}: raw data folder not found; run the ingest stages first "
+                            "(python -m pipeline_tasks ingest_wiki / ingest_news)")
+        files = sorted(directory.glob("*.parquet"))
+        if not files:
+            logger.warning("%s: no *.parquet files", directory)
+        for path in files:
+            table = pq.read_table(path)
+            missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; expected the ingest schema in "
+                                "docs/ARCHITECTURE.md")
+            extra = sorted(set(table.column_names) - set(COLUMNS))
+            if extra:
+                logger.warning("%s: ignoring unknown column(s) %s", path, extra)
+            columns = []
+            for field in schema:
+                if field.name not in table.column_names:
+                    columns.append(pa.nulls(table.num_rows, field.type))
+                    continue
+                column = table.column(field.name)
+                if field.name == "date" and pa.types.is_timestamp(column.type) and column.type.tz is None:
+                    column = column.cast(pa.timestamp(column.type.unit, tz="UTC"))  # naive = UTC
+                try:
+                    # safe=False: Parquet stores second timestamps as ms; truncation is intended
+                    columns.append(column.cast(field.type, safe=False))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise DataError(f"{path}: column {field.name!r} of type {column.type} cannot be read "
+                                    f"as {field.type}: {exc}") from exc
+            read = pa.Table.from_arrays(columns, schema=reading_schema)
+            tables.append(read.append_column("_file", pa.array([str(path)] * table.num_rows, pa.string())))
+            inputs[str(path)] = sha256_file(path)
+            logger.info("read %s: %d rows", path, table.num_rows)
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        raise DataError(f"no raw documents in {', '.join(map(str, dirs))}; run the ingest stages first")
+    frame = pa.concat_tables(tables).to_pandas()
+    return frame, inputs
+
+
+def _fixed_splits(df):
+    """Normalised fixed split per row (None where the source declares none); bad values fail."""
+    raw = df["split"].where(df["split"].notna(), None)
+    cleaned = raw.map(lambda v: None if v is None or not str(v).strip() else str(v).strip().lower())
+    mapped = cleaned.map(lambda v: None if v is None else SPLIT_ALIASES.get(v, "?"))
+    bad = mapped == "?"
+    if bad.any():
+        row = df.loc[bad].iloc[0]
+        raise DataError(f"{row['_file']}: record {row['id']!r}: split {row['split']!r} is not one of "
+                        f"{sorted(SPLIT_ALIASES)} ({int(bad.sum())} such rows); fix the source's `split`")
+    return mapped
+
+
+# --------------------------------------------------------------------------------------------
+# Core
+
+
+def prepare_documents(frame, params: PrepareParams, progress: bool | None = None):
+    """Filter, deduplicate and split raw documents.
+
+    ``frame`` has :data:`COLUMNS` (missing optional ones are treated as null) and optionally
+    ``_file`` (for error messages). Returns ``(kept, dropped, stats)``: ``kept`` has
+    :data:`COLUMNS` sorted by id with ``split`` filled; ``dropped`` has one row per dropped
+    document (``id, source, split, reason, duplicate_of, similarity``); ``stats`` is the
+    JSON-able statistics dict written to ``stats.json``.
+    """
+    import pandas as pd
+
+    from pipeline_tasks.dataset.dedup import find_near_duplicates, shingle_hashes
+    from pipeline_tasks.dataset.textstats import SCRIPTS, char_profile, normalize_key
+
+    df = frame.reset_index(drop=True).copy()
+    for column in COLUMNS:
+        if column not in df:
+            df[column] = None
+    if "_file" not in df:
+        df["_file"] = "<memory>"
+    df["source"] = df["source"].fillna("<none>")
+    counts_in = df["source"].value_counts().to_dict()
+    drops: list = []
+
+    def drop(mask, reason, duplicate_of=None, similarity=None):
+        nonlocal df
+        gone = df.loc[mask, ["id", "source", "split"]].copy()
+        gone["reason"] = reason
+        gone["duplicate_of"] = None if duplicate_of is None else duplicate_of[mask]
+        gone["similarity"] = float("nan") if similarity is None else similarity[mask]
+        drops.append(gone)
+        df = df.loc[~mask]
+        if len(gone):
+            logger.info("dropped %d rows: %s", len(gone), reason)
+
+    # split first, so every dropped row records the split it would have had
+    df["_fixed"] = _fixed_splits(df)
+    drop(df["id"].isna() | (df["id"].astype(str).str.strip() == ""), "missing_id")
+    hashed = df["id"].map(lambda i: hash_split(i, params.salt, params.val_fraction, params.test_fraction))
+    df["split"] = df["_fixed"].where(df["_fixed"].notna(), hashed)
+
+    # priority order: fixed test row, then labelled row, then smallest id (mergesort: stable)
+    df["_not_test"] = df["_fixed"] != "test"
+    df["_unlabelled"] = df["label"].isna()
+    df = df.sort_values(["_not_test", "_unlabelled", "id"], kind="mergesort")
+
+    df["_key"] = df["text"].map(lambda t: normalize_key(t) if isinstance(t, str) else "")
+    drop(df["_key"] == "", "empty_text")
+    drop(df["id"].duplicated(keep="first"), "duplicate_id", duplicate_of=df["id"])
+
+    profiles = pd.DataFrame([char_profile(t) for t in df["text"]], index=df.index)
+    df = df.join(profiles.add_prefix("_"))
+    df["_nonletter"] = (df["_nonspace"] - df["_letters"]) / df["_nonspace"].clip(lower=1)
+    drop(df["_chars"] < params.min_chars, "too_short")
+    drop(df["_chars"] > params.max_chars, "too_long")
+    if params.max_nonletter_share is not None:
+        drop(df["_nonletter"] > params.max_nonletter_share, "nonletter")
+
+    first_of_key = df.drop_duplicates("_key").set_index("_key")["id"]
+    drop(df["_key"].duplicated(keep="first"), "exact_duplicate", duplicate_of=df["_key"].map(first_of_key))
+
+    if params.near_dup and len(df):
+        cjk = (df["_cjk"] / df["_letters"].clip(lower=1)) >= params.cjk_min_share
+        hashes = [shingle_hashes(k, params.shingle_words, params.shingle_chars, c) for k, c in zip(df["_key"], cjk)]
+        found = find_near_duplicates(hashes, params.near_dup_threshold, params.num_perm, params.minhash_seed,
+                                     progress=progress)
+        ids = df["id"].to_numpy()
+        mask = pd.Series(False, index=df.index)
+        kept_id = pd.Series(None, index=df.index, dtype=object)
+        similarity = pd.Series(float("nan"), index=df.index)
+        for dup in found:
+            label = df.index[dup.index]
+            mask[label], kept_id[label], similarity[label] = True, ids[dup.kept], dup.jaccard
+        drop(mask, "near_duplicate", duplicate_of=kept_id, similarity=similarity)
+
+    kept = df.sort_values("id", kind="mergesort").reset_index(drop=True)
+    dropped = (pd.concat(drops, ignore_index=True) if drops else pd.DataFrame(
+        columns=["id", "source", "split", "reason", "duplicate_of", "similarity"]))
+    dropped = dropped.sort_values(["reason", "id"], kind="mergesort").reset_index(drop=True)
+    stats = compute_stats(kept, dropped, counts_in, params, SCRIPTS)
+    return kept[list(COLUMNS)], dropped, stats
+
+
+def _quantiles(values) -> dict[str, float]:
+    import numpy as np
+
+    if len(values) == 0:
+        return {"p5": 0.0, "p50": 0.0, "p95": 0.0, "mean": 0.0, "max": 0.0}
+    p5, p50, p95 = np.percentile(values, [5, 50, 95])
+    return {"p5": round(float(p5), 1), "p50": round(float(p50), 1), "p95": round(float(p95), 1),
+            "mean": round(float(np.mean(values)), 1), "max": float(np.max(values))}
+
+
+def compute_stats(kept, dropped, counts_in: Mapping[str, int], params: PrepareParams,
+                  scripts: tuple[str, ...]) -> dict[str, Any]:
+    """Numbers-only statistics (nested dicts) for ``stats.json`` / ``dvc metrics show``."""
+    n_out = len(kept)
+    by_id_split = dict(zip(kept["id"], kept["split"]))
+    by_id_split.update({i: s for i, s in zip(dropped["id"], dropped["split"]) if i not in by_id_split})
+    dedup: dict[str, Any] = {}
+    for reason, name in (("exact_duplicate", "exact"), ("near_duplicate", "near")):
+        rows = dropped[dropped["reason"] == reason]
+        cross = sum(by_id_split.get(k) != s for k, s in zip(rows["duplicate_of"], rows["split"]))
+        dedup[name] = len(rows)
+        dedup[f"{name}_cross_split"] = int(cross)
+    near = dropped.loc[dropped["reason"] == "near_duplicate", "similarity"]
+    dedup["near_mean_similarity"] = round(float(near.mean()), 4) if len(near) else 0.0
+
+    sources = {}
+    for source in sorted(counts_in):
+        gone = dropped[dropped["source"] == source]["reason"].value_counts()
+        sources[source] = {"in": int(counts_in[source]), "out": int((kept["source"] == source).sum()),
+                           "dropped": {r: int(gone.get(r, 0)) for r in DROP_REASONS}}
+
+    langs = {}
+    for lang, group in kept.groupby(kept["lang"].fillna("<none>"), sort=True):
+        letters = max(int(group["_letters"].sum()), 1)
+        expected = params.lang_scripts.get(lang)
+        dominant = group[[f"_{s}" for s in scripts]].idxmax(axis=1).str[1:].where(group["_letters"] > 0)
+        mismatch = int(((dominant != expected) & dominant.notna()).sum()) if expected else 0
+        langs[lang] = {"docs": len(group), "share": round(len(group) / max(n_out, 1), 4),
+                       "script_mismatch": mismatch,
+                       "script_share": {s: round(int(group[f"_{s}"].sum()) / letters, 4) for s in scripts}}
+        if mismatch:
+            examples = group.loc[(dominant != expected) & dominant.notna(), "id"].head(5).tolist()
+            logger.warning("lang %s: %d docs are mostly not %s script (e.g. %s)", lang, mismatch, expected, examples)
+
+    labels = sorted(kept["label"].dropna().unique())
+    hashed_total = max(int(kept["_fixed"].isna().sum()), 1)
+    splits = {}
+    for split in SPLITS:
+        rows = kept[kept["split"] == split]
+        counts = rows["label"].value_counts()
+        hashed = int(rows["_fixed"].isna().sum())
+        splits[split] = {"docs": len(rows), "share": round(len(rows) / max(n_out, 1), 4),
+                         "fixed": len(rows) - hashed, "hashed": hashed,
+                         "hashed_share": round(hashed / hashed_total, 4),
+                         "labels": {**{lb: int(counts.get(lb, 0)) for lb in labels},
+                                    "unlabelled": int(rows["label"].isna().sum())}}
+    return {
+        "docs": {"in": int(sum(counts_in.values())), "out": n_out, "dropped": len(dropped)},
+        "dropped": {r: int((dropped["reason"] == r).sum()) for r in DROP_REASONS},
+        "dedup": dedup,
+        "sources": sources,
+        "length_chars": {kind: _quantiles(group["_chars"].to_numpy())
+                         for kind, group in kept.groupby(kept["kind"].fillna("<none>"), sort=True)},
+        "lang": langs,
+        "splits": splits,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Runner
+
+
+def write_table(frame, schema, path: Path) -> None:
+    """Write ``frame`` with the explicit ``schema``; no pandas metadata, so bytes depend on data only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata(None), path, compression="zstd")
+
+
+def dropped_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("source", pa.string()), ("split", pa.string()),
+                      ("reason", pa.string()), ("duplicate_of", pa.string()), ("similarity", pa.float64())])
+
+
+def run(params, **_options) -> dict[str, Any]:
+    p, paths = params.prepare, params.paths
+    started = time.perf_counter()
+    frame, inputs = read_raw([Path(paths.raw_wiki_dir), Path(paths.raw_news_dir)])
+    read_s = time.perf_counter() - started
+    kept, dropped, stats = prepare_documents(frame, p)
+    core_s = time.perf_counter() - started - read_s
+    schema = prepared_schema()
+    rows = {split: int((kept["split"] == split).sum()) for split in SPLITS}
+    with atomic_dir(paths.prepared_dir) as tmp:
+        for split in SPLITS:
+            write_table(kept[kept["split"] == split], schema, tmp / f"{split}.parquet")
+        write_table(dropped, dropped_schema(), tmp / "dropped.parquet")
+        seconds = {"read": round(read_s, 2), "core": round(core_s, 2),
+                   "total": round(time.perf_counter() - started, 2)}
+        write_manifest(tmp, "prepare", p, inputs, extra={"rows": rows, "dropped": stats["dropped"],
+                                                         "seconds": seconds})
+    stats_path = Path(paths.prepare_reports_dir) / "stats.json"
+    atomic_write_json(stats_path, stats)
+    logger.info("prepare: %d docs in, %d out (%s); dropped %s; %.1f s", stats["docs"]["in"], stats["docs"]["out"],
+                rows, {k: v for k, v in stats["dropped"].items() if v}, seconds["total"])
+    return {"docs_in": stats["docs"]["in"], "docs_out": stats["docs"]["out"], "splits": rows,
+            "dropped": stats["docs"]["dropped"],
+            "prepared_dir": str(paths.prepared_dir), "stats": str(stats_path), "seconds": seconds}

@@ -1,0 +1,394 @@
+"""Stage ``validate``: great-expectations (1.x) suites on every prepared split; a failure stops the DAG.
+
+Inputs: ``paths.prepared_dir/{train,val,test}.parquet`` (the ``prepare`` contract) and the
+``prepare`` params that define the split (``salt``, ``val_fraction``, ``test_fraction``).
+
+Suites, defined as code below (thresholds from the ``validate`` params section):
+
+* ``train`` / ``val`` / ``test`` — columns and order, value types, non-null ``id``, ``text``,
+  ``kind``, ``source``, ``lang``, ``split``; unique ids; text length bounds and no blank text; the
+  ``split`` column equals the file; ``kind`` and ``label`` in their sets (label may be null); ids
+  prefixed by their source; news dates within bounds; duplicate rate of the normalised text
+  (:func:`pipeline_tasks.dataset.textstats.normalize_key`); mean and max non-letter share; row count.
+* ``cross_split`` — all splits together: an id in one split only, no normalised text in two
+  splits, every source split either by the id hash (each row in the split its id hashes to with
+  the ``prepare`` salt and fractions) or by one fixed split (AG News test), and each split's share
+  of the hash-split documents within ``max(split_share_tolerance, split_share_z * binomial sd)``
+  of the ``prepare`` fractions.
+* ``schema`` — the Arrow type of every column of every file (a small computed table) against
+  :func:`pipeline_tasks.dataset.prepare.prepared_schema`.
+
+Outputs (the whole ``paths.validate_dir`` is swapped in atomically): ``data_docs/index.html``
+(GX Data Docs built from an ephemeral context with a filesystem site), ``summary.json`` (per
+suite: success, evaluated / successful / failed counts, each failed expectation with its column
+and observed value), ``manifest.json``. The report is written even when a suite fails; then the
+stage raises :class:`~pipeline_tasks.errors.ValidationFailedError` (exit code 3) so that DVC and
+Airflow do not run anything downstream. A stale ``summary.json`` is deleted first, so a crash can
+never leave an old "success" behind.
+
+Params: section ``validate`` (:class:`ValidateParams`). Command: ``python -m pipeline_tasks validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
+from pipeline_tasks.errors import DataError, ValidationFailedError
+from pipeline_tasks.dataset.prepare import COLUMNS, SPLITS
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+DOCS_DIR = "data_docs"
+# derived columns added to every split frame (prefixed "_" so they never clash with data columns)
+COMPUTED = ("_text_key", "_nonletter", "_id_source", "_hash_split")
+STRING_COLUMNS = tuple(c for c in COLUMNS if c != "date")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateParams:
+    text_min_chars: int = 40  # keep <= prepare.min_chars
+    text_max_chars: int = 200_000  # keep >= prepare.max_chars
+    labels: tuple[str, ...] = ("world", "sports", "business", "scitech")
+    kinds: tuple[str, ...] = ("wiki", "news")
+    news_date_min: str = "1990-01-01"
+    news_date_max: str = "2030-12-31"
+    nonletter_share_mean_max: float = 0.2
+    nonletter_share_max: float = 0.5
+    max_duplicate_rate: float = 0.0  # share of rows whose normalised text is not unique
+    split_share_tolerance: float = 0.01  # absolute, on the share of hash-split documents
+    split_share_z: float = 4.0  # widen the tolerance to z binomial standard deviations on small data
+    min_rows: int = 1  # per split
+
+    def __post_init__(self):
+        if not 0 <= self.text_min_chars <= self.text_max_chars:
+            raise ValueError("need 0 <= text_min_chars <= text_max_chars")
+        for name in ("news_date_min", "news_date_max"):
+            try:
+                dt.date.fromisoformat(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name}: expected an ISO date like '2004-01-31' "
+                                 f"(quote it in params.yaml), got {getattr(self, name)!r}") from exc
+        if not 0 <= self.max_duplicate_rate < 1:
+            raise ValueError("max_duplicate_rate must be in [0, 1)")
+        if self.split_share_tolerance < 0 or self.split_share_z < 0 or self.min_rows < 0:
+            raise ValueError("split_share_tolerance, split_share_z and min_rows must be >= 0")
+
+    def date_bound(self, name: str) -> dt.datetime:
+        return dt.datetime.combine(dt.date.fromisoformat(getattr(self, name)), dt.time(), dt.timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: read the splits and derive the columns the suites check
+
+
+def read_split(path: Path):
+    """``(frame, arrow_schema)`` of one prepared split."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError(f"{path}: prepared split not found; run `python -m pipeline_tasks prepare` first")
+    table = pq.read_table(path)
+    return table.to_pandas(), table.schema
+
+
+def add_computed_columns(frame, prepare_params):
+    """Append :data:`COMPUTED` columns (normalised key, non-letter share, id prefix, hashed split)."""
+    from pipeline_tasks.dataset.prepare import hash_split
+    from pipeline_tasks.dataset.textstats import char_profile, normalize_key
+
+    frame = frame.copy()
+    text = frame["text"] if "text" in frame else [None] * len(frame)
+    ids = frame["id"] if "id" in frame else [None] * len(frame)
+    frame["_text_key"] = [normalize_key(t) if isinstance(t, str) else None for t in text]
+    frame["_nonletter"] = [char_profile(t).nonletter_share if isinstance(t, str) else None for t in text]
+    frame["_id_source"] = [i.split(":", 1)[0] if isinstance(i, str) else None for i in ids]
+    frame["_hash_split"] = [hash_split(i, prepare_params.salt, prepare_params.val_fraction,
+                                       prepare_params.test_fraction) if isinstance(i, str) else None for i in ids]
+    return frame
+
+
+def cross_split_frame(frames: dict[str, Any]):
+    """All splits in one frame with ``_hashed_source`` and ``_is_<split>`` indicator columns."""
+    import pandas as pd
+
+    cols = ["id", "source", "split", "_text_key", "_hash_split"]
+    parts = [f.reindex(columns=cols).assign(_file_split=name) for name, f in frames.items()]
+    frame = pd.concat(parts, ignore_index=True)
+    source = frame["source"].fillna("<none>")
+    matches = (frame["split"] == frame["_hash_split"]) & frame["split"].notna()
+    frame["_hashed_source"] = matches.groupby(source).transform("all")
+    # a source is split either by the id hash (every row where its id hashes to) or by one fixed
+    # split declared at ingest (AG News test); anything else means rows moved between splits
+    single = frame.groupby(source)["split"].transform("nunique") == 1
+    frame["_split_mode"] = "inconsistent:" + source
+    frame.loc[single, "_split_mode"] = "fixed"
+    frame.loc[frame["_hashed_source"], "_split_mode"] = "hash"
+    for split in SPLITS:
+        frame[f"_is_{split}"] = (frame["split"] == split).astype(float)
+    return frame
+
+
+def schema_frame(schemas: dict[str, Any]):
+    """One row per (file, expected column): observed vs expected Arrow type."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from pipeline_tasks.dataset.prepare import prepared_schema
+
+    rows = []
+    for split, schema in schemas.items():
+        for field in prepared_schema():
+            observed = "<missing>"
+            if field.name in schema.names:
+                kind = schema.field(field.name).type
+                # Parquet has no second-resolution timestamp: timestamp[s] is stored and read as ms
+                if pa.types.is_timestamp(kind) and kind.unit in ("s", "ms") and kind.tz == "UTC":
+                    kind = pa.timestamp("s", tz="UTC")
+                observed = str(kind)
+            # the column name is part of both values so that a failure's observed values name it
+            rows.append({"file": f"{split}.parquet", "column": field.name,
+                         "arrow_type": f"{split}.{field.name}: {observed}",
+                         "expected_type": f"{split}.{field.name}: {field.type}"})
+    return pd.DataFrame(rows)
+
+
+def split_share_bounds(expected: float, n: int, tolerance: float, z: float) -> tuple[float, float]:
+    """``expected ± max(tolerance, z * sqrt(p (1 - p) / n))`` clipped to [0, 1]."""
+    half = max(tolerance, z * math.sqrt(expected * (1 - expected) / max(n, 1)))
+    return max(0.0, expected - half), min(1.0, expected + half)
+
+
+# --------------------------------------------------------------------------------------------
+# Suites as code
+
+
+def split_suite(split: str, params: ValidateParams) -> list:
+    """Expectations for one prepared split."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    exps = [
+        E.ExpectTableColumnsToMatchOrderedList(column_list=[*COLUMNS, *COMPUTED]),
+        E.ExpectTableRowCountToBeBetween(min_value=params.min_rows),
+        *[E.ExpectColumnValuesToBeOfType(column=c, type_="str") for c in STRING_COLUMNS],
+        E.ExpectColumnValuesToBeOfType(column="date", type_="Timestamp"),
+        *[E.ExpectColumnValuesToNotBeNull(column=c) for c in ("id", "text", "kind", "source", "lang", "split")],
+        E.ExpectColumnValuesToBeUnique(column="id"),
+        E.ExpectColumnValueLengthsToBeBetween(column="text", min_value=params.text_min_chars,
+                                              max_value=params.text_max_chars),
+        E.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=[split]),
+        E.ExpectColumnValuesToBeInSet(column="kind", value_set=list(params.kinds)),
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=list(params.labels)),  # nulls are allowed
+        E.ExpectColumnPairValuesToBeEqual(column_A="_id_source", column_B="source"),
+        E.ExpectColumnValuesToBeBetween(column="date", min_value=params.date_bound("news_date_min"),
+                                        max_value=params.date_bound("news_date_max"),
+                                        row_condition='kind=="news"', condition_parser="pandas"),
+        E.ExpectColumnValuesToBeUnique(column="_text_key", mostly=1.0 - params.max_duplicate_rate),
+        E.ExpectColumnMeanToBeBetween(column="_nonletter", min_value=0.0, max_value=params.nonletter_share_mean_max),
+        E.ExpectColumnMaxToBeBetween(column="_nonletter", min_value=0.0, max_value=params.nonletter_share_max),
+    ]
+    return exps
+
+
+def cross_split_suite(frame, params: ValidateParams, prepare_params) -> tuple[list, dict[str, Any]]:
+    """Expectations over all splits, and a description of the split-share check."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    exps = [
+        E.ExpectColumnValuesToBeUnique(column="id"),
+        E.ExpectColumnValuesToBeUnique(column="_text_key", mostly=1.0 - params.max_duplicate_rate),
+        E.ExpectColumnPairValuesToBeEqual(column_A="split", column_B="_file_split"),
+        E.ExpectColumnValuesToBeInSet(column="_split_mode", value_set=["hash", "fixed"]),
+    ]
+    hashed = int(frame["_hashed_source"].sum())
+    expected = {"train": 1.0 - prepare_params.val_fraction - prepare_params.test_fraction,
+                "val": prepare_params.val_fraction, "test": prepare_params.test_fraction}
+    shares: dict[str, Any] = {"checked": hashed > 0, "hashed_rows": hashed}
+    if hashed == 0:
+        logger.warning("validate: no hash-split source (every source has fixed splits); split shares not checked")
+        return exps, shares
+    for split in SPLITS:
+        low, high = split_share_bounds(expected[split], hashed, params.split_share_tolerance, params.split_share_z)
+        shares[split] = {"expected": round(expected[split], 6), "min": round(low, 6), "max": round(high, 6),
+                         "observed": round(float(frame.loc[frame["_hashed_source"], f"_is_{split}"].mean()), 6)}
+        exps.append(E.ExpectColumnMeanToBeBetween(column=f"_is_{split}", min_value=low, max_value=high,
+                                                  row_condition="_hashed_source==True", condition_parser="pandas"))
+    return exps, shares
+
+
+def schema_suite() -> list:
+    import great_expectations as gx
+
+    return [gx.expectations.ExpectColumnPairValuesToBeEqual(column_A="arrow_type", column_B="expected_type")]
+
+
+# --------------------------------------------------------------------------------------------
+# Running the suites with great-expectations and reporting
+
+
+def run_suites(datasets: dict[str, tuple[Any, list]], docs_dir: Path) -> dict[str, Any]:
+    """Validate each ``name -> (frame, expectations)`` and build Data Docs into ``docs_dir``.
+
+    Returns ``name -> ExpectationSuiteValidationResult``. Uses an ephemeral context (nothing
+    persisted but the Data Docs site), no progress bars, no analytics.
+    """
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    site = {"class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            # GX requires an absolute base_directory without a project root
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(Path(docs_dir).resolve())}}
+    context.add_data_docs_site(site_name="lmpipe", site_config=site)
+    source = context.data_sources.add_pandas(name="prepared")
+    results = {}
+    for name, (frame, expectations) in datasets.items():
+        batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe(name=f"{name}_all")
+        suite = context.suites.add(gx.ExpectationSuite(name=name))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=f"validate_{name}", validation_definitions=[definition],
+            actions=[],
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 10}))
+        started = time.perf_counter()
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        results[name] = next(iter(outcome.run_results.values()))
+        logger.info("suite %s: %s (%d rows, %.1f s)", name, "passed" if results[name].success else "FAILED",
+                    len(frame), time.perf_counter() - started)
+    started = time.perf_counter()
+    context.build_data_docs(site_names=["lmpipe"])
+    logger.info("data docs built in %.1f s", time.perf_counter() - started)
+    return results
+
+
+def _plain(value: Any, max_chars: int = 200) -> Any:
+    """numpy scalars -> Python, timestamps -> ISO strings, long texts cut (for JSON and messages)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, max_chars) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v, max_chars) for k, v in value.items()}
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()  # numpy scalar
+        except (ValueError, TypeError, AttributeError):
+            pass
+    if isinstance(value, (dt.datetime, dt.date)) or type(value).__name__ == "Timestamp":
+        return value.isoformat()
+    if isinstance(value, str) and len(value) > max_chars:
+        return value[:max_chars] + "…"
+    return value
+
+
+def describe_failure(result) -> dict[str, Any]:
+    """A failed expectation as plain JSON: type, column(s), bounds, observed value, examples."""
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id",) and v is not None}
+    details = result.result or {}
+    failure: dict[str, Any] = {"expectation": config.type, "kwargs": kwargs}
+    column = kwargs.get("column") or " / ".join(str(kwargs[k]) for k in ("column_A", "column_B") if k in kwargs)
+    failure["column"] = column or None
+    if "observed_value" in details:
+        failure["observed_value"] = details["observed_value"]
+    for key in ("element_count", "unexpected_count", "unexpected_percent", "partial_unexpected_list"):
+        if key in details:
+            failure[key] = details[key]
+    info = result.exception_info or {}
+    if info.get("raised_exception"):
+        failure["exception"] = str(info.get("exception_message"))
+    return _plain(failure)
+
+
+def failure_line(suite: str, failure: dict[str, Any]) -> str:
+    """One readable line per failed expectation for the error message and the log."""
+    where = f"({failure['column']})" if failure.get("column") else ""
+    if "exception" in failure:
+        observed = f"error: {failure['exception']}"
+    elif "unexpected_count" in failure:
+        examples = failure.get("partial_unexpected_list") or []
+        examples = [_plain(e, 60) for e in examples[:3]]
+        observed = (f"{failure['unexpected_count']} unexpected of {failure.get('element_count')} "
+                    f"({failure.get('unexpected_percent') or 0:.2f}%), e.g. {examples!r}")
+    else:
+        observed = f"observed {failure.get('observed_value')!r}"
+    bounds = {k: failure["kwargs"][k] for k in ("min_value", "max_value", "value_set", "column_list", "mostly")
+              if k in failure["kwargs"]}
+    return f"{suite}: {failure['expectation']}{where} {observed}; expected {bounds}" if bounds else \
+        f"{suite}: {failure['expectation']}{where} {observed}"
+
+
+def summarize(results: dict[str, Any], rows: dict[str, int], shares: dict[str, Any]) -> dict[str, Any]:
+    """The JSON written to ``summary.json`` (counts first, failed expectations with observed values)."""
+    suites, evaluated, successful = {}, 0, 0
+    for name, result in results.items():
+        stats = result.statistics
+        failures = [describe_failure(r) for r in result.results if not r.success]
+        suites[name] = {"success": bool(result.success), "rows": rows.get(name, 0),
+                        "evaluated": int(stats["evaluated_expectations"]),
+                        "successful": int(stats["successful_expectations"]),
+                        "failed": int(stats["unsuccessful_expectations"]), "failures": failures}
+        evaluated += suites[name]["evaluated"]
+        successful += suites[name]["successful"]
+    return {"success": all(s["success"] for s in suites.values()),
+            "evaluated": evaluated, "successful": successful, "failed": evaluated - successful,
+            "suites": suites, "split_shares": shares, "data_docs": f"{DOCS_DIR}/index.html"}
+
+
+def run(params, **_options) -> dict[str, Any]:
+    vp, pp, paths = params.validate, params.prepare, params.paths
+    out_dir, prepared = Path(paths.validate_dir), Path(paths.prepared_dir)
+    # never leave an old success behind: if this run crashes there is no summary at all
+    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    started = time.perf_counter()
+    frames, schemas, inputs = {}, {}, {}
+    for split in SPLITS:
+        path = prepared / f"{split}.parquet"
+        frame, schemas[split] = read_split(path)
+        frames[split] = add_computed_columns(frame, pp)
+        inputs[str(path)] = sha256_file(path)
+    rows = {split: len(frame) for split, frame in frames.items()}
+    cross = cross_split_frame(frames)
+    cross_expectations, shares = cross_split_suite(cross, vp, pp)
+    datasets = {split: (frames[split], split_suite(split, vp)) for split in SPLITS}
+    datasets["cross_split"] = (cross, cross_expectations)
+    datasets["schema"] = (schema_frame(schemas), schema_suite())
+    rows.update(cross_split=len(cross), schema=len(datasets["schema"][0]))
+    with atomic_dir(out_dir) as tmp:
+        results = run_suites(datasets, tmp / DOCS_DIR)
+        summary = summarize(results, rows, shares)
+        seconds = round(time.perf_counter() - started, 2)  # manifest only: metrics must not churn
+        atomic_write_json(tmp / SUMMARY_NAME, summary)
+        write_manifest(tmp, "validate", vp, inputs, extra={"success": summary["success"], "rows": rows,
+                                                           "seconds": seconds,
+                                                           "prepare_split": {"salt": pp.salt,
+                                                                             "val_fraction": pp.val_fraction,
+                                                                             "test_fraction": pp.test_fraction}})
+    logger.info("validate: %d/%d expectations passed; report %s", summary["successful"], summary["evaluated"],
+                out_dir / DOCS_DIR / "index.html")
+    if not summary["success"]:
+        lines = [failure_line(name, f) for name, s in summary["suites"].items() for f in s["failures"]]
+        for line in lines:
+            logger.error("failed: %s", line)
+        shown = "\n  - ".join(lines[:25]) + (f"\n  ... {len(lines) - 25} more" if len(lines) > 25 else "")
+        raise ValidationFailedError(
+            f"{summary['failed']} of {summary['evaluated']} expectations failed on {prepared} "
+            f"(report: {out_dir / DOCS_DIR / 'index.html'}, {out_dir / SUMMARY_NAME}):\n  - {shown}")
+    return {"success": True, "evaluated": summary["evaluated"], "rows": rows,
+            "summary": str(out_dir / SUMMARY_NAME), "data_docs": str(out_dir / DOCS_DIR / "index.html"),
+            "seconds": seconds}

@@ -1,0 +1,151 @@
+"""``lmpipe predict``: classify headlines with an exported bundle, ONNX Runtime only (no torch).
+
+Examples::
+
+    lmpipe predict "Stocks rally as the Fed holds rates"
+    lmpipe predict --file news.jsonl            # JSON lines with "text" or "title"/"description"
+    lmpipe predict --file headlines.txt         # or plain text, one item per line
+    lmpipe predict --bundle /srv/models/bundle --variant fp32 "..."
+    lmpipe predict --model models:/lm-pipeline-news-classifier@production "..."   # from the MLflow registry
+
+Prints one JSON object per input line on stdout: ``{"label", "probabilities", "text"}`` (plus
+``"line"`` and ``"id"`` when reading a file). The bundle is verified (sha256 of every file)
+before any session is created.
+
+Which bundle: ``--bundle DIR``; otherwise ``paths.bundle_dir`` read from the params file
+(``--params`` / ``$LMPIPE_PARAMS`` / ``./params.yaml``) with plain YAML, so this command needs no
+other section to be importable; otherwise ``models/bundle``. :func:`resolve_bundle_dir` is the
+single seam where a registry reference (``models:/NAME@alias``) is turned into a local bundle
+directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline_tasks.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUNDLE_DIR = "models/bundle"
+REGISTRY_SCHEME = "models:/"
+
+
+def default_bundle_dir(params_file: str | None = None) -> Path:
+    """``paths.bundle_dir`` from the params file when there is one, else ``models/bundle``."""
+    import yaml
+
+    candidate = Path(params_file or os.environ.get("LMPIPE_PARAMS") or "params.yaml")
+    if candidate.is_file():
+        raw = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+        bundle_dir = (raw.get("paths") or {}).get("bundle_dir")
+        if bundle_dir:
+            return Path(bundle_dir)
+    elif params_file:
+        raise DataError(f"params file {params_file} not found; pass --bundle DIR instead")
+    return Path(DEFAULT_BUNDLE_DIR)
+
+
+def resolve_bundle_dir(reference: str | None, params_file: str | None = None) -> Path:
+    """A local bundle directory for ``reference`` (a path, a ``models:/`` URI, or ``None``).
+
+    ``models:/NAME@alias`` is delegated to ``pipeline_tasks.registry.register.resolve_model_bundle`` (the
+    MLflow registry lives there), which downloads/locates the bundle and returns its directory.
+    """
+    if reference is None:
+        return default_bundle_dir(params_file)
+    if reference.startswith(REGISTRY_SCHEME):
+        try:
+            from pipeline_tasks.registry.register import resolve_model_bundle
+        except ImportError as exc:
+            raise DataError(f"{reference}: registry references need pipeline_tasks.registry.register ({exc}); "
+                            "pass --bundle DIR") from exc
+        return Path(resolve_model_bundle(reference, params_file=params_file))
+    return Path(reference)
+
+
+def read_inputs(path: str | os.PathLike) -> Iterator[dict]:
+    """Records from a JSON-lines file (``text`` or ``title``/``description``) or a plain text file.
+
+    The format is decided per line: a line starting with ``{`` must be a JSON object with a
+    text field, anything else is taken as the text itself. Blank lines are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--file {path}: no such file")
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if not line.lstrip().startswith("{"):
+                yield {"line": number, "text": line}
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}); fix the line or use plain text") from exc
+            yield {"line": number, "text": record_text(record, f"{path}:{number}"),
+                   **({"id": record["id"]} if "id" in record else {})}
+
+
+def record_text(record: dict, where: str) -> str:
+    """The classifier's input text, built as ingest_news builds ``text``: title, newline, body."""
+    if isinstance(record.get("text"), str) and record["text"].strip():
+        return record["text"]
+    title = record.get("title") or record.get("headline") or ""
+    body = record.get("description") or record.get("short_description") or ""
+    if not (isinstance(title, str) and isinstance(body, str)) or not (title.strip() or body.strip()):
+        raise DataError(f"{where}: record has no 'text' and no 'title'/'description'; keys: {sorted(record)}")
+    return "\n".join(part for part in (title.strip(), body.strip()) if part)
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="*", help="texts to classify (each argument is one text)")
+    parser.add_argument("--file", help="JSON lines (text or title/description) or plain text, one per line; - = stdin")
+    parser.add_argument("--bundle", default=None, help="bundle directory (default: paths.bundle_dir or models/bundle)")
+    parser.add_argument("--model", default=None, metavar="models:/NAME@ALIAS",
+                        help="serve a registered model version from the MLflow registry instead of --bundle")
+    parser.add_argument("--variant", default=None,
+                        help="fp32 | int8_dynamic | int8_static | fp16 (default: the bundle's serving variant)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
+
+
+def cli_predict(args: argparse.Namespace) -> int:
+    from pipeline_tasks.ship.bundle import dumps_line, load_bundle
+
+    if bool(args.text) == bool(args.file):
+        raise DataError("give either texts as arguments or --file PATH (not both, not neither)")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.model and args.bundle:
+        raise DataError("give --bundle DIR or --model models:/NAME@ALIAS, not both")
+    if args.model and not args.model.startswith(REGISTRY_SCHEME):
+        raise DataError(f"--model {args.model!r}: expected models:/NAME@alias or models:/NAME/VERSION")
+    bundle_dir = resolve_bundle_dir(args.model or args.bundle, args.params)
+    bundle = load_bundle(bundle_dir, device=args.device, intra_op_threads=args.threads)
+    variant = args.variant or bundle.default_variant
+    logger.info("bundle %s, variant %s, device %s", bundle_dir, variant, args.device)
+    if args.file == "-":
+        records = [{"line": i, "text": t.rstrip("\n")} for i, t in enumerate(sys.stdin, 1) if t.strip()]
+    elif args.file:
+        records = list(read_inputs(args.file))
+    else:
+        records = [{"text": t} for t in args.text]
+    count = 0
+    for start in range(0, len(records), args.batch_size):
+        chunk = records[start: start + args.batch_size]
+        for record, result in zip(chunk, bundle.predict([r["text"] for r in chunk], variant)):
+            print(dumps_line({**result, **record}))
+            count += 1
+    sys.stdout.flush()
+    logger.info("predicted %d texts", count)
+    return 0

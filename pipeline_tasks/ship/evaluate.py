@@ -1,0 +1,425 @@
+"""Stage ``evaluate``: score every bundle variant, time it, apply the gates, write the model card.
+
+Inputs: ``bundle_dir`` (verified), ``prepared_dir/test.parquet``, ``tokens_dir/{val.bin,meta.json}``
+(LM bits per byte from the exported LM), ``finetune_dir/model.pt`` (the PyTorch reference score),
+``export_reports_dir/parity.json`` and the data statistics for the card; the production model's
+metrics from ``evaluate.champion_metrics_path`` when that file exists (champion/challenger).
+
+Outputs (``evaluate_dir``, written atomically with a manifest):
+
+* ``metrics.json`` (DVC metrics) — the serving variant's ``accuracy``, ``macro_f1`` (+ bootstrap
+  ``*_ci_low/high``), ``int8_accuracy_drop``, ``latency_p50_ms`` / ``latency_p95_ms`` (batch 1),
+  ``throughput_rows_per_s`` (batch 32), ``size_mb``, ``lm_val_bpb`` at the top level (the gate
+  inputs; the production metrics file has the same layout), then ``variants`` (every ONNX
+  variant and ``torch``), ``per_class``, ``slices`` (per source, per month/year of ``date``),
+  ``cuda`` (when a GPU is present);
+* ``gates.json`` — every gate (value, threshold, passed, why) and the overall verdict;
+* ``plots/`` — ``confusion.csv``, ``per_class.csv``, ``latency.csv``, ``slices.csv`` (DVC plots)
+  and PNGs;
+* ``model_card.md`` and ``model_card.html``.
+
+A failed gate is a recorded decision: the stage exits 0 with ``passed: false`` and logs a
+``GATES FAILED: ...`` banner; ``register`` refuses such a model.
+
+Params: section ``evaluate`` (:class:`EvaluateParams`, thresholds in ``evaluate.gates``).
+Command: ``lmpipe evaluate`` (``dvc repro evaluate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, atomic_write_text, read_json, write_manifest
+from pipeline_tasks.errors import DataError
+from pipeline_tasks.ship.gates import GateThresholds, decide
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GATES = GateThresholds(min_accuracy=0.70, min_macro_f1=0.68, max_int8_accuracy_drop=0.01,
+                               max_p95_latency_ms=50.0, max_size_mb=50.0, max_regression=0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    gates: GateThresholds = DEFAULT_GATES
+    champion_metrics_path: str = "registry/production_metrics.json"  # kept current by register/promote
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    max_test_rows: int = 0  # 0 = every labelled test row
+    batch_size: int = 64
+    slice_min_rows: int = 30  # smaller slices are counted but get no scores
+    time_window: Literal["auto", "month", "year"] = "auto"  # auto: month if the dates span <= 36 months
+    latency_runs: int = 200
+    latency_warmup: int = 20
+    throughput_batch: int = 32
+    throughput_runs: int = 20
+    intra_op_threads: int = 1  # pinned: comparable latency numbers, less noise
+    cuda: Literal["auto", "on", "off"] = "auto"  # auto: time the CUDA EP when torch sees a GPU
+    lm_windows: int = 32  # val.bin windows of block_size tokens for the LM bits per byte
+    score_torch: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        for name in ("bootstrap_resamples", "batch_size", "slice_min_rows", "latency_runs", "throughput_batch",
+                     "throughput_runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_test_rows < 0 or self.latency_warmup < 0 or self.lm_windows < 0 or self.intra_op_threads < 0:
+            raise ValueError("max_test_rows, latency_warmup, lm_windows and intra_op_threads must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def score(y, pred, labels, ep: EvaluateParams, seed: int) -> dict[str, Any]:
+    """Accuracy and macro-F1 with seeded bootstrap intervals, plus per-class numbers."""
+    from pipeline_tasks import metrics as mt
+
+    report = mt.classification_report(y, pred, labels)
+    out = {"n": report["n"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+    for key, fn in (("accuracy", mt.accuracy), ("macro_f1", lambda t, p: mt.macro_f1(t, p, len(labels)))):
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = mt.bootstrap_ci(y, pred, fn, ep.bootstrap_resamples,
+                                                                      ep.confidence, seed)
+    out["per_class"] = report["per_class"]
+    return out
+
+
+def time_window_key(dates, mode: str):
+    """Series of ``YYYY-MM`` or ``YYYY`` strings (None where the date is missing)."""
+    import pandas as pd
+
+    dates = pd.to_datetime(dates, utc=True, errors="coerce")
+    if mode == "auto":
+        valid = dates.dropna()
+        span = (valid.max().year * 12 + valid.max().month) - (valid.min().year * 12 + valid.min().month) if len(valid) else 0
+        mode = "month" if span <= 36 else "year"
+    fmt = "%Y-%m" if mode == "month" else "%Y"
+    return dates.dt.strftime(fmt).where(dates.notna(), None), mode
+
+
+def slice_scores(frame, pred, labels, ep: EvaluateParams, seed: int) -> dict[str, dict[str, Any]]:
+    """Per-source and per-time-window scores of one variant's predictions."""
+    import numpy as np
+
+    from pipeline_tasks import metrics as mt
+
+    y = frame["label_idx"].to_numpy()
+    keys = {"source": frame["source"] if "source" in frame else None}
+    if "date" in frame and frame["date"].notna().any():
+        window, mode = time_window_key(frame["date"], ep.time_window)
+        keys[mode] = window
+    slices: dict[str, dict[str, Any]] = {}
+    for kind, column in keys.items():
+        if column is None:
+            continue
+        out = {}
+        for name in sorted(column.dropna().unique()):
+            idx = np.flatnonzero((column == name).to_numpy())
+            entry: dict[str, Any] = {"n": int(idx.size)}
+            if idx.size >= ep.slice_min_rows:
+                entry["accuracy"] = mt.accuracy(y[idx], pred[idx])
+                entry["macro_f1"] = mt.macro_f1(y[idx], pred[idx], len(labels))
+                entry["accuracy_ci_low"], entry["accuracy_ci_high"] = mt.bootstrap_ci(
+                    y[idx], pred[idx], mt.accuracy, ep.bootstrap_resamples, ep.confidence, seed)
+            out[str(name)] = entry
+        slices[kind] = out
+    return slices
+
+
+def time_variant(bundle, variant: str, texts, ep: EvaluateParams, device: str = "cpu") -> dict[str, float]:
+    """Batch-1 latency (p50/p95) and batch-``throughput_batch`` rows/s of one variant on real texts."""
+    from pipeline_tasks.ship.bundle import make_session
+    from pipeline_tasks.ship.onnx_tools import latency_stats, throughput
+
+    session = make_session(bundle.variant_path(variant), device, ep.intra_op_threads)
+
+    def run(feed):
+        return session.run(["logits"], feed)
+
+    def feed(batch):
+        ids, mask = bundle.encode(batch)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    singles = [feed([t]) for t in texts[:64]]
+    lat = latency_stats(run, singles, ep.latency_warmup, ep.latency_runs)
+    bs = ep.throughput_batch
+    batches = [feed(texts[i: i + bs]) for i in range(0, min(len(texts), 8 * bs), bs)]
+    rows = [b["input_ids"].shape[0] for b in batches]
+    return {"latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"], "latency_mean_ms": lat["mean_ms"],
+            "throughput_rows_per_s": throughput(run, batches, rows, 2, ep.throughput_runs),
+            "providers": ",".join(session.get_providers())}
+
+
+def lm_bits_per_byte(bundle, tokens_dir: Path, windows: int) -> float | None:
+    """Bits per byte of the exported LM on ``val.bin`` windows (same definition as pretrain)."""
+    import numpy as np
+
+    from pipeline_tasks.dataset.shards import load_meta, open_shard
+
+    if not windows or bundle.config.get("lm") is None:
+        return None
+    meta = load_meta(tokens_dir)
+    data = open_shard(tokens_dir, "val", meta)
+    block = int(bundle.config["lm"]["model_config"]["block_size"])
+    if len(data) < block + 2:
+        return None
+    starts = np.linspace(0, len(data) - block - 2, windows).astype(np.int64)
+    nll, count = 0.0, 0
+    for start in starts:
+        x = np.asarray(data[start: start + block], dtype=np.int64)[None]
+        y = np.asarray(data[start + 1: start + 1 + block], dtype=np.int64)
+        logits = bundle.lm_logits(x)[0].astype(np.float64)  # (T, V)
+        logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+        nll += float((logz - logits[np.arange(block), y]).sum())
+        count += block
+    split = meta["splits"]["val"]
+    tokens_per_byte = split["tokens"] / max(split["bytes"], 1)
+    return nll / count * tokens_per_byte / math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def write_plots(plots_dir: Path, y, pred, labels, result: dict[str, Any]) -> None:
+    """CSV for ``dvc plots`` and PNGs for people."""
+    import csv
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline_tasks.metrics import confusion_matrix
+
+    def write_csv(name, header, rows):
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        atomic_write_text(plots_dir / name, buf.getvalue())
+
+    write_csv("confusion.csv", ["actual", "predicted"], [(labels[a], labels[b]) for a, b in zip(y, pred)])
+    per_class = result["per_class"]
+    write_csv("per_class.csv", ["class", "precision", "recall", "f1", "support"],
+              [(c, round(v["precision"], 6), round(v["recall"], 6), round(v["f1"], 6), v["support"])
+               for c, v in per_class.items()])
+    variants = result["variants"]
+    write_csv("latency.csv", ["variant", "latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb",
+                              "accuracy"],
+              [(v, *(round(m[k], 6) if m.get(k) is not None else "" for k in
+                     ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb", "accuracy")))
+               for v, m in variants.items()])
+    write_csv("slices.csv", ["slice_type", "slice", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high"],
+              [(kind, name, s["n"], s.get("accuracy", ""), s.get("accuracy_ci_low", ""), s.get("accuracy_ci_high", ""))
+               for kind, group in result["slices"].items() for name, s in group.items()])
+
+    cm = confusion_matrix(y, pred, len(labels))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+           xlabel="predicted", ylabel="actual", title=f"confusion ({result['serving_variant']})")
+    for (i, j), v in __import__("numpy").ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(plots_dir / "confusion.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(per_class)
+    for k, key in enumerate(("precision", "recall", "f1")):
+        ax.bar([i + 0.27 * (k - 1) for i in range(len(names))], [per_class[n][key] for n in names], 0.27, label=key)
+    ax.set(xticks=range(len(names)), xticklabels=names, ylim=(0, 1), title="per class")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots_dir / "per_class.png", dpi=120)
+    plt.close(fig)
+
+    timed = [(v, m) for v, m in variants.items() if m.get("latency_p50_ms") is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.barh([v for v, _ in timed], [m["latency_p50_ms"] for _, m in timed], label="p50")
+        ax.barh([v for v, _ in timed], [m["latency_p95_ms"] - m["latency_p50_ms"] for _, m in timed],
+                left=[m["latency_p50_ms"] for _, m in timed], label="p95", alpha=0.5)
+        ax.set(xlabel="ms per request (batch 1, CPU)", title="latency")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plots_dir / "latency.png", dpi=120)
+        plt.close(fig)
+
+
+def read_champion(path: Path) -> dict[str, Any] | None:
+    """The production model's metrics, or ``None`` when nothing is in production yet."""
+    if not path.is_file():
+        return None
+    try:
+        champion = read_json(path)
+    except ValueError as exc:
+        raise DataError(f"{path}: production metrics are not valid JSON ({exc}); fix or remove the file "
+                        "(the register stage rewrites it on promotion)") from exc
+    if not isinstance(champion, dict):
+        raise DataError(f"{path}: expected a JSON object of metrics, got {type(champion).__name__}")
+    return champion
+
+
+def _optional_json(path: Path) -> Any:
+    try:
+        return read_json(path) if path.is_file() else None
+    except ValueError:
+        logger.warning("%s is not valid JSON; left out of the model card", path)
+        return None
+
+
+def card_context(params, bundle, result, decision, created: str) -> dict[str, Any]:
+    """Everything the model card shows that is not a metric: data sources, counts, training params."""
+    from pipeline_tasks.artifacts import git_sha
+    from pipeline_tasks.config import to_plain
+
+    paths = params.paths
+    sources = []
+    for section, kind in (("ingest_news", "news"), ("ingest_wiki", "wiki")):
+        try:
+            for src in to_plain(getattr(params, section)).get("sources", []):
+                sources.append({"kind": kind, **src})
+        except AttributeError:
+            continue
+    raw_stats: dict[str, Any] = {"sources": {}}
+    for key in ("raw_news_dir", "raw_wiki_dir"):
+        stats = _optional_json(Path(getattr(paths, key)) / "stats.json") or {}
+        raw_stats["sources"].update(stats.get("sources", {}) if isinstance(stats, dict) else {})
+    prepared = _optional_json(Path(getattr(paths, "prepare_reports_dir", paths.prepared_dir)) / "stats.json")
+    prepared = prepared if isinstance(prepared, dict) else {}
+    split_counts = {k: v.get("docs") if isinstance(v, dict) else v for k, v in (prepared.get("splits") or {}).items()}
+    training = {}
+    for section in ("model", "pretrain", "finetune"):
+        try:
+            training[section] = to_plain(getattr(params, section))
+        except AttributeError:
+            continue
+    return {"metrics": result, "decision": decision.to_dict(), "bundle_config": bundle.config,
+            "bundle_dir": str(paths.bundle_dir), "created_utc": created, "git_sha": git_sha(),
+            "project": getattr(params, "project", "lm-pipeline"), "sources": sources, "raw_stats": raw_stats,
+            "prepared_stats": prepared,
+            "split_counts": {k: v for k, v in split_counts.items() if isinstance(v, (int, float))},
+            "training": training, "confidence": params.evaluate.confidence,
+            "bootstrap_resamples": params.evaluate.bootstrap_resamples}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _gpu_present() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def run(params, **_options) -> dict[str, Any]:
+    import numpy as np
+
+    from pipeline_tasks.ship.bundle import load_bundle
+    from pipeline_tasks.ship.model_card import build_card, render_html, render_markdown
+    from pipeline_tasks.ship.onnx_tools import read_labeled_split
+
+    ep: EvaluateParams = params.evaluate
+    paths = params.paths
+    # scoring sessions use every core; timing sessions (time_variant) pin ep.intra_op_threads
+    bundle = load_bundle(paths.bundle_dir, intra_op_threads=0)
+    labels, serving = bundle.labels, bundle.default_variant
+    test = read_labeled_split(Path(paths.prepared_dir) / "test.parquet", labels, ep.max_test_rows, params.seed)
+    texts, y = test["text"].tolist(), test["label_idx"].to_numpy()
+    logger.info("evaluate: %d test rows, variants %s, serving %s", len(texts), bundle.variants, serving)
+
+    variants: dict[str, dict[str, Any]] = {}
+    preds: dict[str, np.ndarray] = {}
+    scored: dict[str, dict[str, Any]] = {}
+    for variant in bundle.variants:
+        info = bundle.config["variants"][variant]
+        if not info.get("cpu_runnable", True):
+            variants[variant] = {"skipped": info.get("note", "not runnable on the CPU execution provider")}
+            continue
+        preds[variant] = bundle.logits(texts, variant, ep.batch_size).argmax(1)
+        scores = scored[variant] = score(y, preds[variant], labels, ep, params.seed)
+        timing = time_variant(bundle, variant, texts, ep)
+        variants[variant] = {**{k: v for k, v in scores.items() if k != "per_class"}, **timing,
+                             "size_mb": info["bytes"] / 1e6}
+        logger.info("evaluate: %-12s accuracy %.4f macro-F1 %.4f p95 %.2f ms %.0f rows/s", variant,
+                    scores["accuracy"], scores["macro_f1"], timing["latency_p95_ms"], timing["throughput_rows_per_s"])
+    if ep.score_torch:
+        from pipeline_tasks.ship.export import load_classifier
+        import torch
+
+        model, _ = load_classifier(Path(paths.finetune_dir) / "model.pt")
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), ep.batch_size):
+                ids, mask = bundle.encode(texts[i: i + ep.batch_size])
+                out.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(1).numpy())
+        preds["torch"] = np.concatenate(out)
+        variants["torch"] = {k: v for k, v in score(y, preds["torch"], labels, ep, params.seed).items()
+                             if k != "per_class"}
+    if serving not in preds:
+        raise DataError(f"serving variant {serving!r} could not be scored on CPU: {variants.get(serving)}")
+
+    cuda: dict[str, Any] = {}
+    if ep.cuda == "on" or (ep.cuda == "auto" and _gpu_present()):
+        for variant in ("fp16", "fp32", serving):  # make_session raises if ORT fell back to CPU
+            if variant in bundle.config["variants"] and variant not in cuda:
+                cuda[variant] = time_variant(bundle, variant, texts, ep, device="cuda")
+
+    served = scored[serving]
+    int8 = serving if serving.startswith("int8") else "int8_dynamic"
+    result: dict[str, Any] = {
+        "serving_variant": serving, "n_test": len(texts),
+        **{k: served[k] for k in ("accuracy", "macro_f1", "accuracy_ci_low", "accuracy_ci_high",
+                                  "macro_f1_ci_low", "macro_f1_ci_high")},
+        "int8_accuracy_drop": (variants["fp32"]["accuracy"] - variants[int8]["accuracy"]
+                               if "accuracy" in variants.get(int8, {}) and "accuracy" in variants.get("fp32", {})
+                               else None),
+        **{k: variants[serving][k] for k in ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb")},
+        "lm_val_bpb": lm_bits_per_byte(bundle, Path(paths.tokens_dir), ep.lm_windows),
+        "variants": variants, "per_class": served["per_class"],
+        "slices": slice_scores(test, preds[serving], labels, ep, params.seed),
+    }
+    if cuda:
+        result["cuda"] = cuda
+    pretrain_metrics = _optional_json(Path(paths.pretrain_reports_dir) / "metrics.json") or {}
+    if "val/bpb" in pretrain_metrics:
+        result["pretrain_val_bpb"] = pretrain_metrics["val/bpb"]
+    champion_path = Path(ep.champion_metrics_path)
+    champion = read_champion(champion_path)
+    decision = decide(result, champion, ep.gates)
+    result["gates_passed"] = decision.passed
+
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    with atomic_dir(paths.evaluate_dir) as out:
+        atomic_write_json(out / "metrics.json", result)
+        atomic_write_json(out / "gates.json", {**decision.to_dict(), "created_utc": created,
+                                               "serving_variant": serving,
+                                               "champion_metrics_path": str(champion_path),
+                                               "champion": champion})
+        (out / "plots").mkdir()
+        write_plots(out / "plots", y, preds[serving], labels, result)
+        blocks = build_card(card_context(params, bundle, result, decision, created))
+        atomic_write_text(out / "model_card.md", render_markdown(blocks))
+        atomic_write_text(out / "model_card.html", render_html(blocks, title="Model card"))
+        write_manifest(out, "evaluate", ep, inputs={"bundle_manifest": bundle.manifest.get("params_sha256", ""),
+                                                    **{f"bundle/{k}": v for k, v in bundle.manifest["outputs"].items()}},
+                       extra={"gates_passed": decision.passed})
+    banner = decision.summary()
+    (logger.info if decision.passed else logger.warning)("=" * 20 + f" {banner} " + "=" * 20)
+    return {"gates_passed": decision.passed, "verdict": banner, "accuracy": round(result["accuracy"], 4),
+            "macro_f1": round(result["macro_f1"], 4), "latency_p95_ms": round(result["latency_p95_ms"], 3),
+            "size_mb": round(result["size_mb"], 3), "evaluate_dir": str(paths.evaluate_dir)}

@@ -1,0 +1,369 @@
+"""Stage ``export``: ONNX export, int8 / fp16 variants, parity checks against PyTorch, the serving bundle.
+
+Inputs: ``finetune_dir/model.pt`` (classifier), ``pretrain_dir/model.pt`` (language model),
+``tokens_dir/{tokenizer.json,meta.json}``, ``prepared_dir/val.parquet`` (real texts for parity
+and int8 calibration).
+
+Outputs: ``bundle_dir/`` (atomic) with
+
+* ``model_fp32.onnx`` — ``(input_ids, attention_mask) int64 [batch, seq] -> logits [batch, classes],
+  pooled [batch, hidden]`` (``pooled`` is the classifier's pooled hidden state: the embeddings the
+  drift monitor uses), dynamic batch and sequence axes, opset ``export.opset``;
+* ``model_int8_dynamic.onnx`` (the default serving variant), ``model_int8_static.onnx`` (QDQ,
+  calibrated on validation texts), ``model_fp16.onnx`` (for the CUDA EP, fp32 I/O);
+* ``lm_fp32.onnx`` — ``input_ids [batch, seq] -> logits [batch, seq, vocab]`` of the pretrained LM;
+* ``tokenizer.json``, ``labels.json``, ``config.json``, ``manifest.json`` (sha256 of every file,
+  versions, opset), read back by :mod:`pipeline_tasks.ship.bundle`;
+
+and ``export_reports_dir/parity.json``: fp32 vs PyTorch max-abs differences at several sequence
+lengths (with padding), int8/fp16 class agreement and accuracy on validation rows, the LM parity
+and causality checks. Any failed check raises :class:`PipelineError` with the numbers and the
+bundle is left as it was.
+
+Params: section ``export`` (:class:`ExportParams`). Command: ``lmpipe export`` (``dvc repro export``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline_tasks.artifacts import atomic_write_json, read_json, sha256_file, write_manifest
+from pipeline_tasks.errors import DataError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+Variant = Literal["fp32", "int8_dynamic", "int8_static", "fp16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportParams:
+    exporter: Literal["dynamo", "legacy"] = "dynamo"  # legacy = TorchScript exporter (deprecated)
+    opset: int = 18
+    default_variant: Variant = "int8_dynamic"  # what predict / serving load by default
+    dynamic_per_channel: bool = True
+    static_per_channel: bool = True
+    static_op_types: tuple[str, ...] = ("MatMul", "Gemm")  # empty = every op ORT can quantize
+    calibration_rows: int = 256  # validation texts for the static int8 activation ranges
+    calibration_batch_size: int = 16
+    parity_rows: int = 256  # validation texts for parity / agreement
+    parity_seq_lens: tuple[int, ...] = (8, 32)  # truncation lengths checked besides max_len
+    parity_batch_size: int = 32
+    fp32_atol: float = 1e-4  # max |logit_onnx - logit_torch|
+    min_int8_agreement: float = 0.98  # argmax agreement of the int8 variants with fp32
+    min_fp16_agreement: float = 0.98
+    export_lm: bool = True
+    intra_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not 7 <= self.opset <= 23:
+            raise ValueError(f"opset must be in [7, 23], got {self.opset}")
+        for name in ("calibration_rows", "calibration_batch_size", "parity_rows", "parity_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(n < 1 for n in self.parity_seq_lens):
+            raise ValueError(f"parity_seq_lens must be >= 1, got {list(self.parity_seq_lens)}")
+        for name in ("min_int8_agreement", "min_fp16_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.fp32_atol <= 0:
+            raise ValueError(f"fp32_atol must be > 0, got {self.fp32_atol}")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints -> torch modules
+
+
+def _state_dict(ckpt: dict) -> dict:
+    # torch.compile wraps modules: strip its prefix so compiled and eager checkpoints both load
+    return {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+
+
+def load_classifier(path: str | Path):
+    """``(classifier in eval mode, checkpoint metadata)`` from ``finetune_dir/model.pt``."""
+    import torch
+
+    from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `lmpipe finetune` first (or `dvc repro finetune`)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        config = ModelConfig.from_dict(dict(ckpt["model_config"]))
+        meta = dict(ckpt["classifier"])
+        labels = list(meta["labels"])
+        model = SequenceClassifier(build_lm(config), num_classes=len(labels), pooling=meta["pooling"],
+                                   pad_id=int(meta["pad_id"]))
+        model.load_state_dict(_state_dict(ckpt))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise DataError(f"{path}: not a finetune checkpoint this code can load ({exc}); re-run finetune") from exc
+    meta.setdefault("num_classes", len(labels))
+    meta.setdefault("cls_id", None)
+    return model.eval(), {"model_config": config.to_dict(), "classifier": meta,
+                          "from_scratch": bool(ckpt.get("from_scratch", False))}
+
+
+def load_lm(path: str | Path):
+    """``(language model in eval mode, model config dict)`` from ``pretrain_dir/model.pt``."""
+    import torch
+
+    from pipeline_tasks.train.model import ModelConfig, build_lm
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `lmpipe pretrain` first, or set export.export_lm: false")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        config = ModelConfig.from_dict(dict(ckpt["model_config"]))
+        model = build_lm(config)
+        model.load_state_dict(_state_dict(ckpt))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise DataError(f"{path}: not a pretrain checkpoint this code can load ({exc})") from exc
+    return model.eval(), config.to_dict()
+
+
+def classifier_graph(classifier):
+    """``(input_ids, attention_mask) -> (logits, pooled)`` around the classifier's own forward.
+
+    ``pooled`` comes from running the real ``SequenceClassifier.forward`` on a shallow copy whose
+    ``head`` and ``dropout`` are identities, so the pooling code lives only in ``model.py``; the
+    parity check then proves ``head(pooled)`` equals the classifier's logits.
+    """
+    import torch
+
+    features = copy.copy(classifier)
+    features._modules = dict(classifier._modules)  # own module table: the original keeps its head
+    features.head, features.dropout = torch.nn.Identity(), torch.nn.Identity()
+
+    class ClassifierGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.head = features, classifier.head
+
+        def forward(self, input_ids, attention_mask):
+            pooled = self.features(input_ids, attention_mask)  # (B, C)
+            return self.head(pooled), pooled  # (B, num_classes), (B, C)
+
+    return ClassifierGraph().eval()
+
+
+def lm_graph(lm):
+    import torch
+
+    class LMGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids)[0]  # (B, T, V)
+
+    return LMGraph().eval()
+
+
+def export_onnx(module, example: tuple, path: Path, input_names: list[str], output_names: list[str],
+                max_seq: int, exporter: str, opset: int) -> int:
+    """Export with dynamic ``batch`` / ``seq`` axes on every input; returns the default-domain opset."""
+    import onnx
+    import torch
+
+    for chatty in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # per-node INFO lines would bury the stage log
+    # "torchvision is not installed. Skipping torchvision::nms" x4 per export: we never use torchvision ops
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    if exporter == "dynamo":
+        from torch.export import Dim
+
+        # torch 2.13: the exporter swaps in a while-loop LSTM/GRU decomposition for dynamic shapes
+        # but leaves the op's dispatch cache holding the unrolled one, so a *second* export in the
+        # same process silently specializes the sequence length. Start every export clean.
+        for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input):
+            op._dispatch_cache.clear()
+        batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=max_seq)
+        with warnings.catch_warnings():
+            # known noise of torch 2.13's exporter (LSTM flat weights, _check_is_size, axis renames)
+            for pattern in (".*were assigned during export.*", ".*_check_is_size.*", ".*axis name.*",
+                            ".*LeafSpec.*"):
+                warnings.filterwarnings("ignore", message=pattern)
+            torch.onnx.export(module, example, str(path), dynamo=True, opset_version=opset, external_data=False,
+                              input_names=input_names, output_names=output_names, verbose=False,
+                              dynamic_shapes={name: {0: batch, 1: seq} for name in input_names})
+    else:
+        axes = {name: {0: "batch", 1: "seq"} for name in input_names}
+        axes.update({name: {0: "batch"} for name in output_names})
+        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=output_names, dynamic_axes=axes)
+    model = onnx.load(str(path))
+    for inp in model.graph.input:
+        fixed = [d.dim_value for d in inp.type.tensor_type.shape.dim if not d.dim_param]
+        if fixed:
+            raise PipelineError(f"{path.name}: exporter fixed input {inp.name!r} to shape "
+                                f"{[d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]} "
+                                "instead of dynamic [batch, seq]; try export.exporter: legacy")
+    # the exporter sometimes records the example's length for an output axis that is really
+    # dynamic (the LSTM LM's [batch, seq, vocab]); ORT then warns on every other length
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for axis, name in ((0, "batch"), (1, "seq"))[: 2 if len(dims) == 3 else 1]:
+            dims[axis].Clear()
+            dims[axis].dim_param = name
+    onnx.save(model, str(path))
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def write_classifier_variants(classifier, meta: dict, encode, calib_texts: list[str], files: dict[str, Path],
+                              work: Path, ep: ExportParams) -> int:
+    """fp32 export, then int8 dynamic, int8 static QDQ (calibrated on ``calib_texts``) and fp16."""
+    import torch
+
+    from pipeline_tasks.ship import onnx_tools as ot
+
+    labels, max_len = list(meta["classifier"]["labels"]), int(meta["classifier"]["max_len"])
+    seq = min(16, max_len)
+    example = (torch.randint(1, meta["model_config"]["vocab_size"], (2, seq)), torch.ones(2, seq, dtype=torch.long))
+    opset = export_onnx(classifier_graph(classifier), example, files["fp32"], ["input_ids", "attention_mask"],
+                        ["logits", "pooled"], max_len, ep.exporter, ep.opset)
+    ot.check_model(files["fp32"])
+    ot.set_metadata(files["fp32"], {"labels": json.dumps(labels), "max_len": max_len},
+                    doc="lm-pipeline news topic classifier: logits and pooled embedding")
+    logger.info("export: fp32 ONNX written (opset %d), quantizing", opset)
+    pre = ot.preprocess_for_quantization(files["fp32"], work / "pre.onnx")
+    ot.quantize_int8_dynamic(pre, files["int8_dynamic"], per_channel=ep.dynamic_per_channel)
+    reader = ot.TextCalibrationReader(encode, calib_texts, ep.calibration_batch_size)
+    ot.quantize_int8_static(pre, files["int8_static"], reader, per_channel=ep.static_per_channel,
+                            op_types=ep.static_op_types)
+    ot.convert_fp16(files["fp32"], files["fp16"])
+    for variant in ("int8_dynamic", "int8_static", "fp16"):
+        ot.check_model(files[variant])
+    return opset
+
+
+def write_language_model(lm, lm_config: dict, path: Path, ep: ExportParams) -> None:
+    import torch
+
+    from pipeline_tasks.ship import onnx_tools as ot
+
+    seq = min(16, lm_config["block_size"])
+    export_onnx(lm_graph(lm), (torch.randint(0, lm_config["vocab_size"], (2, seq)),), path, ["input_ids"],
+                ["logits"], lm_config["block_size"], ep.exporter, ep.opset)
+    ot.check_model(path)
+    ot.set_metadata(path, {"block_size": lm_config["block_size"], "vocab_size": lm_config["vocab_size"]},
+                    doc="lm-pipeline language model: next-token logits")
+
+
+def bundle_config(meta: dict, token_meta: dict, report: dict, files: dict[str, Path], lm_config: dict | None,
+                  opset: int, ep: ExportParams) -> dict[str, Any]:
+    """``config.json``: everything a server needs besides the files (read by :mod:`pipeline_tasks.ship.bundle`)."""
+    from pipeline_tasks.ship.bundle import BUNDLE_FORMAT, LM_FILE, VARIANT_FILES
+
+    cls_meta, checked = meta["classifier"], report["classifier"]["variants"]
+    variants = {}
+    for v, name in VARIANT_FILES.items():
+        variants[v] = {"file": name, "bytes": files[v].stat().st_size,
+                       "cpu_runnable": bool(checked[v].get("cpu_runnable", True))}
+        if checked[v].get("note"):
+            variants[v]["note"] = checked[v]["note"]
+    return {
+        "format_version": BUNDLE_FORMAT,
+        "model_config": meta["model_config"],
+        "classifier": cls_meta,
+        "from_scratch": meta["from_scratch"],
+        "labels": list(cls_meta["labels"]),
+        "max_len": int(cls_meta["max_len"]),
+        "pad_id": int(cls_meta["pad_id"]),
+        "cls_id": cls_meta.get("cls_id"),
+        "hidden_size": int(meta["model_config"]["n_embd"]),
+        "eot_id": token_meta.get("special_tokens", {}).get("eot"),
+        "opset": opset,
+        "exporter": ep.exporter,
+        "default_variant": ep.default_variant,
+        "inputs": ["input_ids", "attention_mask"],
+        "outputs": ["logits", "pooled"],
+        "variants": variants,
+        "lm": {"file": LM_FILE, "model_config": lm_config} if lm_config else None,
+    }
+
+
+def run(params, **_options) -> dict[str, Any]:
+    import torch
+    from tokenizers import Tokenizer
+
+    from pipeline_tasks.ship import onnx_tools as ot
+    from pipeline_tasks.artifacts import atomic_dir
+    from pipeline_tasks.ship.bundle import BUNDLE_FORMAT, LM_FILE, VARIANT_FILES, encode_texts, verify_bundle
+    from pipeline_tasks.ship.parity import check_classifier_parity, check_lm, failures
+
+    ep: ExportParams = params.export
+    paths = params.paths
+    finetune_pt, pretrain_pt = Path(paths.finetune_dir) / "model.pt", Path(paths.pretrain_dir) / "model.pt"
+    tokens_dir, val_path = Path(paths.tokens_dir), Path(paths.prepared_dir) / "val.parquet"
+    parity_path = Path(paths.export_reports_dir) / "parity.json"
+    for required in (tokens_dir / "tokenizer.json", tokens_dir / "meta.json"):
+        if not required.is_file():
+            raise DataError(f"{required} not found: run `lmpipe tokenize` first")
+    torch.manual_seed(params.seed)
+    classifier, meta = load_classifier(finetune_pt)
+    cls_meta = meta["classifier"]
+    labels, max_len = list(cls_meta["labels"]), int(cls_meta["max_len"])
+    tokenizer = Tokenizer.from_file(str(tokens_dir / "tokenizer.json"))
+    token_meta = read_json(tokens_dir / "meta.json")
+    val = ot.read_labeled_split(val_path, labels, max_rows=ep.parity_rows + ep.calibration_rows, seed=params.seed)
+    parity_frame = val.iloc[: ep.parity_rows]
+    calib_texts = val["text"].tolist()[ep.parity_rows:] or val["text"].tolist()  # disjoint when val is big enough
+    calib_texts = calib_texts[: ep.calibration_rows]
+    logger.info("export: %s classifier (%d labels, max_len %d), %d parity rows, %d calibration rows",
+                meta["model_config"]["arch"], len(labels), max_len, len(parity_frame), len(calib_texts))
+
+    def encode(texts):
+        return encode_texts(tokenizer, texts, max_len, int(cls_meta["pad_id"]), cls_meta.get("cls_id"))
+
+    report: dict[str, Any] = {"labels": labels, "max_len": max_len, "exporter": ep.exporter}
+    with tempfile.TemporaryDirectory(prefix="lmpipe-export-") as work, atomic_dir(paths.bundle_dir) as out:
+        files = {v: out / name for v, name in VARIANT_FILES.items()}
+        opset = write_classifier_variants(classifier, meta, encode, calib_texts, files, Path(work), ep)
+        report["classifier"] = check_classifier_parity(classifier, files, tokenizer, parity_frame, cls_meta, ep)
+        lm_config = None
+        if ep.export_lm:
+            lm, lm_config = load_lm(pretrain_pt)
+            write_language_model(lm, lm_config, out / LM_FILE, ep)
+            report["lm"] = check_lm(lm, out / LM_FILE, tokens_dir, token_meta, ep)
+        report["failures"] = failures(report, ep)
+        report["passed"] = not report["failures"]
+        atomic_write_json(parity_path, report)
+        if report["failures"]:
+            raise PipelineError(f"export parity failed (bundle not updated; details in {parity_path}): "
+                                + "; ".join(report["failures"]))
+
+        shutil.copyfile(tokens_dir / "tokenizer.json", out / "tokenizer.json")
+        atomic_write_json(out / "labels.json", labels)
+        config = bundle_config(meta, token_meta, report, files, lm_config, opset, ep)
+        atomic_write_json(out / "config.json", config)
+        inputs = {str(p): sha256_file(p) for p in (finetune_pt, tokens_dir / "tokenizer.json", val_path)}
+        if ep.export_lm:
+            inputs[str(pretrain_pt)] = sha256_file(pretrain_pt)
+        write_manifest(out, "export", ep, inputs=inputs,
+                       extra={"opset": opset, "bundle_format": BUNDLE_FORMAT, "default_variant": ep.default_variant})
+        verify_bundle(out)  # the loader's own check, before the bundle is swapped in
+    variants = report["classifier"]["variants"]
+    summary = {
+        "bundle_dir": str(paths.bundle_dir),
+        "opset": opset,
+        "fp32_max_abs_diff": report["classifier"]["fp32_max_abs_diff"],
+        "int8_dynamic_agreement": variants["int8_dynamic"].get("agreement"),
+        "int8_static_agreement": variants["int8_static"].get("agreement"),
+        "sizes_mb": {v: round(info["bytes"] / 1e6, 3) for v, info in config["variants"].items()},
+    }
+    logger.info("export: bundle %s ready: %s", paths.bundle_dir, json.dumps(summary))
+    return summary

@@ -1,0 +1,211 @@
+"""Stage ``finetune``: a news topic classifier on top of the pretrained language model.
+
+Inputs: labelled rows of ``paths.prepared_dir/{train,val,test}.parquet`` (sources chosen by
+``finetune.dataset``; default the AG News 20k train subset for train/val and the official 7,600-row
+AG News test split for test), ``paths.tokens_dir/tokenizer.json`` and
+``paths.pretrain_dir/model.pt`` (skipped with ``--from-scratch``).
+
+Outputs:
+
+* ``paths.finetune_dir/model.pt`` — ``{"model": SequenceClassifier state_dict, "model_config":
+  dict, "classifier": {"labels", "pooling", "pad_id", "cls_id", "max_len", "num_classes", ...},
+  "from_scratch": bool, ...}`` (load with ``torch.load(weights_only=True)``; the weights are those
+  of the best validation macro-F1), ``labels.json``, ``manifest.json``;
+* ``paths.finetune_reports_dir/metrics.json`` (DVC metrics: test / val accuracy, macro-F1,
+  per-class P/R/F1, a bootstrap CI, best step, train time, from_scratch), ``confusion.csv``
+  (``actual,predicted`` per test row: a DVC confusion plot) and ``val_curve.csv`` (``step,
+  val_macro_f1, val_acc, train_loss``).
+
+Training: AdamW with linear warm-up and linear or cosine decay, layer-wise learning-rate decay
+(``layer_lr_decay`` per block from the top; the head at the base lr), optional frozen
+embeddings, gradient clipping, class-weighted cross-entropy or a class-balanced
+``WeightedRandomSampler``, early stopping on validation macro-F1. Batches group texts of similar
+length (dynamic padding) which roughly halves CPU time on AG News. Seeded and deterministic on
+CPU. bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 2.4x faster steps
+here); the reported val/test scores are always computed in float32, as the exported model runs.
+
+``--from-scratch`` (or ``finetune.from_scratch: true``) trains the same architecture from random
+weights and writes to the same paths: a baseline that measures what pretraining is worth.
+
+Params section ``finetune`` (:class:`FinetuneParams`), plus ``model`` (architecture when
+training from scratch) and ``seed``. Command: ``python -m pipeline_tasks finetune [--from-scratch]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline_tasks.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetParams:
+    """Which prepared sources hold the labelled examples."""
+
+    train_sources: tuple[str, ...] = ("ag_news_train",)  # rows of train.parquet / val.parquet
+    test_sources: tuple[str, ...] = ("ag_news_test",)  # rows of test.parquet; () = every labelled source
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneParams:
+    dataset: DatasetParams = DatasetParams()
+    from_scratch: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_threads: int = 0
+    deterministic: bool = True
+    max_len: int = 96  # tokens incl. the trailing <|cls|>; clamped to the GPT block_size
+    pooling: Literal["last", "mean"] = "last"
+    use_cls: bool = True  # append <|cls|>: with "last" pooling its state summarises the text
+    head_dropout: float = 0.1
+    # dropout inside the backbone while fine-tuning (null: the pretrained config's, 0 by default);
+    # 18k labelled rows overfit a 5M-parameter model within two epochs without it
+    backbone_dropout: float | None = None
+    epochs: int = 3
+    max_steps: int = 0  # 0: epochs decide
+    max_train_rows: int = 0  # 0: all (a cap for quick runs)
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 1.0e-3
+    min_lr_ratio: float = 0.0
+    schedule: Literal["linear", "cosine"] = "linear"
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    layer_lr_decay: float = 1.0  # lr x decay^(depth from the top); 1.0 = off
+    freeze_embeddings: bool = False
+    class_weighting: Literal["none", "inverse_freq", "sqrt_inverse_freq"] = "none"
+    sampler: Literal["uniform", "weighted"] = "uniform"
+    label_smoothing: float = 0.0
+    eval_interval: int = 0  # steps between validations; 0 = once per epoch
+    patience: int = 3  # validations without improvement before stopping; 0 = off
+    min_delta: float = 0.0
+    log_interval: int = 50
+    bootstrap_resamples: int = 1000
+
+    def __post_init__(self) -> None:
+        positive = ("max_len", "epochs", "batch_size", "eval_batch_size", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_train_rows", "num_threads", "eval_interval", "patience",
+                     "bootstrap_resamples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("min_lr_ratio", "warmup_ratio", "head_dropout", "label_smoothing", "backbone_dropout"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ValueError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        if self.class_weighting != "none" and self.sampler == "weighted":
+            raise ValueError("use class_weighting or sampler: weighted, not both (that corrects twice)")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="random initial weights instead of models/pretrain/model.pt (baseline run)")
+
+
+# ---------------------------------------------------------------------------------------------
+# runner
+# ---------------------------------------------------------------------------------------------
+
+def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from pipeline_tasks.train import classifier_data as fd
+    from pipeline_tasks.train import finetune_loop as ft
+    from pipeline_tasks.artifacts import sha256_file
+    from pipeline_tasks.train.training import autocast_dtype, resolve_device, seed_everything, set_num_threads
+
+    cfg: FinetuneParams = params.finetune
+    scratch = bool(from_scratch or cfg.from_scratch)
+    paths = params.paths
+    threads = set_num_threads(cfg.num_threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(device, cfg.dtype)
+    seed_everything(params.seed)
+
+    # -- data ---------------------------------------------------------------------------------
+    tokenizer_path = Path(paths.tokens_dir) / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise DataError(f"{tokenizer_path} not found; run `python -m pipeline_tasks tokenize` first")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    pad_id = fd.special_token_id(tokenizer, fd.PAD_TOKEN)
+    cls_id = fd.special_token_id(tokenizer, fd.CLS_TOKEN) if cfg.use_cls else None
+    prepared = Path(paths.prepared_dir)
+    rows = {
+        "train": fd.read_labelled_split(prepared, "train", cfg.dataset.train_sources),
+        "val": fd.read_labelled_split(prepared, "val", cfg.dataset.train_sources),
+        "test": fd.read_labelled_split(prepared, "test", cfg.dataset.test_sources),
+    }
+    for split, r in rows.items():
+        if not r["id"]:
+            srcs = cfg.dataset.test_sources if split == "test" else cfg.dataset.train_sources
+            raise DataError(f"{prepared / (split + '.parquet')}: no labelled rows from sources {list(srcs)}; "
+                            "check finetune.dataset against ingest_news.sources[*].name")
+    if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
+        picked = np.random.default_rng(params.seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
+        keep = sorted(picked.tolist())
+        rows["train"] = {k: [v[i] for i in keep] for k, v in rows["train"].items()}
+    labels = fd.label_vocabulary(rows["train"]["label"])
+    if len(labels) < 2:
+        raise DataError(f"{prepared / 'train.parquet'}: only labels {labels} in the training rows; need >= 2 classes")
+
+    # -- model --------------------------------------------------------------------------------
+    model_config, init = ft.backbone_config(params, tokenizer, scratch)
+    if cfg.backbone_dropout is not None:
+        model_config = dataclasses.replace(model_config, dropout=cfg.backbone_dropout)
+    max_len = cfg.max_len
+    if model_config.arch == "gpt" and max_len > model_config.block_size:
+        logger.warning("finetune.max_len %d > model block_size %d: using %d", max_len, model_config.block_size,
+                       model_config.block_size)
+        max_len = model_config.block_size
+    data = {split: ft.encode_split(tokenizer, r, labels, max_len, cls_id, prepared / f"{split}.parquet")
+            for split, r in rows.items()}
+    logger.info("finetune: %s, %d classes %s; rows train %d / val %d / test %d; max_len %d, pooling %s, "
+                "cls %s, device %s (%s), %d threads", "from scratch" if scratch else "from pretrained",
+                len(labels), labels, *(len(data[s]["y"]) for s in ("train", "val", "test")), max_len,
+                cfg.pooling, cls_id, device, str(dtype).replace("torch.", ""), threads)
+    model = ft.build_classifier(model_config, init, len(labels), cfg, pad_id).to(device)
+
+    # -- train, then score the best weights -------------------------------------------------------
+    result = ft.train(model, data, cfg, model_config.n_layer, device, dtype, params.seed)
+    model.load_state_dict(result.best_state)
+    # reported scores in float32: what export ships (fp32 ONNX and its quantised variants) and
+    # what evaluate's PyTorch reference reproduces
+    val_pred = ft.predict(model, data["val"]["ids"], pad_id, cfg.eval_batch_size, device)
+    test_pred = ft.predict(model, data["test"]["ids"], pad_id, cfg.eval_batch_size, device)
+    classifier = {"labels": labels, "pooling": cfg.pooling, "pad_id": int(pad_id),
+                  "cls_id": None if cls_id is None else int(cls_id), "max_len": int(max_len),
+                  "num_classes": len(labels), "train_sources": list(cfg.dataset.train_sources)}
+    metrics = ft.build_metrics(data, val_pred, test_pred, labels, result, cfg, scratch, model_config, params.seed)
+    inputs = {str(p): sha256_file(p) for p in [tokenizer_path, *(prepared / f"{s}.parquet" for s in fd.SPLITS)]}
+    if not scratch:
+        inputs[init["path"]] = init["sha256"]
+    ft.write_outputs(params, model, model_config, classifier, scratch, init, metrics, result,
+                     data["test"]["y"], test_pred, labels, inputs)
+    return {"finetune_dir": paths.finetune_dir, "from_scratch": scratch,
+            "test_accuracy": round(metrics["test"]["accuracy"], 4),
+            "test_macro_f1": round(metrics["test"]["macro_f1"], 4),
+            "val_macro_f1": round(metrics["val"]["macro_f1"], 4), "best_step": result.best_step,
+            "train_seconds": round(result.seconds, 1)}

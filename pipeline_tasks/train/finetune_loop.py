@@ -1,0 +1,350 @@
+"""Training loop, inference and outputs of the ``finetune`` stage (torch; imported by ``finetune.run``).
+
+Split from :mod:`pipeline_tasks.train.finetune` so the stage module stays a readable params + runner
+file. Pieces:
+
+* :func:`layer_index`, :func:`param_groups`, :func:`lr_at` — layer-wise lr decay, AdamW groups
+  (no weight decay on vectors and embeddings) and the warm-up + linear/cosine schedule;
+* :func:`backbone_config`, :func:`build_classifier` — pretrained (``torch.load(weights_only=True)``)
+  or randomly initialised backbone inside a :class:`SequenceClassifier`;
+* :func:`train` — one straight loop (nanoGPT style) with early stopping on validation macro-F1;
+* :func:`predict` — batched argmax in length order (little padding), original order restored;
+* :func:`build_metrics`, :func:`write_outputs` — the metrics dict and the atomic outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from pipeline_tasks.train import classifier_data as fd
+from pipeline_tasks import metrics as mt
+from pipeline_tasks.errors import DataError, PipelineError
+from pipeline_tasks.train.training import autocast_context
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimisation
+# ---------------------------------------------------------------------------------------------
+
+def layer_index(name: str, n_layer: int) -> int:
+    """Depth of a classifier parameter: 0 embeddings, 1..n_layer blocks, n_layer + 1 final norm and head."""
+    if name.startswith("head.") or ".ln_f." in name:
+        return n_layer + 1
+    if match := re.search(r"\.h\.(\d+)\.", name):  # GPT blocks: backbone.transformer.h.<i>.*
+        return int(match.group(1)) + 1
+    if match := re.search(r"\.lstm\.\w+_l(\d+)$", name):  # nn.LSTM: weight_ih_l<k>, bias_hh_l<k>
+        return int(match.group(1)) + 1
+    if re.search(r"\.(wte|wpe|lm_head)\.", name):
+        return 0
+    raise ValueError(f"cannot place parameter {name!r} in a layer for layer-wise lr decay")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: float,
+                 n_layer: int) -> list[dict[str, Any]]:
+    """AdamW groups with ``lr_scale = decay^(n_layer + 1 - depth)`` (head and final norm: 1).
+
+    Weight decay only on matrices above the embeddings (biases, norm gains and the token table
+    are not shrunk, as in BERT/nanoGPT finetuning). Frozen parameters are left out.
+    """
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():  # named_parameters yields a tied weight once
+        if not p.requires_grad:
+            continue
+        depth = layer_index(name, n_layer)
+        scale = layer_lr_decay ** (n_layer + 1 - depth)
+        decay = weight_decay if p.dim() >= 2 and depth != 0 else 0.0
+        groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr_scale": s, "weight_decay": d} for (s, d), ps in sorted(groups.items())]
+
+
+def freeze_embeddings(model: torch.nn.Module, n_layer: int) -> int:
+    """Stop gradients into the token/position tables; returns the number of frozen weights."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if layer_index(name, n_layer) == 0:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Base lr at ``step`` (0-based): linear warm-up, then linear or cosine decay to ``min_lr_ratio·lr``."""
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = cfg.min_lr_ratio * cfg.lr
+    if cfg.schedule == "cosine":
+        return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - floor)
+    return floor + (1.0 - progress) * (cfg.lr - floor)
+
+
+# ---------------------------------------------------------------------------------------------
+# data and model
+# ---------------------------------------------------------------------------------------------
+
+def encode_split(tokenizer, rows: dict[str, list], labels: list[str], max_len: int, cls_id: int | None,
+                 where: Path) -> dict[str, Any]:
+    ids = fd.encode_texts(tokenizer, rows["text"], max_len, cls_id)
+    empty = [rows["id"][i] for i, s in enumerate(ids) if len(s) == 0]
+    if empty:
+        raise DataError(f"{where}: {len(empty)} texts encode to no tokens (first id {empty[0]!r})")
+    return {"ids": ids, "y": fd.labels_to_ids(rows["label"], labels, str(where)), "row_id": rows["id"],
+            "source": rows["source"]}
+
+
+def backbone_config(params, tokenizer, scratch: bool):
+    """``(ModelConfig, init)``: the pretrained checkpoint's config and weights, or ``params.model``."""
+    from pipeline_tasks.artifacts import sha256_file
+    from pipeline_tasks.train.model import ModelConfig
+
+    vocab = tokenizer.get_vocab_size()
+    if scratch:
+        return ModelConfig.from_params(params.model, vocab), {"kind": "scratch"}
+    path = Path(params.paths.pretrain_dir) / "model.pt"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `python -m pipeline_tasks pretrain` first, or train the "
+                        "classifier without pretraining with `finetune --from-scratch`")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        config = ModelConfig.from_dict(dict(ckpt["model_config"]))
+        state = ckpt["model"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: not a pretrain checkpoint ({exc}); re-run pretrain") from exc
+    if config.vocab_size != vocab:
+        raise DataError(f"{path}: vocab_size {config.vocab_size} differs from the tokenizer's {vocab}; the "
+                        "tokenizer was retrained after pretraining: re-run pretrain (dvc repro does)")
+    wanted = ModelConfig.from_params(params.model, vocab)
+    if wanted != config:
+        logger.warning("pretrained model_config %s differs from params.model %s: using the checkpoint's "
+                       "(re-run pretrain to apply the params)", config.to_dict(), wanted.to_dict())
+    return config, {"kind": "pretrained", "path": str(path), "sha256": sha256_file(path), "state": state,
+                    "pretrain_step": int(ckpt.get("step", -1))}
+
+
+def build_classifier(config, init: dict[str, Any], num_classes: int, cfg, pad_id: int):
+    from pipeline_tasks.train.model import SequenceClassifier, build_lm
+
+    backbone = build_lm(config)
+    if init.get("state") is not None:
+        backbone.load_state_dict(init["state"])  # strict: a partial load would silently train from noise
+    return SequenceClassifier(backbone, num_classes, pooling=cfg.pooling, pad_id=pad_id, dropout=cfg.head_dropout)
+
+
+@torch.no_grad()
+def predict(model, seqs: list[np.ndarray], pad_id: int, batch_size: int, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Argmax class per sequence, in input order."""
+    was_training = model.training
+    model.eval()
+    pred = np.empty(len(seqs), dtype=np.int64)
+    for idx in fd.sorted_batches([len(s) for s in seqs], batch_size):
+        ids, mask = fd.pad_batch([seqs[i] for i in idx], pad_id)
+        with autocast_context(device, dtype):
+            logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+        pred[idx] = logits.argmax(dim=-1).cpu().numpy()
+    model.train(was_training)
+    return pred
+
+
+# ---------------------------------------------------------------------------------------------
+# training loop
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainResult:
+    best_state: dict[str, torch.Tensor]
+    best_step: int = 0
+    best_epoch: int = 0
+    best_val_macro_f1: float = -1.0
+    steps: int = 0
+    total_steps: int = 0
+    epochs: float = 0.0
+    examples: int = 0
+    seconds: float = 0.0
+    final_loss: float = float("nan")
+    stop_reason: str = "max_steps"
+    curve: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device, dtype: torch.dtype,
+          seed: int) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    from pipeline_tasks.train.training import format_duration
+
+    train_ids, y = data["train"]["ids"], data["train"]["y"]
+    n, bs, pad_id = len(y), cfg.batch_size, model.pad_id
+    lengths = np.array([len(s) for s in train_ids])
+    steps_per_epoch = math.ceil(n / bs)
+    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    eval_every = cfg.eval_interval or steps_per_epoch
+
+    if cfg.freeze_embeddings:
+        logger.info("finetune: %d embedding weights frozen", freeze_embeddings(model, n_layer))
+    extra = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, n_layer), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), **extra)
+    weights = fd.class_weights(y, model.num_classes, cfg.class_weighting)
+    loss_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+    if weights is not None:
+        logger.info("finetune: class weights %s", np.round(weights, 3).tolist())
+    rng = np.random.default_rng(seed)
+    sampler_gen = torch.Generator().manual_seed(seed)
+    sample_w = torch.as_tensor(fd.sample_weights(y, model.num_classes)) if cfg.sampler == "weighted" else None
+
+    result = TrainResult(best_state=copy.deepcopy(model.state_dict()), total_steps=total)
+    logger.info("finetune: %d steps (%d / epoch, batch %d), eval every %d steps, patience %d", total,
+                steps_per_epoch, bs, eval_every, cfg.patience)
+    model.train()
+    step, bad_evals, run_loss, run_n, seen = 0, 0, 0.0, 0, 0
+    t_start = t_log = time.perf_counter()
+    seen_at_log = 0
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=None)
+    stop = False
+    for epoch in range(cfg.epochs):
+        order = None
+        if sample_w is not None:  # class-balanced draw with replacement, then length bucketing
+            sampler = torch.utils.data.WeightedRandomSampler(sample_w, n, replacement=True, generator=sampler_gen)
+            order = np.fromiter(iter(sampler), dtype=np.int64, count=n)
+        for idx in fd.length_bucketed_batches(lengths, bs, rng, order=order):
+            if step >= total:
+                break
+            lr = lr_at(step, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            ids, mask = fd.pad_batch([train_ids[i] for i in idx], pad_id)
+            x, m = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            target = torch.from_numpy(y[idx]).to(device)
+            with autocast_context(device, dtype):
+                logits = model(x, m)  # (B, num_classes)
+            loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise PipelineError(f"finetune: loss is {loss.item()} at step {step}; lower finetune.lr "
+                                    f"(now {cfg.lr}) or enable grad_clip")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            seen += len(idx)
+            run_loss += loss.item() * len(idx)
+            run_n += len(idx)
+            bar.update(1)
+            if step % cfg.log_interval == 0 or step == total:
+                now = time.perf_counter()
+                rate = (seen - seen_at_log) / max(now - t_log, 1e-9)
+                eta = (total - step) * bs / max(rate, 1e-9)
+                logger.info("step %d/%d | epoch %d | loss %.4f | lr %.2e | %.0f ex/s | eta %s", step, total,
+                            epoch + 1, run_loss / max(run_n, 1), lr, rate, format_duration(eta))
+                t_log, seen_at_log = now, seen
+            if step % eval_every == 0 or step == total:
+                _evaluate(model, data["val"], cfg, device, dtype, step, epoch, run_loss / max(run_n, 1), result)
+                bad_evals = 0 if result.best_step == step else bad_evals + 1
+                run_loss, run_n = 0.0, 0
+                if cfg.patience and bad_evals >= cfg.patience:
+                    result.stop_reason = f"early_stopping (no val macro-F1 gain in {bad_evals} evaluations)"
+                    stop = True
+                t_log, seen_at_log = time.perf_counter(), seen  # eval time is not training throughput
+            if stop:
+                break
+        if stop or step >= total:
+            break
+    bar.close()
+    result.steps, result.examples = step, seen
+    result.epochs = round(seen / n, 3)
+    result.seconds = time.perf_counter() - t_start
+    result.final_loss = result.curve[-1]["train_loss"] if result.curve else float("nan")
+    logger.info("finetune: %d steps in %s, best val macro-F1 %.4f at step %d (%s)", step,
+                format_duration(result.seconds), result.best_val_macro_f1, result.best_step, result.stop_reason)
+    return result
+
+
+def _evaluate(model, val: dict[str, Any], cfg, device, dtype, step: int, epoch: int, train_loss: float,
+              result: TrainResult) -> None:
+    """Score val, append to the curve and keep a CPU copy of the weights when macro-F1 improved."""
+    pred = predict(model, val["ids"], model.pad_id, cfg.eval_batch_size, device, dtype)
+    f1 = mt.macro_f1(val["y"], pred, model.num_classes)
+    acc = mt.accuracy(val["y"], pred)
+    result.curve.append({"step": step, "epoch": epoch + 1, "val_macro_f1": round(f1, 6), "val_acc": round(acc, 6),
+                         "train_loss": round(train_loss, 6)})
+    improved = f1 > result.best_val_macro_f1 + cfg.min_delta
+    if improved:
+        result.best_val_macro_f1, result.best_step, result.best_epoch = f1, step, epoch + 1
+        result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    logger.info("eval step %d | val macro-F1 %.4f | val acc %.4f | train loss %.4f%s", step, f1, acc, train_loss,
+                " (best)" if improved else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and outputs
+# ---------------------------------------------------------------------------------------------
+
+def build_metrics(data, val_pred, test_pred, labels, result: TrainResult, cfg, scratch: bool, model_config,
+                  seed: int) -> dict[str, Any]:
+    test = mt.classification_report(data["test"]["y"], test_pred, labels)
+    if cfg.bootstrap_resamples:
+        low, high = mt.bootstrap_ci(data["test"]["y"], test_pred, mt.accuracy, cfg.bootstrap_resamples, 0.95, seed)
+        test["accuracy_ci95"] = [round(low, 6), round(high, 6)]
+    val = mt.classification_report(data["val"]["y"], val_pred, labels)
+    return {
+        "test": test,
+        "val": val,
+        "best": {"step": result.best_step, "epoch": result.best_epoch,
+                 "val_macro_f1": round(result.best_val_macro_f1, 6)},
+        "train": {"steps": result.steps, "total_steps": result.total_steps, "epochs": result.epochs,
+                  "examples": result.examples, "rows": len(data["train"]["y"]), "seconds": round(result.seconds, 2),
+                  "examples_per_s": round(result.examples / max(result.seconds, 1e-9), 1),
+                  "final_loss": result.final_loss, "stop_reason": result.stop_reason},
+        "from_scratch": scratch,
+        "arch": model_config.arch,
+        "labels": labels,
+    }
+
+
+def _csv_text(header: list[str], rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(params, model, model_config, classifier: dict[str, Any], scratch: bool, init: dict[str, Any],
+                  metrics: dict[str, Any], result: TrainResult, y_test, test_pred, labels,
+                  inputs: dict[str, str]) -> None:
+    from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, atomic_write_text, write_manifest
+
+    paths = params.paths
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_dir(paths.finetune_dir) as out:
+        torch.save({"model": state, "model_config": model_config.to_dict(), "classifier": classifier,
+                    "from_scratch": scratch, "init": init["kind"], "pretrain_step": init.get("pretrain_step"),
+                    "best_step": result.best_step, "val_macro_f1": metrics["val"]["macro_f1"],
+                    "test_accuracy": metrics["test"]["accuracy"]}, out / "model.pt")
+        atomic_write_json(out / "labels.json", labels)
+        write_manifest(out, "finetune", {"finetune": params.finetune, "model": params.model, "seed": params.seed},
+                       inputs, extra={"from_scratch": scratch, "test_accuracy": metrics["test"]["accuracy"]})
+    with atomic_dir(paths.finetune_reports_dir) as rep:
+        atomic_write_json(rep / "metrics.json", metrics)
+        atomic_write_text(rep / "confusion.csv", _csv_text(["actual", "predicted"],
+                                                           mt.confusion_rows(y_test, test_pred, labels)))
+        curve_cols = ["step", "epoch", "val_macro_f1", "val_acc", "train_loss"]
+        atomic_write_text(rep / "val_curve.csv", _csv_text(curve_cols, ([r[c] for c in curve_cols]
+                                                                        for r in result.curve)))

@@ -1,0 +1,288 @@
+"""The language models (GPT decoder and LSTM) and the sequence classifier built on top of them.
+
+One readable file in the spirit of nanoGPT's ``model.py``: a dataclass config, a shape comment on
+every reshape. Two backbones share one interface, so pretrain, finetune and export never branch
+on the architecture:
+
+* ``forward(idx, targets=None, *, last_only=False) -> (logits, loss)`` — next-token logits
+  ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``), and the mean cross-entropy when ``targets``
+  is given (positions with target ``-1`` are ignored).
+* ``hidden_states(idx, attention_mask=None) -> (B, T, C)`` — final-normed hidden states.
+
+Params section ``model`` (:class:`ModelParams`, defined torch-free in
+:mod:`pipeline_tasks.train.params` so that loading params never imports torch); the vocabulary
+size is not a param, it comes from the tokenizer: ``ModelConfig.from_params(params.model, V)``. The config travels in
+every checkpoint as ``config.to_dict()`` and comes back with ``ModelConfig.from_dict``.
+
+Padding: both backbones are causal (GPT attends only to earlier positions, the LSTM reads left
+to right), so with *right* padding the states of the real tokens never see the pads and no
+attention mask is needed inside the backbone. :class:`SequenceClassifier` uses the mask only to
+pool: the state of the last real token (``last``) or the mean over real tokens (``mean``).
+
+ONNX: every reshape takes its sizes from ``x.size()`` at run time and attention goes through
+``F.scaled_dot_product_attention(is_causal=True)``, so ``torch.onnx.export(dynamo=True)`` (and
+the legacy exporter) give graphs with dynamic batch and sequence axes.
+
+Quick check: ``python -c "from pipeline_tasks.train.model import *; print(build_lm(ModelConfig(vocab_size=512)))"``
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from pipeline_tasks.train.params import (  # re-exported: import everything from pipeline_tasks.train.model
+    ARCHS,
+    H100_BF16_PEAK_FLOPS,
+    ModelConfig,
+    ModelParams,
+    flops_per_token,
+    mfu,
+)
+
+__all__ = ["ARCHS", "H100_BF16_PEAK_FLOPS", "ModelConfig", "ModelParams", "flops_per_token", "mfu", "GPT", "LSTMLM",
+           "SequenceClassifier", "build_lm", "generate", "load_lm", "num_parameters"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT decoder (pre-norm, tied embeddings, learned positions), after nanoGPT
+# ---------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.size()  # run-time sizes: keeps ONNX batch/seq axes dynamic
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # flash / memory-efficient kernels on CUDA, a causal softmax(QK^T/sqrt(hs))V elsewhere
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class _LMHeadMixin:
+    """``forward`` shared by both backbones: logits from the tied head, optional loss."""
+
+    def forward(self, idx, targets=None, *, last_only: bool = False):
+        h = self.hidden_states(idx)  # (B, T, C)
+        if targets is not None:
+            logits = self.lm_head(h)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        if last_only:  # generation needs only the next-token distribution: skip (T-1)·V·C FLOPs
+            h = h[:, -1:, :]  # (B, 1, C)
+        return self.lm_head(h), None
+
+
+class GPT(_LMHeadMixin, nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017): one V x C table for input and output
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(_init_weights)
+        # scaled init of the residual projections (GPT-2): std / sqrt(2·L) keeps the variance of
+        # the residual stream from growing with depth (2·L branches add into it)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def hidden_states(self, idx, attention_mask=None):
+        """Final-normed states ``(B, T, C)``; ``attention_mask`` is unused (causal, right padding)."""
+        t = idx.size(1)
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and t > self.config.block_size:
+            raise ValueError(f"sequence of length {t} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTM language model (same interface; a strong small baseline and a cheap CPU model)
+# ---------------------------------------------------------------------------------------------
+
+
+class LSTMLM(_LMHeadMixin, nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        # hidden size = n_embd so the output can be tied to the embedding table
+        self.lstm = nn.LSTM(config.n_embd, config.n_embd, num_layers=config.n_layer, batch_first=True,
+                            dropout=config.dropout if config.n_layer > 1 else 0.0, bias=True)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
+        for name, p in self.lstm.named_parameters():
+            if name.startswith("bias"):
+                # forget-gate bias 1 (Jozefowicz et al. 2015): remember by default early on;
+                # gates are ordered (input, forget, cell, output) and b_ih + b_hh add up: 0.5 each
+                nn.init.zeros_(p)
+                n = config.n_embd
+                p.data[n:2 * n].fill_(0.5)
+            # weights keep torch's U(-1/sqrt(C), 1/sqrt(C)) init
+
+    def hidden_states(self, idx, attention_mask=None):
+        """Final-normed states ``(B, T, C)``; the LSTM reads left to right, so right pads are harmless."""
+        x = self.drop(self.wte(idx))  # (B, T, C)
+        x, _ = self.lstm(x)  # (B, T, C), zero initial state
+        return self.ln_f(self.drop(x))  # (B, T, C)
+
+
+def _init_weights(module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def build_lm(config: ModelConfig) -> nn.Module:
+    """A freshly initialised language model for ``config.arch``."""
+    if config.arch == "gpt":
+        return GPT(config)
+    if config.arch == "lstm":
+        return LSTMLM(config)
+    raise ValueError(f"unknown model arch {config.arch!r} (expected one of {ARCHS})")
+
+
+def load_lm(path, map_location: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a language model from a pretrain ``model.pt`` (weights_only load: no pickled code).
+
+    Returns ``(model, checkpoint)``; the checkpoint dict keeps ``step``, ``val`` and ``special_tokens``.
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    model = build_lm(ModelConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+def num_parameters(model: Any, exclude_embeddings: bool = False) -> int:
+    """Unique parameters (tied weights counted once).
+
+    ``exclude_embeddings=True`` drops every ``nn.Embedding`` (token and position tables): the
+    "non-embedding" N of Kaplan et al. (2020). The tied token table still computes the output
+    logits, which :func:`flops_per_token` accounts for separately.
+    """
+    seen: set[int] = set()
+    skip: set[int] = set()
+    if exclude_embeddings:
+        skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             generator=None):
+    """Sample ``max_new_tokens`` continuations of ``idx`` (B, T) -> (B, T + max_new_tokens)."""
+    block_size = model.config.block_size
+    for _ in range(max_new_tokens):
+        context = idx[:, -block_size:]  # (B, <=block_size): crop to the context window
+        logits, _ = model(context, last_only=True)  # (B, 1, V)
+        logits = logits[:, -1, :] / max(temperature, 1e-6)  # (B, V)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence classification on top of either backbone (finetune, export)
+# ---------------------------------------------------------------------------------------------
+
+
+class SequenceClassifier(nn.Module):
+    """Pooled backbone states -> dropout -> Linear(C, num_classes).
+
+    ``pooling="last"``: the state of the last real token, found from the mask (right padding
+    assumed: index ``attention_mask.sum(1) - 1``, a gather, so ONNX keeps it dynamic); with a
+    causal backbone that state has read the whole text. ``pooling="mean"``: the mean of the
+    states of the real tokens.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, pooling: Literal["last", "mean"] = "last",
+                 pad_id: int = 0, dropout: float = 0.1):
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.backbone, self.pooling, self.pad_id = backbone, pooling, int(pad_id)
+        self.num_classes = int(num_classes)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.n_embd, num_classes)
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = (input_ids != self.pad_id).long()
+        h = self.backbone.hidden_states(input_ids, attention_mask)  # (B, T, C)
+        if self.pooling == "last":
+            last = (attention_mask.sum(dim=1) - 1).clamp(min=0).long()  # (B,): right padding
+            index = last.view(-1, 1, 1).expand(-1, 1, h.size(2))  # (B, 1, C)
+            pooled = h.gather(1, index).squeeze(1)  # (B, C)
+        else:
+            mask = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (h * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, C)
+        return self.head(self.dropout(pooled))  # (B, num_classes)
