@@ -15,11 +15,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE :=
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-airflow run test test-fast bench lint-docker kfp clean-outputs help
+.PHONY: install install-airflow run test test-fast bench lint lint-docker kfp clean-outputs help
 
 help:
 	@echo "make run     - whole pipeline on the default params (dvc repro), CPU"
-	@echo "make test    - all tests (installs both environments first)"
+	@echo "make test    - lint, then all tests (installs both environments first)"
+	@echo "make lint    - ruff format --check and ruff check (config in pyproject.toml)"
 	@echo "make bench   - benchmarks (tables + JSON under bench/results/)"
 
 $(BIN)/.installed: requirements/tasks.txt requirements/dev.txt pyproject.toml
@@ -47,8 +48,12 @@ run: install
 	@echo "== summary (full metrics: dvc metrics show)"
 	@$(BIN)/lmpipe summary
 
-test: install install-airflow
+test: install install-airflow lint
 	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow and not airflow"

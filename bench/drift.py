@@ -74,8 +74,8 @@ def pin_cores(cores: int) -> list[int]:
 def throughput(bundle_dir: Path, corpus, n_texts: int, cores: int, seed: int, work: Path) -> dict:
     import pandas as pd
 
-    from pipeline_tasks.monitor.monitor import monitor
     from pipeline_tasks.config import parse_params
+    from pipeline_tasks.monitor import monitor
 
     batch = corpus.sample(n_texts, replace=True, random_state=seed).reset_index(drop=True)
     batch["id"] = [f"bench:{i}" for i in range(len(batch))]  # resampled rows are distinct batch items
@@ -104,9 +104,9 @@ def false_positive_rate(bundle_dir: Path, corpus, resamples: int, seed: int) -> 
     import numpy as np
     import pandas as pd
 
-    from pipeline_tasks.monitor.monitor import drift
-    from pipeline_tasks.ship.bundle import load_bundle
     from pipeline_tasks.config import parse_params
+    from pipeline_tasks.monitor import drift
+    from pipeline_tasks.ship.bundle import load_bundle
 
     settings = parse_params({"monitor": {}}).monitor
     thresholds = {k: getattr(settings.thresholds, k) for k in drift.SIGNALS}

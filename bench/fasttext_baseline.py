@@ -6,7 +6,7 @@ scored on exactly its test rows:
 
 * when ``paths.prepared_dir/train.parquet`` exists: the labelled rows of ``finetune.dataset``
   (``train_sources`` from train.parquet, ``test_sources`` from test.parquet), read with the same
-  helper as finetune (:func:`pipeline_tasks.train.classifier_data.read_labelled_split`), so the text is
+  helper as finetune (:func:`pipeline_tasks.dataset.prepared.read_labelled_split`), so the text is
   the prepared (cleaned, deduplicated) text;
 * otherwise directly from the shared corpora (``$LMPIPE_DATA_MIRROR``): the 20k AG News train
   subset and the official 7,600-row test set, cleaned with ingest_news' own ``clean_text`` (no
@@ -60,12 +60,12 @@ def fasttext_normalise(text: str) -> str:
 
 
 def load_prepared(params) -> tuple[dict, dict, str]:
-    from pipeline_tasks.train.classifier_data import read_labelled_split
+    from pipeline_tasks.dataset.prepared import read_labelled_split
 
     ds = params.finetune.dataset
     prepared = Path(params.paths.prepared_dir)
-    train = read_labelled_split(prepared, "train", ds.train_sources)
-    test = read_labelled_split(prepared, "test", ds.test_sources)
+    train = read_labelled_split(prepared, "train", sources=ds.train_sources).to_pydict()
+    test = read_labelled_split(prepared, "test", sources=ds.test_sources).to_pydict()
     return train, test, f"{prepared} (train sources {list(ds.train_sources)}, test sources {list(ds.test_sources)})"
 
 

@@ -44,7 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_tasks.ingest.ingest_wiki import IngestWikiParams, WikiSourceParams, ingest_file, worker_pool  # noqa: E402
+from pipeline_tasks.ingest.ingest_wiki import ingest_file, worker_pool  # noqa: E402
+from pipeline_tasks.ingest.params import IngestWikiParams, WikiSourceParams  # noqa: E402
 
 GENSIM = "wikipedia_dumps/piskvorky_gensim/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 TARGET_VS_WIKIEXTRACTOR = 2.0

@@ -125,16 +125,17 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from pipeline_tasks.dataset.prepared import read_labelled_split
     from pipeline_tasks.ship.bundle import load_bundle, make_session
-    from pipeline_tasks.ship.export import load_classifier
-    from pipeline_tasks.ship.onnx_tools import read_labeled_split
+    from pipeline_tasks.train.model import load_classifier
 
     torch.set_num_threads(args.threads)
     paths = params.paths
     bundle = load_bundle(paths.bundle_dir, intra_op_threads=args.threads)
     model_pt = Path(paths.finetune_dir) / "model.pt"
     model, meta = load_classifier(model_pt)
-    test = read_labeled_split(Path(paths.prepared_dir) / "test.parquet", bundle.labels, args.max_rows, params.seed)
+    test = read_labelled_split(paths.prepared_dir, "test", labels=bundle.labels, kinds=("news",),
+                               max_rows=args.max_rows, seed=params.seed).to_pandas()
     texts, y = test["text"].tolist(), test["label_idx"].to_numpy()
     singles = [bundle.encode([t]) for t in texts[:256]]
     batches = [bundle.encode(texts[i: i + args.batch]) for i in range(0, min(len(texts), 8 * args.batch), args.batch)]

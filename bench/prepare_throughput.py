@@ -51,7 +51,7 @@ def build_raw_from_corpora(corpora: Path, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline_tasks.dataset.prepare import prepared_schema
+    from pipeline_tasks.dataset.prepared import prepared_schema
 
     news_schema = pa.schema([f.with_nullable(True) for f in prepared_schema()])
     wiki_schema = pa.schema([f for f in news_schema if f.name not in ("label", "raw_label", "split")])
@@ -152,10 +152,8 @@ def main() -> int:
     parser.add_argument("--from-corpora", action="store_true", help="ignore data/raw, build raw files from corpora")
     args = parser.parse_args()
 
-    from pipeline_tasks.dataset import dedup
-    from pipeline_tasks.dataset import prepare
-    from pipeline_tasks.dataset import validate
     from pipeline_tasks.config import load_params, parse_params
+    from pipeline_tasks.dataset import dedup, prepare, validate
     from pipeline_tasks.dataset.textstats import char_profile, normalize_key
 
     project = load_params(ROOT / "params.yaml")

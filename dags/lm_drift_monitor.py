@@ -1,7 +1,7 @@
 """
 ### lm_drift_monitor: daily drift check of the news feed against the training reference
 
-**When**: the cron in Airflow Variable `lmpipe_drift_cron` (default `orchestration.drift_schedule`, daily;
+**When**: the cron in env `LMPIPE_DRIFT_CRON` (default `orchestration.drift_schedule`, daily;
 `none` turns it off: trigger by hand).
 
 **What**, in a workspace of its own per run (like `lm_retraining`):
@@ -25,12 +25,6 @@ prepares a workspace and records lineage).
 
 from __future__ import annotations
 
-import os
-import sys
-
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # lmpipe_common, whichever loader parses us
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import datetime as dt
 import json
 import logging
@@ -39,7 +33,6 @@ from airflow.sdk import DAG, CronTriggerTimetable, Param, chain, get_current_con
 from lmpipe_common import (
     DRIFT_ASSET,
     DRIFT_CRON,
-    DVC_STAGES,
     FILTERS,
     PARAMS,
     START_DATE,
@@ -87,33 +80,30 @@ with DAG(
 ) as dag:
     workspace = init_node(DAG_ID, "{{ drift_overrides(dag_run.logical_date, params) }}",
                           LMPIPE_REFERENCE_LOCK=reference_lock("lm_retraining"))
-    nodes = [stage_node(DAG_ID, name) for name in BATCH_STAGES if name in DVC_STAGES]
+    nodes = [stage_node(DAG_ID, name) for name in BATCH_STAGES]
     lineage = lineage_node(DAG_ID, trigger_rule="none_failed")
-    if MONITOR_STAGE in DVC_STAGES:
-        monitor = stage_node(DAG_ID, MONITOR_STAGE, "--upstream-if-missing")
-        chain(workspace, *nodes, monitor)
+    monitor = stage_node(DAG_ID, MONITOR_STAGE, "--upstream-if-missing")
+    chain(workspace, *nodes, monitor)
 
-        @task.short_circuit(ignore_downstream_trigger_rules=False)
-        def check_drift(monitor_summary) -> bool:
-            path, summary = metrics_file(monitor_summary, "drift_summary.json")
-            if not isinstance(summary, dict) or "drift_detected" not in summary:
-                raise ValueError(f"monitor wrote no drift decision (drift_summary.json at {path})")
-            log.info("drift_detected=%s (%s)", summary["drift_detected"], path)
-            return bool(summary["drift_detected"])
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def check_drift(monitor_summary) -> bool:
+        path, summary = metrics_file(monitor_summary, "drift_summary.json")
+        if not isinstance(summary, dict) or "drift_detected" not in summary:
+            raise ValueError(f"monitor wrote no drift decision (drift_summary.json at {path})")
+        log.info("drift_detected=%s (%s)", summary["drift_detected"], path)
+        return bool(summary["drift_detected"])
 
-        @task(outlets=[DRIFT_ASSET])
-        def emit_drift_event(monitor_summary) -> dict:
-            """Update the drift Asset: the retraining DAG is scheduled on it."""
-            context = get_current_context()
-            path, _ = metrics_file(monitor_summary, "drift_summary.json")
-            result = (monitor_summary or {}).get("result") or {} if isinstance(monitor_summary, dict) else {}
-            extra = {"dag_id": DAG_ID, "run_id": context["run_id"], "drift_summary": path,
-                     "fired": result.get("fired")}
-            context["outlet_events"][DRIFT_ASSET].extra = extra
-            return extra
+    @task(outlets=[DRIFT_ASSET])
+    def emit_drift_event(monitor_summary) -> dict:
+        """Update the drift Asset: the retraining DAG is scheduled on it."""
+        context = get_current_context()
+        path, _ = metrics_file(monitor_summary, "drift_summary.json")
+        result = (monitor_summary or {}).get("result") or {} if isinstance(monitor_summary, dict) else {}
+        extra = {"dag_id": DAG_ID, "run_id": context["run_id"], "drift_summary": path,
+                 "fired": result.get("fired")}
+        context["outlet_events"][DRIFT_ASSET].extra = extra
+        return extra
 
-        emitted = emit_drift_event(monitor.output)
-        chain(check_drift(monitor.output), emitted, lineage)
-        chain(monitor, lineage)
-    else:
-        chain(workspace, *nodes, lineage)
+    emitted = emit_drift_event(monitor.output)
+    chain(check_drift(monitor.output), emitted, lineage)
+    chain(monitor, lineage)

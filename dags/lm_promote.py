@@ -20,17 +20,13 @@ promotions never race) -> `notify_result`.
 
 from __future__ import annotations
 
-import os
-import sys
-
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # lmpipe_common, whichever loader parses us
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import datetime as dt
 import logging
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import DAG, Param, chain, get_current_context, task
+from pipeline_tasks.orchestration.settings import driver_argv
+
 from lmpipe_common import (
     EVALUATION_PASSED_ASSET,
     FILTERS,
@@ -38,7 +34,6 @@ from lmpipe_common import (
     START_DATE,
     LmpipeNotifier,
     default_args,
-    driver_argv,
     init_node,
     make_node,
     node_env,
@@ -53,7 +48,8 @@ ACTIONS = {
                         "--reason", "$LMPIPE_REASON"],
     "rollback": ["python", "-m", "pipeline_tasks", "rollback", "--reason", "$LMPIPE_REASON"],
 }
-REQUEST = "ti.xcom_pull(task_ids='resolve_request')"
+# Jinja prefix that binds the resolved request once, so the templates below read as plain text
+REQUEST = "{% set request = ti.xcom_pull(task_ids='resolve_request') %}"
 
 with DAG(
     dag_id=DAG_ID,
@@ -115,10 +111,10 @@ with DAG(
 
     approve = ApprovalOperator(
         task_id="approve",
-        subject="lm-pipeline: {{ " + REQUEST + "['action'] }} version {{ " + REQUEST + "['version'] or 'challenger' }}?",
-        body="Run `{{ run_id }}` asks to **{{ " + REQUEST + "['action'] }}** "
-             "(version: {{ " + REQUEST + "['version'] or '@challenger' }}).\n\n"
-             "Registration: `{{ " + REQUEST + "['registration'] }}`",
+        subject=REQUEST + "lm-pipeline: {{ request.action }} version {{ request.version or 'challenger' }}?",
+        body=REQUEST + "Run `{{ run_id }}` asks to **{{ request.action }}** "
+                       "(version: {{ request.version or '@challenger' }}).\n\n"
+                       "Registration: `{{ request.registration }}`",
         ignore_downstream_trigger_rules=True,
         response_timeout=dt.timedelta(days=3),
         execution_timeout=None,
@@ -132,7 +128,7 @@ with DAG(
             return "rollback"
         return "promote_version" if request["version"] else "promote"
 
-    env = node_env(DAG_ID, LMPIPE_VERSION="{{ " + REQUEST + "['version'] or '' }}",
+    env = node_env(DAG_ID, LMPIPE_VERSION=REQUEST + "{{ request.version or '' }}",
                    LMPIPE_REASON="{{ params.reason or ('airflow ' ~ dag.dag_id ~ ' ' ~ run_id) }}",
                    LMPIPE_ACTOR="airflow:{{ dag.dag_id }}/{{ run_id }}")
     actions = [make_node(name, driver_argv("exec", "--", *argv), env, retries=0,

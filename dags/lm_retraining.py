@@ -1,12 +1,12 @@
 """
 ### lm_retraining: retrain, evaluate and register the news LM, one container per DVC stage
 
-**When**: on the cron in Airflow Variable `lmpipe_retrain_cron` (default `orchestration.retrain_schedule`
+**When**: on the cron in env `LMPIPE_RETRAIN_CRON` (default `orchestration.retrain_schedule`
 in params.yaml, weekly; `none` turns it off) **or** when the drift monitor emits the
 `lmpipe_drift_detected` Asset.
 
-**What**: one task per `dvc.yaml` stage, same names, same order (read from `dvc.yaml` when the DAG is
-parsed: a new stage appears here by itself). Each task runs the stage's own command
+**What**: one task per `dvc.yaml` stage, same names, same order (`pipeline_tasks.stages.STAGES`, which
+a test holds equal to `dvc.yaml`; nothing is read at parse time but the settings). Each task runs the stage's own command
 (`python -m pipeline_tasks STAGE`) through `dvc repro --single-item STAGE` in the task image
 (runner `docker` / `kubernetes`) or the task virtualenv (`local`), so an up-to-date stage is restored
 from the shared DVC cache instead of recomputed.
@@ -30,18 +30,12 @@ the DVC cache / remote. Failure and success notifications: params `orchestration
 
 from __future__ import annotations
 
-import os
-import sys
-
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # lmpipe_common, whichever loader parses us
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import logging
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, chain, get_current_context, task
 from lmpipe_common import (
+    STAGES,
     DRIFT_ASSET,
-    DVC_STAGES,
     EVALUATION_PASSED_ASSET,
     FILTERS,
     PARAMS,
@@ -80,48 +74,38 @@ with DAG(
     on_failure_callback=run_notifier("failure"),
 ) as dag:
     workspace = init_node(DAG_ID)
-    stages = {name: stage_node(DAG_ID, name) for name in DVC_STAGES}
+    stages = {name: stage_node(DAG_ID, name) for name in STAGES}
     chain(workspace, *stages.values())
-    # an accepted model's dvc.lock becomes the drift monitor's reference (no evaluate stage: every run)
-    accepted = ("{{ 'true' if ti.xcom_pull(task_ids='check_gates') else 'false' }}" if GATE_STAGE in stages
-                else "true")
+    # an accepted model's dvc.lock becomes the drift monitor's reference
+    accepted = "{{ 'true' if ti.xcom_pull(task_ids='check_gates') else 'false' }}"
     lineage = lineage_node(DAG_ID, trigger_rule="none_failed", env={"LMPIPE_PUBLISH": accepted})
     # after every stage, not only the last: a gate rejection skips register at once while a stage
     # before it may still run in this workspace
     chain([workspace, *stages.values()], lineage)
 
-    if GATE_STAGE in stages:
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def check_gates(evaluate_summary) -> bool:
+        """True when every evaluation gate passed; otherwise the promotion path is skipped."""
+        path, gates = metrics_file(evaluate_summary, "gates.json")
+        if not isinstance(gates, dict) or "passed" not in gates:
+            raise ValueError(f"evaluate recorded no gate decision (gates.json at {path}): cannot promote")
+        failed = [g.get("name") for g in gates.get("gates", []) if isinstance(g, dict) and not g.get("passed")]
+        log.info("gates %s (%s): failed %s", "PASSED" if gates["passed"] else "FAILED", path, failed)
+        if not gates["passed"]:
+            LmpipeNotifier("gate-rejection", f"[lm-pipeline] {DAG_ID}: model rejected by its gates",
+                           f"failed gates: {', '.join(map(str, failed))}; decision: {path}").notify(
+                get_current_context())
+        return bool(gates["passed"])
 
-        @task.short_circuit(ignore_downstream_trigger_rules=False)
-        def check_gates(evaluate_summary) -> bool:
-            """True when every evaluation gate passed; otherwise the promotion path is skipped."""
-            path, gates = metrics_file(evaluate_summary, "gates.json")
-            if not isinstance(gates, dict) or "passed" not in gates:
-                raise ValueError(f"evaluate recorded no gate decision (gates.json at {path}): cannot promote")
-            failed = [g.get("name") for g in gates.get("gates", []) if isinstance(g, dict) and not g.get("passed")]
-            log.info("gates %s (%s): failed %s", "PASSED" if gates["passed"] else "FAILED", path, failed)
-            if not gates["passed"]:
-                LmpipeNotifier("gate-rejection", f"[lm-pipeline] {DAG_ID}: model rejected by its gates",
-                               f"failed gates: {', '.join(map(str, failed))}; decision: {path}").notify(
-                    get_current_context())
-            return bool(gates["passed"])
+    @task(outlets=[EVALUATION_PASSED_ASSET])
+    def emit_evaluation_passed(register_summary=None) -> dict:
+        """Announce a model that passed its gates (and was registered): lm_promote listens."""
+        context = get_current_context()
+        registration = register_summary.get("result") if isinstance(register_summary, dict) else None
+        extra = {"dag_id": DAG_ID, "run_id": context["run_id"], "registration": registration}
+        context["outlet_events"][EVALUATION_PASSED_ASSET].extra = extra
+        return extra
 
-        gates = check_gates(stages[GATE_STAGE].output)
-
-        @task(outlets=[EVALUATION_PASSED_ASSET])
-        def emit_evaluation_passed(register_summary=None) -> dict:
-            """Announce a model that passed its gates (and was registered): lm_promote listens."""
-            context = get_current_context()
-            extra = {"dag_id": DAG_ID, "run_id": context["run_id"],
-                     "registration": (register_summary or {}).get("result") if isinstance(register_summary, dict)
-                     else None}
-            context["outlet_events"][EVALUATION_PASSED_ASSET].extra = extra
-            return extra
-
-        if PROMOTION_STAGE in stages:
-            chain(gates, stages[PROMOTION_STAGE])
-            emitted = emit_evaluation_passed(stages[PROMOTION_STAGE].output)
-        else:
-            emitted = emit_evaluation_passed()
-            chain(gates, emitted)
-        chain(emitted, lineage)
+    gates = check_gates(stages[GATE_STAGE].output)
+    chain(gates, stages[PROMOTION_STAGE])
+    chain(emit_evaluation_passed(stages[PROMOTION_STAGE].output), lineage)

@@ -1,15 +1,19 @@
 """Shared wiring of the lm-pipeline DAGs: settings, node factory per runner, notifier, Assets.
 
-Not a DAG file (listed in ``.airflowignore``). Reads, at parse time and with PyYAML only:
-
-* ``$LMPIPE_REPO/dvc.yaml``: the stage list and each stage's command (the one source of truth);
-* ``$LMPIPE_REPO/params.yaml`` section ``orchestration``
-  (:class:`pipeline_tasks.orchestration.settings.OrchestrationParams`).
+Not a DAG file (listed in ``.airflowignore``); Airflow puts the DAGs folder (the bundle) on
+``sys.path``, so the DAG files import it by name. Its only parse-time I/O is one read of the
+settings: section ``orchestration`` of ``$LMPIPE_REPO/params.yaml``
+(:class:`pipeline_tasks.orchestration.settings.OrchestrationParams`, through the one params
+loader). The stage list is :data:`pipeline_tasks.stages.STAGES` (the DAG-integrity test checks
+it against ``dvc.yaml``); each node's driver checks at run time that the stage command equals the
+``cmd`` in the workspace's ``dvc.yaml``.
 
 ``LMPIPE_ORCHESTRATION_PARAMS`` may name another params file for these settings only.
 ``LMPIPE_REPO`` defaults to the folder above ``dags/`` (a checkout); the Airflow image sets it to
-the project snapshot copied next to the DAGs. The runner is one setting: env ``LMPIPE_RUNNER``,
-else Airflow Variable ``lmpipe_runner``, else ``orchestration.runner``.
+the project snapshot copied next to the DAGs. Environment variables override three settings:
+``LMPIPE_RUNNER`` (else ``orchestration.runner``), ``LMPIPE_RETRAIN_CRON`` and
+``LMPIPE_DRIFT_CRON`` (``none`` turns a schedule off). Airflow Variables are not read at parse
+time (each read would be a metadata-database query every time the file is parsed).
 
 Every node runs ``python -m pipeline_tasks.orchestration ...`` in the task environment: the task
 image (docker / kubernetes) or the task virtualenv (local, ``$LMPIPE_TASK_PYTHON``), so Airflow
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, BaseNotifier, Variable
+from airflow.sdk import Asset, BaseNotifier
 
 from pipeline_tasks.orchestration.settings import (
     OrchestrationParams,
@@ -35,47 +39,37 @@ from pipeline_tasks.orchestration.settings import (
     load_orchestration_params,
     node_argv,
     parse_summary,
-    read_dvc_stages,
     stage_retries,
     stage_timeout_min,
     workspace_name,
 )
-from pipeline_tasks.stages import GPU_STAGES
+from pipeline_tasks.stages import GPU_STAGES, STAGES, stage_command
 
 log = logging.getLogger(__name__)
 
 REPO = Path(os.environ.get("LMPIPE_REPO") or Path(__file__).resolve().parents[1])
 PARAMS: OrchestrationParams = load_orchestration_params(
     os.environ.get("LMPIPE_ORCHESTRATION_PARAMS") or REPO / "params.yaml")
-DVC_STAGES: dict[str, dict[str, Any]] = read_dvc_stages(REPO / "dvc.yaml")
 
 
-def _setting(env: str, variable: str, default: str) -> str:
-    """env var > Airflow Variable > params.yaml. Variables are read at parse time on purpose: the
-    schedule and operator classes are parse-time facts (cheap env/secrets lookup first)."""
-    if os.environ.get(env):
-        return os.environ[env]
-    try:
-        return Variable.get(variable, default=default)
-    except Exception as exc:  # no metadata DB reachable (unit tests, CLI parsing): params decide
-        log.debug("Variable %s unavailable (%s): using %r", variable, exc, default)
-        return default
+def _setting(env: str, default: str) -> str:
+    """An environment variable over the params value (per deployment, without editing params)."""
+    return os.environ.get(env) or default
 
 
-RUNNER = _setting("LMPIPE_RUNNER", "lmpipe_runner", PARAMS.runner)
+RUNNER = _setting("LMPIPE_RUNNER", PARAMS.runner)
 if RUNNER not in ("local", "docker", "kubernetes"):
     raise ValueError(f"lmpipe runner {RUNNER!r}: expected local, docker or kubernetes")
 
 
-
-def _cron(env: str, variable: str, default: str) -> str | None:
+def _cron(env: str, default: str) -> str | None:
     """A cron expression, or None for "none"/"off" (no time schedule: e.g. staging, or tests)."""
-    value = _setting(env, variable, default).strip()
+    value = _setting(env, default).strip()
     return None if value.lower() in ("none", "off", "") else value
 
 
-RETRAIN_CRON = _cron("LMPIPE_RETRAIN_CRON", "lmpipe_retrain_cron", PARAMS.retrain_schedule)
-DRIFT_CRON = _cron("LMPIPE_DRIFT_CRON", "lmpipe_drift_cron", PARAMS.drift_schedule)
+RETRAIN_CRON = _cron("LMPIPE_RETRAIN_CRON", PARAMS.retrain_schedule)
+DRIFT_CRON = _cron("LMPIPE_DRIFT_CRON", PARAMS.drift_schedule)
 START_DATE = pendulum.parse(PARAMS.start_date, tz=PARAMS.timezone)
 TASK_PYTHON = os.environ.get("LMPIPE_TASK_PYTHON") or str(REPO / PARAMS.task_python)
 DATA_ROOT = (os.environ.get("LMPIPE_DATA_ROOT") or str(Path(PARAMS.data_root).expanduser())) \
@@ -126,23 +120,34 @@ def container_args(argv: list[str], env: dict[str, str]) -> list[str]:
 def make_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: bool = False, **kwargs: Any):
     """One containerized node (or a task-env subprocess for ``local``) running ``argv``."""
     if RUNNER == "local":
-        from airflow.providers.standard.operators.bash import BashOperator
+        return _local_node(task_id, argv, env, **kwargs)
+    builder = _docker_node if RUNNER == "docker" else _kubernetes_node
+    return builder(task_id, container_args(argv, env), env, gpu=gpu, **kwargs)
 
-        return BashOperator(task_id=task_id, bash_command=local_command(argv), env=env,
-                            append_env=True, output_processor=parse_summary, **kwargs)
-    argv = container_args(argv, env)
-    if RUNNER == "docker":
-        from airflow.providers.docker.operators.docker import DockerOperator
-        from docker.types import DeviceRequest, Mount
 
-        d = PARAMS.docker
-        volume = Mount(target=PARAMS.container_data_root, source=d.data_volume,
-                       type="bind" if d.data_volume.startswith("/") else "volume")
-        return DockerOperator(
-            task_id=task_id, image=PARAMS.gpu_image if gpu else PARAMS.image, command=argv, environment=env,
-            docker_url=d.url, network_mode=d.network_mode, mounts=[volume], mount_tmp_dir=False,
-            auto_remove=d.auto_remove, shm_size=d.shm_size_mb * 2**20, xcom_all=False, tty=False,
-            device_requests=[DeviceRequest(count=d.gpus, capabilities=[["gpu"]])] if gpu else None, **kwargs)
+def _local_node(task_id: str, argv: list[str], env: dict[str, str], **kwargs: Any):
+    # imported per runner: the Airflow image of one runner need not ship the other providers
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    return BashOperator(task_id=task_id, bash_command=local_command(argv), env=env,
+                        append_env=True, output_processor=parse_summary, **kwargs)
+
+
+def _docker_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: bool, **kwargs: Any):
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.types import DeviceRequest, Mount
+
+    d = PARAMS.docker
+    volume = Mount(target=PARAMS.container_data_root, source=d.data_volume,
+                   type="bind" if d.data_volume.startswith("/") else "volume")
+    return DockerOperator(
+        task_id=task_id, image=PARAMS.gpu_image if gpu else PARAMS.image, command=argv, environment=env,
+        docker_url=d.url, network_mode=d.network_mode, mounts=[volume], mount_tmp_dir=False,
+        auto_remove=d.auto_remove, shm_size=d.shm_size_mb * 2**20, xcom_all=False, tty=False,
+        device_requests=[DeviceRequest(count=d.gpus, capabilities=[["gpu"]])] if gpu else None, **kwargs)
+
+
+def _kubernetes_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: bool, **kwargs: Any):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
@@ -178,7 +183,7 @@ def stage_node(dag_id: str, stage: str, *flags: str, env: dict[str, str] | None 
     if gpu and PARAMS.gpu_pool:
         kwargs.setdefault("pool", PARAMS.gpu_pool)
     return make_node(
-        stage, node_argv(DVC_STAGES[stage]["cmd"], *flags),
+        stage, node_argv(stage_command(stage), *flags),
         node_env(dag_id, LMPIPE_FORCE="{{ params.force | default(false) | string | lower }}", **(env or {})),
         gpu=gpu, retries=policy["retries"], retry_exponential_backoff=policy["retry_exponential_backoff"],
         retry_delay=dt.timedelta(seconds=policy["retry_delay"]),

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline_tasks.config import to_plain
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -174,8 +176,6 @@ def library_versions(names: Iterable[str] = DEFAULT_LIBRARIES) -> dict[str, str]
 def build_manifest(stage: str, params_section: Any, inputs: dict[str, str] | None = None,
                    outputs_dir: str | os.PathLike | None = None, extra: dict[str, Any] | None = None,
                    libraries: Iterable[str] = DEFAULT_LIBRARIES) -> dict[str, Any]:
-    from pipeline_tasks.config import to_plain
-
     plain = to_plain(params_section)
     manifest = {
         "stage": stage,

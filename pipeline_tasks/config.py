@@ -1,7 +1,8 @@
 """Typed, frozen, strict configuration loaded once from ``params.yaml``.
 
-Every stage declares its own ``*Params`` dataclass (frozen) in its module; :data:`SECTIONS`
-maps each top-level key of ``params.yaml`` to that class. :func:`load_params` converts the YAML
+Each stage family declares its ``*Params`` dataclasses (frozen) in its torch-free ``params.py``
+(``pipeline_tasks/train/params.py`` ...); :data:`SECTIONS` maps each top-level key of
+``params.yaml`` to one of them. :func:`load_params` converts the YAML
 into those objects and rejects unknown keys and values of the wrong type with a message that
 names the full key (``pretrain.lr: expected float, got 'fast'``).
 
@@ -9,8 +10,9 @@ The converter is hand-written (about 100 lines) rather than pydantic because the
 the GPU machine and the Airflow side must be able to parse params with only PyYAML, and because
 the messages must name the dotted key exactly as written in ``params.yaml``.
 
-Stage modules are imported lazily by name so that loading params never imports torch & co.:
-each stage module keeps its heavy imports inside functions.
+The params modules import only the standard library and PyYAML, so loading params never imports
+torch & co. (``tests/unit/test_layout.py`` checks it) and the Airflow image, which has no ML
+library, validates the same file; the stage modules import what they need at the top.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class PathsParams:
     evaluate_dir: str = "reports/evaluate"
     monitor_dir: str = "reports/monitor"
     registry_dir: str = "registry"
+    champion_metrics_path: str = "registry/production_metrics.json"  # kept current by register/promote
     register_reports_dir: str = "reports/register"
     downloads_dir: str = "data/downloads"
 

@@ -6,29 +6,37 @@ listed in :data:`COMMANDS`. Only module names here: importing this file imports 
 
 from __future__ import annotations
 
-# stage name -> module (pipeline_tasks.<module>) implementing run(params, **options)
+# stage name -> module (pipeline_tasks.<family>.<stage>) implementing run(params, **options); the module
+# file carries the stage's name, the folder is its family
 STAGES: dict[str, str] = {
-    "ingest_wiki": "ingest_wiki",
-    "ingest_news": "ingest_news",
-    "prepare": "prepare",
-    "validate": "validate",
-    "tokenize": "tokenize",
-    "pretrain": "pretrain",
-    "finetune": "finetune",
-    "export": "export",
-    "evaluate": "evaluate",
-    "monitor": "monitor",
-    "register": "register",
+    "ingest_wiki": "ingest.ingest_wiki",
+    "ingest_news": "ingest.ingest_news",
+    "prepare": "dataset.prepare",
+    "validate": "dataset.validate",
+    "tokenize": "dataset.tokenize",
+    "pretrain": "train.pretrain",
+    "finetune": "train.finetune",
+    "export": "ship.export",
+    "evaluate": "ship.evaluate",
+    "monitor": "monitor.monitor",
+    "register": "registry.register",
 }
 
-# Other CLI commands -> "module:function" taking parsed argparse namespace
+# Other CLI commands -> module providing add_<command>_arguments(parser) and cli_<command>(args)
 COMMANDS: dict[str, str] = {
-    "predict": "predict",
-    "promote": "promote",
-    "rollback": "promote",
-    "kfp-compile": "kfp_pipeline",
+    "predict": "serve.predict",
+    "promote": "registry.promote",
+    "rollback": "registry.promote",
+    "kfp-compile": "orchestration.kfp",
     "summary": "summary",
 }
 
 # Stages that benefit from an accelerator (Airflow pools / KFP accelerator requests read this).
 GPU_STAGES: frozenset[str] = frozenset({"pretrain", "finetune"})
+
+
+def stage_command(name: str) -> list[str]:
+    """The command of stage ``name``: the ``cmd`` of its ``dvc.yaml`` entry and of every container."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return ["python", "-m", "pipeline_tasks", name]

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline_tasks.cli import parse_overrides
+from pipeline_tasks.config import load_params
+
 
 def _read(path: Path) -> dict[str, Any] | None:
     try:
@@ -113,8 +116,6 @@ def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_summary(args: argparse.Namespace) -> int:
-    from pipeline_tasks.cli import parse_overrides
-    from pipeline_tasks.config import load_params
 
     params = load_params(args.params, parse_overrides(args.overrides))
     table = rows(params)

@@ -28,6 +28,10 @@ import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
+from datasketch import MinHashLSH
+from tqdm.auto import tqdm
+
 logger = logging.getLogger(__name__)
 
 _MAX_NGRAM = 64
@@ -40,15 +44,8 @@ class NearDuplicate(NamedTuple):
     jaccard: float  # MinHash estimate of their shingle Jaccard similarity
 
 
-def _np():
-    import numpy as np
-
-    return np
-
-
 def _mix64(x):
     """splitmix64 finalizer on a uint64 array (in place): good avalanche for combined token hashes."""
-    np = _np()
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(27)
@@ -59,12 +56,11 @@ def _mix64(x):
 
 def _coefficients():
     """Fixed odd 64-bit multipliers, one per position inside an n-gram."""
-    np = _np()
     digest = hashlib.sha512(b"lm-pipeline shingle positions").digest() * (_MAX_NGRAM * 8 // 64)
     return np.frombuffer(digest[: _MAX_NGRAM * 8], dtype="<u8").astype(np.uint64) | np.uint64(1)
 
 
-_COEF = None
+_COEF = _coefficients()
 _WORD_CACHE: dict[str, int] = {}
 
 
@@ -84,10 +80,6 @@ def shingle_hashes(key: str, word_ngram: int = 5, char_ngram: int = 5, cjk: bool
     n-gram gives a single shingle of all of it; an empty key gives an empty array. The array may
     repeat a value (a repeated shingle); MinHash takes minima, so repeats do not matter.
     """
-    global _COEF
-    np = _np()
-    if _COEF is None:
-        _COEF = _coefficients()
     if cjk:
         chars = key.replace(" ", "")
         tokens = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
@@ -119,7 +111,6 @@ def shingles(key: str, word_ngram: int = 5, char_ngram: int = 5, cjk: bool = Fal
 
 def permutations(num_perm: int, seed: int):
     """``(a, b)`` uint64 vectors of the multiply-add-shift permutations (``a`` odd)."""
-    np = _np()
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2 ** 64, size=num_perm, dtype=np.uint64, endpoint=False) | np.uint64(1)
     b = rng.integers(0, 2 ** 64, size=num_perm, dtype=np.uint64, endpoint=False)
@@ -131,9 +122,6 @@ def minhash_signatures(hash_arrays: Sequence, num_perm: int, seed: int, progress
 
     Rows of documents without shingles are all ``0xFFFFFFFF`` (callers skip them).
     """
-    np = _np()
-    from tqdm.auto import tqdm
-
     a, b = permutations(num_perm, seed)
     signatures = np.full((len(hash_arrays), num_perm), 0xFFFFFFFF, dtype=np.uint32)
     # one reusable cache-sized buffer: (shingles, num_perm) products for a group of documents
@@ -174,8 +162,6 @@ def minhash_signatures(hash_arrays: Sequence, num_perm: int, seed: int, progress
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """datasketch's optimal (bands, rows) for a Jaccard threshold (equal false +/- weights)."""
-    from datasketch import MinHashLSH
-
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return lsh.b, lsh.r
 
@@ -187,7 +173,6 @@ def find_near_duplicates(hash_arrays: Sequence, threshold: float, num_perm: int,
     ``hash_arrays`` are :func:`shingle_hashes` per document. Returns one :class:`NearDuplicate`
     per dropped document. Documents without shingles are never dropped here.
     """
-    np = _np()
     signatures = minhash_signatures(hash_arrays, num_perm, seed, progress)
     bands, rows = lsh_bands(threshold, num_perm)
     # one 64-bit key per (document, band): mixed weighted sum of the band's signature values

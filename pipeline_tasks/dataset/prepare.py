@@ -19,95 +19,41 @@ Whenever two rows compete (same id, same key, near duplicates) the representativ
 priority: a fixed ``test`` row, then a labelled row, then the smallest id. So a test row is never
 dropped in favour of a train candidate, and no near duplicate spans two splits afterwards.
 
-Outputs: ``paths.prepared_dir/{train,val,test}.parquet`` (explicit schema :func:`prepared_schema`,
-sorted by id: re-runs are byte-identical), ``dropped.parquet`` (id, source, split, reason,
-duplicate_of, similarity), ``manifest.json``; ``paths.prepare_reports_dir/stats.json`` (DVC
-metrics: counts per source and reason, length quantiles, language and script shares, split sizes,
-labels per split).
+Outputs: ``paths.prepared_dir/{train,val,test}.parquet`` (the contract of
+:mod:`pipeline_tasks.dataset.prepared`; sorted by id, so re-runs are byte-identical),
+``dropped.parquet`` (id, source, split, reason, duplicate_of, similarity), ``manifest.json``;
+``paths.prepare_reports_dir/stats.json`` (DVC metrics: counts per source and reason, length
+quantiles, language and script shares, split sizes, labels per split).
 
-Params: section ``prepare`` (:class:`PrepareParams`). Command: ``python -m pipeline_tasks prepare``.
+Params: section ``prepare`` (:class:`~pipeline_tasks.dataset.params.PrepareParams`).
+Command: ``python -m pipeline_tasks prepare``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import time
-import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
+from pipeline_tasks.dataset.dedup import find_near_duplicates, shingle_hashes
+from pipeline_tasks.dataset.params import PrepareParams
+from pipeline_tasks.dataset.prepared import COLUMNS, REQUIRED_COLUMNS, SPLITS, hash_split, prepared_schema
+from pipeline_tasks.dataset.textstats import SCRIPTS, char_profile, normalize_key
 from pipeline_tasks.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-COLUMNS = ("id", "kind", "source", "lang", "title", "text", "label", "raw_label", "date", "url", "split")
-REQUIRED_COLUMNS = ("id", "kind", "source", "lang", "text")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 DROP_REASONS = ("missing_id", "empty_text", "duplicate_id", "too_short", "too_long", "nonletter",
                 "exact_duplicate", "near_duplicate")
-Script = Literal["latin", "cyrillic", "cjk", "other"]
-DEFAULT_LANG_SCRIPTS = {"en": "latin", "de": "latin", "fr": "latin", "bg": "cyrillic", "ru": "cyrillic",
-                        "uk": "cyrillic", "zh": "cjk", "ja": "cjk", "ko": "cjk"}
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareParams:
-    min_chars: int = 40
-    max_chars: int = 200_000
-    max_nonletter_share: float | None = 0.5  # null disables the filter
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    salt: str = "lm-pipeline-split-v1"  # changing it reshuffles every hashed document
-    near_dup: bool = True
-    near_dup_threshold: float = 0.8  # estimated Jaccard of shingle sets
-    num_perm: int = 128
-    shingle_words: int = 5
-    shingle_chars: int = 5  # CJK text (no word spaces)
-    minhash_seed: int = 1
-    cjk_min_share: float = 0.5  # share of CJK letters above which a text is shingled by characters
-    lang_scripts: dict[str, Script] = dataclasses.field(
-        default_factory=lambda: types.MappingProxyType(dict(DEFAULT_LANG_SCRIPTS)))
-
-    def __post_init__(self):
-        if not 0 < self.min_chars <= self.max_chars:
-            raise ValueError(f"need 0 < min_chars <= max_chars, got {self.min_chars} and {self.max_chars}")
-        if self.max_nonletter_share is not None and not 0 < self.max_nonletter_share <= 1:
-            raise ValueError(f"max_nonletter_share must be in (0, 1] or null, got {self.max_nonletter_share}")
-        if min(self.val_fraction, self.test_fraction) < 0 or self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction and test_fraction must be >= 0 and sum to < 1 "
-                             f"(got {self.val_fraction} + {self.test_fraction})")
-        if not 0 < self.near_dup_threshold <= 1:
-            raise ValueError(f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
-        if self.num_perm < 16 or self.shingle_words < 1 or self.shingle_chars < 1:
-            raise ValueError("num_perm must be >= 16 and shingle sizes >= 1")
-        if not self.salt:
-            raise ValueError("salt must be a non-empty string")
-
-
-def prepared_schema():
-    """Explicit Arrow schema of ``{train,val,test}.parquet`` (the union of the ingest schemas)."""
-    import pyarrow as pa
-
-    string_fields = [pa.field(name, pa.string(), nullable=name not in REQUIRED_COLUMNS + ("split",))
-                     for name in COLUMNS]
-    fields = [f if f.name != "date" else pa.field("date", pa.timestamp("s", tz="UTC")) for f in string_fields]
-    return pa.schema(fields)
-
-
-def hash_unit(doc_id: str, salt: str) -> float:
-    """Stable uniform number in [0, 1) for a document id (first 64 bits of sha1)."""
-    digest = hashlib.sha1(f"{salt}:{doc_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
-
-
-def hash_split(doc_id: str, salt: str, val_fraction: float, test_fraction: float) -> str:
-    """Split of a document without a fixed split: depends on its id and the salt only."""
-    u = hash_unit(doc_id, salt)
-    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,9 +65,6 @@ def read_raw(dirs: list[Path]):
 
     Returns ``(frame, inputs)`` where ``inputs`` maps each file to its sha256 (for the manifest).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     schema = prepared_schema()
     reading_schema = pa.schema([f.with_nullable(True) for f in schema])  # nulls are checked later
     tables, inputs = [], {}
@@ -191,11 +134,6 @@ def prepare_documents(frame, params: PrepareParams, progress: bool | None = None
     document (``id, source, split, reason, duplicate_of, similarity``); ``stats`` is the
     JSON-able statistics dict written to ``stats.json``.
     """
-    import pandas as pd
-
-    from pipeline_tasks.dataset.dedup import find_near_duplicates, shingle_hashes
-    from pipeline_tasks.dataset.textstats import SCRIPTS, char_profile, normalize_key
-
     df = frame.reset_index(drop=True).copy()
     for column in COLUMNS:
         if column not in df:
@@ -266,8 +204,6 @@ def prepare_documents(frame, params: PrepareParams, progress: bool | None = None
 
 
 def _quantiles(values) -> dict[str, float]:
-    import numpy as np
-
     if len(values) == 0:
         return {"p5": 0.0, "p50": 0.0, "p95": 0.0, "mean": 0.0, "max": 0.0}
     p5, p50, p95 = np.percentile(values, [5, 50, 95])
@@ -339,16 +275,11 @@ def compute_stats(kept, dropped, counts_in: Mapping[str, int], params: PreparePa
 
 def write_table(frame, schema, path: Path) -> None:
     """Write ``frame`` with the explicit ``schema``; no pandas metadata, so bytes depend on data only."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     pq.write_table(table.replace_schema_metadata(None), path, compression="zstd")
 
 
 def dropped_schema():
-    import pyarrow as pa
-
     return pa.schema([("id", pa.string()), ("source", pa.string()), ("split", pa.string()),
                       ("reason", pa.string()), ("duplicate_of", pa.string()), ("similarity", pa.float64())])
 

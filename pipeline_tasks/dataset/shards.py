@@ -131,7 +131,7 @@ def eval_window_starts(n_tokens: int, block_size: int, n_windows: int) -> np.nda
 
 def windows_to_tensors(data: np.ndarray, starts: np.ndarray, block_size: int, device: Any = "cpu"):
     """Inputs ``x`` and next-token targets ``y``, both ``(B, T)`` int64 tensors on ``device``."""
-    import torch
+    import torch  # why: only pretrain needs torch here; tokenize writes shards without importing it
 
     batch = np.stack([data[s: s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
     batch = torch.from_numpy(batch)

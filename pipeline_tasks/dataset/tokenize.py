@@ -20,55 +20,32 @@ in batches through ``train_from_iterator``; ``train_max_bytes`` caps that sample
 A document that contains a special token's literal text (``<|endoftext|>`` in a web page) would
 encode it as the special id and fake a document boundary, so the literal is removed and counted.
 
-Params section ``tokenize`` (:class:`TokenizeParams`). Command: ``python -m pipeline_tasks tokenize``.
+Params section ``tokenize`` (:class:`~pipeline_tasks.dataset.params.TokenizeParams`).
+Command: ``python -m pipeline_tasks tokenize``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
-from pipeline_tasks.errors import DataError
+from pipeline_tasks.dataset.params import TokenizeParams
 from pipeline_tasks.dataset.shards import META_NAME, SPLITS, ShardWriter, token_dtype
+from pipeline_tasks.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_NAME = "tokenizer.json"
-BYTE_ALPHABET = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizeParams:
-    vocab_size: int = 8192  # including the 256 byte tokens and the special tokens
-    min_frequency: int = 2  # a pair must occur this often in the training sample to be merged
-    eot_token: str = "<|endoftext|>"  # document boundary in the shards
-    pad_token: str = "<|pad|>"  # finetune pads with it (right padding)
-    cls_token: str = "<|cls|>"  # optional classification token for finetune
-    kinds: tuple[str, ...] = ("wiki", "news")  # which prepared rows form the LM corpus
-    train_max_bytes: int = 0  # tokenizer training sample cap in UTF-8 bytes (0 = whole train split)
-    batch_size: int = 1024  # documents per encode_batch call
-
-    def __post_init__(self) -> None:
-        specials = self.special_tokens
-        if len(set(specials)) != len(specials) or not all(specials):
-            raise ValueError(f"eot_token, pad_token and cls_token must be distinct and non-empty, got {specials}")
-        if self.vocab_size < BYTE_ALPHABET + len(specials) + 1:
-            raise ValueError(f"vocab_size must be > {BYTE_ALPHABET + len(specials)} "
-                             f"(256 byte tokens + {len(specials)} special tokens), got {self.vocab_size}")
-        if self.vocab_size > 1 << 32:
-            raise ValueError(f"vocab_size must fit in uint32, got {self.vocab_size}")
-        if self.min_frequency < 1 or self.batch_size < 1 or self.train_max_bytes < 0:
-            raise ValueError("min_frequency and batch_size must be >= 1 and train_max_bytes >= 0")
-        if not self.kinds:
-            raise ValueError("kinds must name at least one kind of document (wiki, news)")
-
-    @property
-    def special_tokens(self) -> tuple[str, ...]:
-        return (self.eot_token, self.pad_token, self.cls_token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +55,6 @@ class TokenizeParams:
 def train_tokenizer(texts: Iterator[list[str]], vocab_size: int, min_frequency: int,
                     special_tokens: tuple[str, ...]):
     """Byte-level BPE trained on batches of texts; the special tokens get the first ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     # GPT-2 pre-tokenization (regex split, bytes mapped to printable unicode), no prefix space so
     # decode(encode(x)) == x exactly
@@ -127,10 +102,6 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 def iter_documents(path: Path, kinds: tuple[str, ...],
                    batch_size: int) -> Iterator[tuple[list[str], list[str], list[int]]]:
     """Batches of (texts, sources, utf8 byte lengths) of non-empty documents of the chosen kinds."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
@@ -150,8 +121,6 @@ def iter_documents(path: Path, kinds: tuple[str, ...],
 
 def training_sample(path: Path, params: TokenizeParams, seed: int) -> Iterator[list[str]]:
     """The train split's texts, or a seeded random subset of documents of ~train_max_bytes."""
-    import numpy as np
-
     keep_fraction = 1.0
     if params.train_max_bytes:
         total = sum(sum(n) for _, _, n in iter_documents(path, params.kinds, params.batch_size))
@@ -167,8 +136,6 @@ def training_sample(path: Path, params: TokenizeParams, seed: int) -> Iterator[l
 def encode_split(tokenizer, path: Path, out_path: Path, params: TokenizeParams, dtype: str,
                  eot_id: int) -> dict[str, Any]:
     """Encode one split into a shard; returns its tokens/bytes/docs totals and per source."""
-    from tqdm import tqdm
-
     per_source: dict[str, dict[str, int]] = {}
     removed = 0
     with ShardWriter(out_path, dtype, eot_id) as writer, \

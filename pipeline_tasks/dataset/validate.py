@@ -16,7 +16,7 @@ Suites, defined as code below (thresholds from the ``validate`` params section):
   of the hash-split documents within ``max(split_share_tolerance, split_share_z * binomial sd)``
   of the ``prepare`` fractions.
 * ``schema`` — the Arrow type of every column of every file (a small computed table) against
-  :func:`pipeline_tasks.dataset.prepare.prepared_schema`.
+  :func:`pipeline_tasks.dataset.prepared.prepared_schema`.
 
 Outputs (the whole ``paths.validate_dir`` is swapped in atomically): ``data_docs/index.html``
 (GX Data Docs built from an ephemeral context with a filesystem site), ``summary.json`` (per
@@ -26,12 +26,12 @@ stage raises :class:`~pipeline_tasks.errors.ValidationFailedError` (exit code 3)
 Airflow do not run anything downstream. A stale ``summary.json`` is deleted first, so a crash can
 never leave an old "success" behind.
 
-Params: section ``validate`` (:class:`ValidateParams`). Command: ``python -m pipeline_tasks validate``.
+Params: section ``validate`` (:class:`~pipeline_tasks.dataset.params.ValidateParams`).
+Command: ``python -m pipeline_tasks validate``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import math
@@ -40,9 +40,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import great_expectations as gx
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from great_expectations.data_context.types.base import ProgressBarsConfig
+
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
+from pipeline_tasks.dataset.params import ValidateParams
+from pipeline_tasks.dataset.prepared import COLUMNS, SPLITS, hash_split, prepared_schema
+from pipeline_tasks.dataset.textstats import char_profile, normalize_key
 from pipeline_tasks.errors import DataError, ValidationFailedError
-from pipeline_tasks.dataset.prepare import COLUMNS, SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -53,47 +61,12 @@ COMPUTED = ("_text_key", "_nonletter", "_id_source", "_hash_split")
 STRING_COLUMNS = tuple(c for c in COLUMNS if c != "date")
 
 
-@dataclasses.dataclass(frozen=True)
-class ValidateParams:
-    text_min_chars: int = 40  # keep <= prepare.min_chars
-    text_max_chars: int = 200_000  # keep >= prepare.max_chars
-    labels: tuple[str, ...] = ("world", "sports", "business", "scitech")
-    kinds: tuple[str, ...] = ("wiki", "news")
-    news_date_min: str = "1990-01-01"
-    news_date_max: str = "2030-12-31"
-    nonletter_share_mean_max: float = 0.2
-    nonletter_share_max: float = 0.5
-    max_duplicate_rate: float = 0.0  # share of rows whose normalised text is not unique
-    split_share_tolerance: float = 0.01  # absolute, on the share of hash-split documents
-    split_share_z: float = 4.0  # widen the tolerance to z binomial standard deviations on small data
-    min_rows: int = 1  # per split
-
-    def __post_init__(self):
-        if not 0 <= self.text_min_chars <= self.text_max_chars:
-            raise ValueError("need 0 <= text_min_chars <= text_max_chars")
-        for name in ("news_date_min", "news_date_max"):
-            try:
-                dt.date.fromisoformat(getattr(self, name))
-            except ValueError as exc:
-                raise ValueError(f"{name}: expected an ISO date like '2004-01-31' "
-                                 f"(quote it in params.yaml), got {getattr(self, name)!r}") from exc
-        if not 0 <= self.max_duplicate_rate < 1:
-            raise ValueError("max_duplicate_rate must be in [0, 1)")
-        if self.split_share_tolerance < 0 or self.split_share_z < 0 or self.min_rows < 0:
-            raise ValueError("split_share_tolerance, split_share_z and min_rows must be >= 0")
-
-    def date_bound(self, name: str) -> dt.datetime:
-        return dt.datetime.combine(dt.date.fromisoformat(getattr(self, name)), dt.time(), dt.timezone.utc)
-
-
 # --------------------------------------------------------------------------------------------
 # Data: read the splits and derive the columns the suites check
 
 
 def read_split(path: Path):
     """``(frame, arrow_schema)`` of one prepared split."""
-    import pyarrow.parquet as pq
-
     if not path.is_file():
         raise DataError(f"{path}: prepared split not found; run `python -m pipeline_tasks prepare` first")
     table = pq.read_table(path)
@@ -102,9 +75,6 @@ def read_split(path: Path):
 
 def add_computed_columns(frame, prepare_params):
     """Append :data:`COMPUTED` columns (normalised key, non-letter share, id prefix, hashed split)."""
-    from pipeline_tasks.dataset.prepare import hash_split
-    from pipeline_tasks.dataset.textstats import char_profile, normalize_key
-
     frame = frame.copy()
     text = frame["text"] if "text" in frame else [None] * len(frame)
     ids = frame["id"] if "id" in frame else [None] * len(frame)
@@ -118,8 +88,6 @@ def add_computed_columns(frame, prepare_params):
 
 def cross_split_frame(frames: dict[str, Any]):
     """All splits in one frame with ``_hashed_source`` and ``_is_<split>`` indicator columns."""
-    import pandas as pd
-
     cols = ["id", "source", "split", "_text_key", "_hash_split"]
     parts = [f.reindex(columns=cols).assign(_file_split=name) for name, f in frames.items()]
     frame = pd.concat(parts, ignore_index=True)
@@ -139,11 +107,6 @@ def cross_split_frame(frames: dict[str, Any]):
 
 def schema_frame(schemas: dict[str, Any]):
     """One row per (file, expected column): observed vs expected Arrow type."""
-    import pandas as pd
-    import pyarrow as pa
-
-    from pipeline_tasks.dataset.prepare import prepared_schema
-
     rows = []
     for split, schema in schemas.items():
         for field in prepared_schema():
@@ -173,8 +136,6 @@ def split_share_bounds(expected: float, n: int, tolerance: float, z: float) -> t
 
 def split_suite(split: str, params: ValidateParams) -> list:
     """Expectations for one prepared split."""
-    import great_expectations as gx
-
     E = gx.expectations
     exps = [
         E.ExpectTableColumnsToMatchOrderedList(column_list=[*COLUMNS, *COMPUTED]),
@@ -202,8 +163,6 @@ def split_suite(split: str, params: ValidateParams) -> list:
 
 def cross_split_suite(frame, params: ValidateParams, prepare_params) -> tuple[list, dict[str, Any]]:
     """Expectations over all splits, and a description of the split-share check."""
-    import great_expectations as gx
-
     E = gx.expectations
     exps = [
         E.ExpectColumnValuesToBeUnique(column="id"),
@@ -228,8 +187,6 @@ def cross_split_suite(frame, params: ValidateParams, prepare_params) -> tuple[li
 
 
 def schema_suite() -> list:
-    import great_expectations as gx
-
     return [gx.expectations.ExpectColumnPairValuesToBeEqual(column_A="arrow_type", column_B="expected_type")]
 
 
@@ -244,9 +201,6 @@ def run_suites(datasets: dict[str, tuple[Any, list]], docs_dir: Path) -> dict[st
     persisted but the Data Docs site), no progress bars, no analytics.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     site = {"class_name": "SiteBuilder",

@@ -30,107 +30,30 @@ Params section: ``ingest_news``. Command: ``python -m pipeline_tasks ingest_news
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline_tasks.ingest import newsformats as nf
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.ingest.sources import DownloadPolicy, SourceSpec, open_binary, resolve_source, tree_digest
+from pipeline_tasks.ingest import newsformats as nf
+from pipeline_tasks.ingest.params import IngestNewsParams, NewsSourceParams
+from pipeline_tasks.ingest.sources import open_binary, resolve_source, tree_digest
 
 logger = logging.getLogger(__name__)
 
 STAGE = "ingest_news"
 BATCH_ROWS = 10_000
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-
-
-@dataclasses.dataclass(frozen=True)
-class NewsSourceParams(SourceSpec):
-    """One news source: where it is (:class:`SourceSpec`) and how to read and label it."""
-
-    format: Literal["csv", "jsonl", "folder"] = "csv"
-    lang: str = "en"
-    columns: dict[str, str | int] = dataclasses.field(default_factory=dict)
-    header: bool = False  # csv: first row names the columns
-    num_columns: int | None = None  # csv: expected columns per row (default: header / max index + 1)
-    label_map: dict[str, str] = dataclasses.field(default_factory=dict)
-    date_format: str | None = None  # strptime format; None = ISO 8601
-    split: Literal["train", "val", "test"] | None = None
-    id_fields: tuple[str, ...] = ("title", "body")  # sha1 of these raw fields (folder: relative path)
-    backslash_breaks: bool = False  # AG News "\" line breaks and "\$"
-    repair_entities: bool = False  # AG News " #39;" entities that lost their "&"
-    fallback_encoding: str | None = None  # decode invalid UTF-8 with this instead of quarantining
-    file_glob: str = "*.txt"  # folder: article files inside each label folder
-    max_bad_share: float | None = None  # overrides the section default for this source
-
-    def __post_init__(self):
-        super().__post_init__()
-        where = f"source {self.name!r}"
-        if not _NAME.fullmatch(self.name):
-            raise ValueError(f"{where}: name must match {_NAME.pattern} (it names the output file)")
-        bad_labels = sorted(set(self.label_map.values()) - set(nf.CANONICAL_LABELS))
-        if bad_labels:
-            raise ValueError(f"{where}: label_map targets {bad_labels} are not canonical {list(nf.CANONICAL_LABELS)}")
-        if self.fallback_encoding:
-            try:
-                codecs.lookup(self.fallback_encoding)
-            except LookupError:
-                raise ValueError(f"{where}: unknown fallback_encoding {self.fallback_encoding!r}") from None
-        if self.max_bad_share is not None and not 0 <= self.max_bad_share <= 1:
-            raise ValueError(f"{where}: max_bad_share must be within [0, 1]")
-        if self.format == "folder":
-            if self.columns or self.member:
-                raise ValueError(f"{where}: a folder source takes no columns or member (label = folder name)")
-            return
-        if self.tree_sha256:
-            raise ValueError(f"{where}: tree_sha256 is only for format: folder")
-        unknown = sorted(set(self.columns) - set(nf.FIELDS))
-        if unknown or not ({"title", "body"} & set(self.columns)):
-            raise ValueError(f"{where}: columns must map some of {list(nf.FIELDS)} including title or body "
-                             f"(unknown: {unknown})")
-        by_index = self.format == "csv" and not self.header
-        if any(isinstance(c, int) != by_index or (by_index and c < 0) for c in self.columns.values()):
-            kind = "column indices (0, 1, ...)" if by_index else "column / key names"
-            raise ValueError(f"{where}: columns must be {kind} for format {self.format} (header: {self.header})")
-        missing_id = sorted(set(self.id_fields) - set(self.columns))
-        if not self.id_fields or missing_id:
-            raise ValueError(f"{where}: id_fields must be mapped columns (missing: {missing_id})")
-
-
-@dataclasses.dataclass(frozen=True)
-class IngestNewsParams:
-    """Section ``ingest_news`` of params.yaml."""
-
-    sources: tuple[NewsSourceParams, ...] = ()
-    max_bad_share: float = 0.05  # per source; above it the stage fails
-    max_raw_chars: int = 1000  # quarantine keeps this much of a bad record
-    max_records_per_source: int | None = None  # a quick, smaller run; None reads everything
-    download: DownloadPolicy = DownloadPolicy()
-
-    def __post_init__(self):
-        if not self.sources:
-            raise ValueError("sources: list at least one news source")
-        names = [s.name for s in self.sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"sources: duplicate source names {dupes} (each names its output file)")
-        if not 0 <= self.max_bad_share <= 1:
-            raise ValueError("max_bad_share must be within [0, 1]")
-        if self.max_raw_chars < 16 or (self.max_records_per_source is not None and self.max_records_per_source < 1):
-            raise ValueError("max_raw_chars must be >= 16 and max_records_per_source >= 1")
 
 
 def news_schema():
     """The explicit Arrow schema of ``<source>.parquet`` (see docs/ARCHITECTURE.md)."""
-    import pyarrow as pa
-
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("kind", pa.string(), nullable=False),
@@ -152,8 +75,6 @@ def read_news_table(path: str | Path):
     Parquet has no second-resolution timestamp, so ``date`` is stored (losslessly) as
     milliseconds; casting restores ``timestamp[s, UTC]``.
     """
-    import pyarrow.parquet as pq
-
     return pq.read_table(path).cast(news_schema())
 
 
@@ -186,8 +107,6 @@ def open_records(spec: NewsSourceParams, path: Path, raw_chars: int):
 
 def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: IngestNewsParams) -> dict[str, Any]:
     """Read, clean and write one source; returns its stats. Raises DataError above the bad share."""
-    import pyarrow.parquet as pq
-
     opts = nf.RowOptions(source=spec.name, lang=spec.lang, label_map=spec.label_map, split=spec.split,
                          date_format=spec.date_format, id_fields=spec.id_fields,
                          backslash_breaks=spec.backslash_breaks, repair_entities=spec.repair_entities)
@@ -214,9 +133,6 @@ def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: Ing
 def write_records(records, opts: nf.RowOptions, stats: nf.SourceStats, writer, quarantine,
                   limit: int | None = None) -> None:
     """Clean each record into ``writer`` (in batches) or a quarantine line; counts go to ``stats``."""
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
     seen: set[str] = set()
     batch: list[dict[str, Any]] = []
     for record in tqdm(records, desc=opts.source, unit=" rec", disable=None):

@@ -36,20 +36,25 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import re
 import signal
 import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.ingest.sources import SourceSpec, resolve_source
+from pipeline_tasks.ingest.params import IngestWikiParams, WikiSourceParams
+from pipeline_tasks.ingest.sources import resolve_source
 from pipeline_tasks.ingest.wikidump import RawPage, SiteInfo, TruncatedInputError, iter_source
 from pipeline_tasks.ingest.wikitext import (DEFAULT_DROP_NAMESPACES, clean_wikitext, is_disambiguation, is_redirect,
-                                     namespace_aliases, normalize_plain)
+                                             namespace_aliases, normalize_plain)
 
 logger = logging.getLogger(__name__)
 
@@ -58,49 +63,6 @@ ROW_GROUP_ROWS = 5_000
 ROW_GROUP_CHARS = 32_000_000  # ~32-100 MB of text per row group
 LOG_EVERY_S = 30.0
 AUTO_POOL_BZ2_WORKERS = 2
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-@dataclasses.dataclass(frozen=True)
-class WikiSourceParams(SourceSpec):
-    """One Wikipedia source: where it is (:class:`SourceSpec`) and how to read it."""
-
-    format: Literal["mediawiki_xml", "wikitext_raw", "wikiextractor", "jsonl"] = "mediawiki_xml"
-    lang: str | None = None  # used when the dump has no <siteinfo><dbname>
-
-    def __post_init__(self):
-        if not _NAME.fullmatch(self.name):
-            raise ValueError(f"source {self.name!r}: name must match {_NAME.pattern} (it names the output file)")
-        super().__post_init__()  # path/mirror/url and checksum checks
-
-
-@dataclasses.dataclass(frozen=True)
-class IngestWikiParams:
-    sources: tuple[WikiSourceParams, ...] = ()
-    workers: int = 0  # cleaning processes; 0 = os.cpu_count(), 1 = in the main process
-    batch_pages: int = 64  # pages per task sent to a worker
-    namespaces: tuple[int, ...] = (0,)  # MediaWiki namespaces kept (0 = articles)
-    max_pages: int = 0  # articles kept per source, for sampling (0 = all)
-    min_chars: int = 200  # shorter cleaned articles (stubs) are skipped
-    max_page_bytes: int = 2_097_152  # wikitext per page (MediaWiki's own limit is 2 MiB)
-    on_oversize: Literal["skip", "truncate"] = "skip"
-    page_timeout_s: float = 30.0  # per page cleaning time limit (0 = none)
-    on_truncated: Literal["fail", "keep_complete_pages"] = "fail"
-    cleaner: Literal["fast", "mwparserfromhell"] = "fast"
-    skip_disambiguation: bool = True
-    # bz2: "thread" decodes in a read-ahead thread, "pool" block by block in the worker pool,
-    # "auto" = pool from 2 workers on: on an idle 2-core machine the pool took 0.27 s and 0.47 CPU-s
-    # for the gensim sample against 0.38 s and 0.54 CPU-s with the read-ahead thread (bench/ingest_wiki.py).
-    bz2_decoder: Literal["auto", "thread", "pool"] = "auto"
-
-    def __post_init__(self):
-        names = [s.name for s in self.sources]
-        if len(names) != len(set(names)):
-            raise ValueError(f"sources: duplicate names in {names}")
-        if self.workers < 0 or self.batch_pages < 1 or self.max_pages < 0 or self.min_chars < 0:
-            raise ValueError("workers, max_pages and min_chars must be >= 0 and batch_pages >= 1")
-        if self.max_page_bytes < 1 or self.page_timeout_s < 0:
-            raise ValueError("max_page_bytes must be >= 1 and page_timeout_s >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +164,6 @@ class _ParquetSink:
     """Append rows, write a row group every ROW_GROUP_ROWS rows / ROW_GROUP_CHARS chars, rename at close."""
 
     def __init__(self, path: Path, source: str):
-        import pyarrow as pa
-
         self.path, self.source, self.tmp = path, source, path.with_name(path.name + ".partial")
         self.schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()),
                                  ("lang", pa.string()), ("title", pa.string()), ("text", pa.string()),
@@ -221,10 +181,6 @@ class _ParquetSink:
             self.flush()
 
     def flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         arrays = {name: pa.array(values, pa.string()) for name, values in self.columns.items() if name != "date"}
         parsed = pc.strptime(pa.array(self.columns["date"], pa.string()), format="%Y-%m-%dT%H:%M:%SZ",
                              unit="s", error_is_null=True)
@@ -316,8 +272,6 @@ def ingest_file(path: Path, out_path: Path, source: WikiSourceParams, cfg: Inges
     Pages are counted in input order as their batch comes back, so the counts, the output and
     where ``max_pages`` stops do not depend on the number of workers.
     """
-    from tqdm import tqdm
-
     started = last_log = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     markup = source.format == "mediawiki_xml"

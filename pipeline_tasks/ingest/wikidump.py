@@ -11,13 +11,15 @@ largest page, not by the file (a 20 GB dump streams through a few MB):
 * ``wikitext_raw`` — WikiText-2/103 raw files: an article starts at a `` = Title = `` line,
   `` = = Section = = `` lines are headings; the `` @-@ `` / `` @,@ `` / `` @.@ `` escapes are undone.
 * ``wikiextractor`` — ``<doc id=".." url=".." title="..">…</doc>`` blocks.
-* ``jsonl`` — one ``{"id", "url", "title", "text"}`` object per line.
+* ``jsonl`` — one ``{"id", "url", "title", "text"}`` object per line, read with
+  :mod:`pipeline_tasks.ingest.jsonlines` (its ``FILE:LINE: ...`` error format).
 
 Compression (bz2 single or multistream, xz, gzip) is detected from the magic bytes, not the file
 name, and decompressed in a read-ahead thread (bz2/lzma/zlib release the GIL, so this overlaps with
 XML parsing) or, for bz2 when a process pool is given, block by block in the pool
-(:mod:`pipeline_tasks.ingest.bz2blocks`). Malformed input raises :class:`pipeline_tasks.errors.DataError` naming the file, the
-position and the last complete page; truncation raises its subclass :class:`TruncatedInputError`.
+(:mod:`pipeline_tasks.ingest.bz2blocks`). Malformed input raises :class:`pipeline_tasks.errors.DataError`
+naming the file, the position and the last complete page; truncation raises its subclass
+:class:`TruncatedInputError`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import bz2
 import gzip
 import html
 import io
-import json
 import logging
 import lzma
 import os
@@ -36,9 +37,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+from xml.etree.ElementTree import ParseError
 
-from pipeline_tasks.ingest.bz2blocks import ChunkReader
+import defusedxml.ElementTree as safe_et
+from defusedxml import DefusedXmlException
+
 from pipeline_tasks.errors import DataError
+from pipeline_tasks.ingest.bz2blocks import ChunkReader, ParallelBz2Reader
+from pipeline_tasks.ingest.jsonlines import iter_json_objects
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +192,6 @@ def open_decompressed(path: Path, pool=None) -> io.RawIOBase:
     if kind == "none":
         return open(path, "rb")
     if kind == "bz2" and pool is not None:
-        from pipeline_tasks.ingest.bz2blocks import ParallelBz2Reader
-
         return ParallelBz2Reader(path, pool, window=2 * (os.cpu_count() or 2))
     if kind == "gzip":
         return _ReadAhead(gzip.open(path, "rb"))
@@ -251,10 +255,6 @@ def _page(elem, namespaces: dict[int, str]) -> RawPage:
 
 def iter_mediawiki(stream, name: str | Path) -> Iterator[SiteInfo | RawPage]:
     """Yield the :class:`SiteInfo` (if the dump has one) then every page, streaming."""
-    import defusedxml.ElementTree as safe_et
-    from defusedxml import DefusedXmlException
-    from xml.etree.ElementTree import ParseError
-
     root, namespaces, last = None, {}, "none yet"
     events = safe_et.iterparse(stream, events=("start", "end"), forbid_dtd=True,
                                forbid_entities=True, forbid_external=True)
@@ -373,15 +373,10 @@ def iter_wikiextractor(stream, name) -> Iterator[RawPage]:
 
 def iter_jsonl(stream, name) -> Iterator[RawPage]:
     """JSON lines with ``text`` and optional ``id``, ``url``, ``title``."""
-    for lineno, line in _text_lines(stream, name):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}: line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{name}: line {lineno}: expected an object with a string 'text'")
+    lines = (line for _, line in _text_lines(stream, name))  # iter_json_objects numbers them from 1 too
+    for lineno, record in iter_json_objects(lines, str(name)):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{name}:{lineno}: expected an object with a string 'text'")
         title, text = str(record.get("title") or ""), record["text"]
         if title and text.startswith(title + "\n"):  # wiki_zh-style text repeats the title first
             text = text[len(title) + 1:]

@@ -5,7 +5,8 @@ every article. Two cleaners produce the same kind of output:
 
 * ``"mwparserfromhell"``: the reference. The whole page is parsed with mwparserfromhell;
   ``<ref>`` and other non-prose tags, tables and file/category links are removed from the tree,
-  then ``strip_code`` (dependencies.md §3h). Faithful, about 1-2 MB/s of wikitext per core.
+  then ``strip_code``, which on its own keeps ``<ref>`` contents (mwparserfromhell 0.7,
+  https://github.com/earwig/mwparserfromhell). Faithful, about 1-2 MB/s of wikitext per core.
 * ``"fast"`` (default): linear pre-passes remove what has a clear extent (comments, ``<ref>`` and
   other non-prose tags, templates and tables by brace depth, file/category/interlanguage links by
   bracket depth); regular expressions then unwrap the inline markup (links, bold/italic,
@@ -26,6 +27,9 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterable
+
+import mwparserfromhell
+from mwparserfromhell.nodes import Tag, Template, Wikilink
 
 CLEANERS = ("fast", "mwparserfromhell")
 
@@ -286,9 +290,6 @@ def _unwrap_inline(text: str) -> str:
 
 def _mwparser_strip(text: str, drop_namespaces: frozenset[str]) -> str:
     """mwparserfromhell: drop non-prose tags, tables and file/category links, then strip_code."""
-    import mwparserfromhell
-    from mwparserfromhell.nodes import Tag, Template, Wikilink
-
     def prune(code) -> None:
         kept = []
         for node in code.nodes:

@@ -2,7 +2,8 @@
 
 * :func:`read_news_path` — a file or a folder of ``.parquet`` / ``.jsonl`` / ``.json`` / ``.ndjson``
   / ``.csv`` / ``.txt`` as one table ``id, text, label, date, source, kind`` (missing columns
-  null; JSON and CSV records carry ``text`` or ``title``/``description`` like ``lmpipe predict``);
+  null; JSON and CSV records carry ``text`` or ``title``/``description`` like ``lmpipe predict``,
+  :func:`pipeline_tasks.ship.bundle.record_text`);
 * :func:`filter_window`, :func:`month_windows` — date windows;
 * :func:`evidently_report` — the evidently ``Report`` of one window (same tests and thresholds as
   the decision), :func:`write_over_time` — the drift-over-time CSV and PNG.
@@ -10,61 +11,52 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
+import pandas as pd
+from evidently import DataDefinition, Dataset, Report
+from evidently.legacy.metrics.data_drift import embeddings_drift as tsne_widget
+from evidently.metrics import EmbeddingsDrift, ValueDrift
+from matplotlib.figure import Figure
+from threadpoolctl import threadpool_limits
+
 from pipeline_tasks.artifacts import atomic_path, atomic_write_text
-from pipeline_tasks.monitor.drift import SIGNALS
 from pipeline_tasks.errors import DataError
+from pipeline_tasks.ingest.jsonlines import read_json_lines
+from pipeline_tasks.monitor import drift
+from pipeline_tasks.ship.bundle import record_text
 
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".txt")
-OVER_TIME_FIELDS = ("window", "start", "end", "rows", "sampled", "drift_detected", "fired", *SIGNALS)
+COLUMNS = ["id", "text", "label", "date", "source", "kind"]
+OVER_TIME_FIELDS = ("window", "start", "end", "rows", "sampled", "drift_detected", "fired", *drift.SIGNALS)
 
 
-def _records_frame(records: list[dict], where: str):
-    import pandas as pd
-
-    from pipeline_tasks.serve.predict import record_text
-
-    rows = []
-    for i, rec in enumerate(records, start=1):
-        rows.append({"id": rec.get("id"), "text": record_text(rec, f"{where}:{i}"), "label": rec.get("label"),
-                     "date": rec.get("date"), "source": rec.get("source"), "kind": rec.get("kind")})
-    return pd.DataFrame(rows, columns=["id", "text", "label", "date", "source", "kind"])
+def _records_frame(records: Iterable[tuple[str, dict]]):
+    """``(where, record)`` pairs as the news table; ``where`` (``file:line``) names a record without text."""
+    rows = [{"id": rec.get("id"), "text": record_text(rec, where), "label": rec.get("label"),
+             "date": rec.get("date"), "source": rec.get("source"), "kind": rec.get("kind")} for where, rec in records]
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def read_news_file(path: Path):
     """One file as a DataFrame with ``id, text, label, date, source, kind`` (missing columns null)."""
-    import csv
-    import json
-
-    import pandas as pd
-
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         frame = pd.read_parquet(path)
         if "text" not in frame.columns:
             raise DataError(f"{path}: no 'text' column (columns: {list(frame.columns)})")
     elif suffix in (".jsonl", ".json", ".ndjson"):
-        records = []
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}); one JSON object per line") from exc
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                records.append(record)
-        frame = _records_frame(records, str(path))
+        frame = _records_frame((f"{path}:{number}", record) for number, record in read_json_lines(path))
     elif suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as fh:
-            frame = _records_frame(list(csv.DictReader(fh)), str(path))
+            frame = _records_frame((f"{path}:{i}", row) for i, row in enumerate(csv.DictReader(fh), start=1))
     elif suffix == ".txt":
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         frame = pd.DataFrame({"text": lines})
@@ -74,13 +66,11 @@ def read_news_file(path: Path):
         if column not in frame.columns:
             frame[column] = None
     frame["date"] = pd.to_datetime(frame["date"], utc=True, errors="coerce")
-    return frame[["id", "text", "label", "date", "source", "kind"]]
+    return frame[COLUMNS]
 
 
 def read_news_path(root: Path):
     """Every news file under ``root`` (or ``root`` itself) as one table."""
-    import pandas as pd
-
     if root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
         if not files:
@@ -114,11 +104,6 @@ def month_windows(start: dt.datetime, end: dt.datetime, step: int) -> list[tuple
 
 def evidently_report(reference, current, params):
     """The evidently Report of the main window (same tests and thresholds as the decision)."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import EmbeddingsDrift, ValueDrift
-
-    from pipeline_tasks.monitor.monitor import drift
-
     ref_frame, cur_frame = reference.sample_frame(), current.sample_frame()
     with_labels = "label" in cur_frame and "label" in ref_frame and (cur_frame["label"] != drift.UNLABELLED).any()
     categorical = ["prediction", *(["label"] if with_labels else [])]
@@ -139,10 +124,6 @@ def evidently_report(reference, current, params):
     columns = [*drift.DESCRIPTORS, "bpb", *categorical, *emb_cols]
     # evidently 0.7 draws a t-SNE of up to SAMPLE_CONSTANT (2,500) rows per side for the embedding
     # widget, two thirds of the report's time; the drift score itself always uses every sampled row
-    from evidently.legacy.metrics.data_drift import embeddings_drift as tsne_widget
-
-    from threadpoolctl import threadpool_limits
-
     saved = tsne_widget.SAMPLE_CONSTANT
     tsne_widget.SAMPLE_CONSTANT = params.report_tsne_rows
     # one OpenMP thread: t-SNE's busy-waiting threads collapse on a shared CPU (measured on 2
@@ -165,14 +146,6 @@ def evidently_report(reference, current, params):
 
 def write_over_time(rows: list[dict], csv_path: Path, png_path: Path, thresholds: dict[str, float | None]) -> None:
     """The drift-over-time table (DVC plots) and a PNG of each signal relative to its threshold."""
-    import csv
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=OVER_TIME_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -181,9 +154,11 @@ def write_over_time(rows: list[dict], csv_path: Path, png_path: Path, thresholds
 
     # the plot is about time: the over-time windows in order, or the main window when it is alone
     evaluated = [r for r in rows if r.get("drift_detected") != "" and (r["window"] != "main" or len(rows) == 1)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(evaluated) + 3), 4))
+    # a bare Figure, not pyplot: no global backend switch and no figure registry to close
+    fig = Figure(figsize=(max(6.0, 0.35 * len(evaluated) + 3), 4))
+    ax = fig.subplots()
     xs = list(range(len(evaluated)))
-    for name in SIGNALS:
+    for name in drift.SIGNALS:
         threshold = thresholds.get(name)
         ys = [r[name] / threshold if threshold and r.get(name) not in ("", None) else float("nan") for r in evaluated]
         if any(y == y for y in ys):
@@ -199,4 +174,3 @@ def write_over_time(rows: list[dict], csv_path: Path, png_path: Path, thresholds
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -38,15 +38,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import pandas as pd
+from evidently.legacy.calculations.stattests.registry import get_stattest
+from evidently.legacy.core import ColumnType
+from evidently.metrics.embeddings import DistanceDriftMethod, MMDDriftMethod, ModelDriftMethod, RatioDriftMethod
+
 DESCRIPTORS: tuple[str, ...] = ("chars", "words", "non_letter_share", "oov_share", "tokens_per_byte")
 SIGNALS: tuple[str, ...] = ("descriptors", "embedding", "prediction", "label", "bpb")
-NUMERIC_METHODS = ("ks", "wasserstein", "psi", "anderson", "cramer_von_mises", "mannw", "ed", "t_test",
-                   "kl_div", "jensenshannon", "hellinger", "emp")
-CATEGORICAL_METHODS = ("jensenshannon", "chisquare", "psi", "hellinger", "tvd", "kl_div", "z", "g_test")
-EMBEDDING_METHODS = ("mmd", "model", "ratio", "distance")
 UNLABELLED = "(none)"  # label category for rows without a label, so the labelled share can drift too
 
 _WORD = re.compile(r"[^\W\d_]+")
@@ -64,8 +67,6 @@ def compute_descriptors(texts: Sequence[str], tokenizer, oov_max_pieces: int = 2
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (the bundle's). Word fragmentation is cached per
     distinct word, so the cost is one ``encode_batch`` over the texts plus one over the vocabulary.
     """
-    import numpy as np
-
     n = len(texts)
     chars = np.fromiter((len(t) for t in texts), dtype=np.float64, count=n)
     nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.float64, count=n)
@@ -99,8 +100,6 @@ def compute_descriptors(texts: Sequence[str], tokenizer, oov_max_pieces: int = 2
 
 def describe(values: Mapping[str, Any], quantiles: Sequence[float] = (0.05, 0.5, 0.95)) -> dict[str, dict]:
     """Mean, std and quantiles of each numeric column (for summaries and the reference statistics)."""
-    import numpy as np
-
     out = {}
     for name, column in values.items():
         col = np.asarray(column, dtype=np.float64)
@@ -145,8 +144,6 @@ def bits_per_byte(lm_logits, tokenizer, texts: Sequence[str], block_size: int, b
     Texts with no tokens get NaN. Batches are built from length-sorted texts to limit padding;
     right padding cannot change earlier positions of a causal LM.
     """
-    import numpy as np
-
     windows, nbytes = lm_windows(tokenizer, texts, block_size, bos_id)
     result = np.full(len(texts), np.nan, dtype=np.float64)
     order = sorted((i for i, w in enumerate(windows) if len(w) > 1), key=lambda i: len(windows[i]))
@@ -194,8 +191,6 @@ class Features:
 
     def sample_frame(self):
         """The sampled rows as evidently's input table: descriptors, bpb, prediction, label, emb_*."""
-        import pandas as pd
-
         frame = pd.DataFrame({name: col[self.sample] for name, col in self.descriptors.items()})
         frame["bpb"] = self.bpb
         frame["prediction"] = self.predictions
@@ -211,8 +206,6 @@ def model_outputs(bundle, texts: Sequence[str], variant: str = "fp32", batch_siz
     Texts are batched by character length (a cheap proxy for token length) so that padding, the
     main waste of batched inference on short headlines, stays small.
     """
-    import numpy as np
-
     order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     hidden, classes = int(bundle.config["hidden_size"]), len(bundle.labels)
     pooled = np.zeros((len(texts), hidden), dtype=np.float32)
@@ -228,10 +221,6 @@ def featurize(bundle, texts: Sequence[str], labels: Sequence[str | None] | None,
               oov_max_pieces: int = 2, variant: str = "fp32", batch_size: int = 64,
               timings: dict[str, float] | None = None) -> Features:
     """Descriptors of every text, model outputs and bits per byte of the ``sample`` rows."""
-    import time
-
-    import numpy as np
-
     timings = timings if timings is not None else {}
     started = time.perf_counter()
     descriptors = compute_descriptors(texts, bundle.tokenizer, oov_max_pieces)
@@ -267,10 +256,6 @@ def column_drift(reference, current, kind: str, method: str, threshold: float) -
     ``score < threshold``; for distances (``wasserstein``, ``jensenshannon`` ...) ``score >=
     threshold``; evidently's own verdict is used either way.
     """
-    import pandas as pd
-    from evidently.legacy.calculations.stattests.registry import get_stattest
-    from evidently.legacy.core import ColumnType
-
     ref, cur = pd.Series(reference).dropna(), pd.Series(current).dropna()
     if ref.empty or cur.empty:
         return {"score": None, "drifted": False, "method": method, "threshold": threshold,
@@ -284,13 +269,11 @@ def column_drift(reference, current, kind: str, method: str, threshold: float) -
 
 def embedding_drift_method(method: str, threshold: float | None, pca_components: int | None = None):
     """An evidently embedding drift method object (``evidently.metrics.embeddings``)."""
-    from evidently.metrics import embeddings as emb
-
     kwargs: dict[str, Any] = {"pca_components": pca_components}
     if threshold is not None:
         kwargs["threshold"] = threshold
-    classes = {"mmd": emb.MMDDriftMethod, "model": emb.ModelDriftMethod, "ratio": emb.RatioDriftMethod,
-               "distance": emb.DistanceDriftMethod}
+    classes = {"mmd": MMDDriftMethod, "model": ModelDriftMethod, "ratio": RatioDriftMethod,
+               "distance": DistanceDriftMethod}
     if method not in classes:
         raise ValueError(f"embedding method {method!r}: expected one of {sorted(classes)}")
     return classes[method](**kwargs)
@@ -299,8 +282,6 @@ def embedding_drift_method(method: str, threshold: float | None, pca_components:
 def embedding_drift(reference, current, method: str = "mmd", threshold: float | None = None,
                     pca_components: int | None = None) -> dict[str, Any]:
     """Embedding drift score of ``current`` [n, d] against ``reference`` [m, d] via evidently."""
-    import pandas as pd
-
     drift = embedding_drift_method(method, threshold, pca_components)
     cols = [f"emb_{i}" for i in range(reference.shape[1])]
     score, detected, name = drift(pd.DataFrame(current, columns=cols), pd.DataFrame(reference, columns=cols))
@@ -310,13 +291,11 @@ def embedding_drift(reference, current, method: str = "mmd", threshold: float | 
 def compare(reference: Features, current: Features, settings) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Signal values and their details for ``current`` against ``reference``.
 
-    ``settings`` is the ``monitor`` params section (:class:`pipeline_tasks.monitor.monitor.MonitorParams`):
+    ``settings`` is the ``monitor`` params section (:class:`pipeline_tasks.monitor.params.MonitorParams`):
     ``descriptor_method`` / ``descriptor_threshold`` (per-column test), ``embedding_method`` /
     ``embedding_pca_components``, ``category_method`` and ``thresholds``. Every statistic is
     evidently's (stat-test registry and embedding drift methods), on the sampled rows.
     """
-    import numpy as np
-
     thresholds = settings.thresholds
     details: dict[str, Any] = {}
     columns = {name: column_drift(reference.descriptors[name][reference.sample],
@@ -361,16 +340,12 @@ def compare(reference: Features, current: Features, settings) -> tuple[dict[str,
 
 def distribution(values) -> dict[str, float]:
     """Share of each category, sorted by name."""
-    import numpy as np
-
     names, counts = np.unique(np.asarray(values, dtype=str), return_counts=True)
     total = counts.sum()
     return {str(n): float(c) / total for n, c in zip(names, counts)} if total else {}
 
 
 def _nanmean(values) -> float | None:
-    import numpy as np
-
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     return float(values.mean()) if values.size else None

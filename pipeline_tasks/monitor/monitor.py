@@ -25,7 +25,8 @@ reference); :func:`pipeline_tasks.monitor.drift.compare` tests them with evident
 rows flags differences nobody cares about, and a fixed size keeps the false-alarm rate the same
 for every batch size. Descriptor statistics in the summary cover every row.
 
-Outputs (``paths.monitor_dir``, each file written atomically):
+Outputs (``paths.monitor_dir``, all six built in a temporary folder and swapped in together, so a
+crash never pairs a new summary with an old reference; other files in the folder are kept):
 
 * ``drift_report.html`` — evidently report of the main window (descriptor, bpb, prediction,
   label and embedding drift);
@@ -35,9 +36,10 @@ Outputs (``paths.monitor_dir``, each file written atomically):
 * ``reference_stats.json`` — descriptor / prediction / label / bits-per-byte statistics of the
   reference (logged with the model by ``register``); ``manifest.json``.
 
-Reading batches and writing the reports live in :mod:`pipeline_tasks.monitor.batches`, the statistics
-and the decision table in :mod:`pipeline_tasks.monitor.drift`. Drift is a signal, not a failure: the stage exits 0 either way and the drift DAG reads
-``drift_detected``. Params: section ``monitor`` (:class:`MonitorParams`). Command: ``lmpipe monitor``.
+Reading batches and writing the reports live in :mod:`pipeline_tasks.monitor.batches`, the
+statistics and the decision table in :mod:`pipeline_tasks.monitor.drift`. Drift is a signal, not a
+failure: the stage exits 0 either way and the drift DAG reads ``drift_detected``. Params: section
+``monitor`` (:class:`pipeline_tasks.monitor.params.MonitorParams`). Command: ``lmpipe monitor``.
 """
 
 from __future__ import annotations
@@ -47,131 +49,40 @@ import datetime as dt
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline_tasks.artifacts import atomic_path, atomic_write_json, atomic_write_text, sha256_file, write_manifest
-from pipeline_tasks.monitor.drift import CATEGORICAL_METHODS, EMBEDDING_METHODS, NUMERIC_METHODS, SIGNALS
+import numpy as np
+from tqdm import tqdm
+
+from pipeline_tasks.artifacts import (
+    MANIFEST_NAME,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+    write_manifest,
+)
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.monitor.batches import evidently_report, filter_window, month_windows, read_news_path, write_over_time
+from pipeline_tasks.monitor import drift
+from pipeline_tasks.monitor.batches import (
+    evidently_report,
+    filter_window,
+    month_windows,
+    read_news_path,
+    write_over_time,
+)
+from pipeline_tasks.monitor.params import MonitorParams, SliceParams, parse_iso_date
+from pipeline_tasks.ship.bundle import load_bundle
 
 logger = logging.getLogger(__name__)
 
 STAGE = "monitor"
-
-
-def _parse_date(value: str | None, key: str) -> dt.datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ValueError(f"{key}: {value!r} is not an ISO date (YYYY-MM-DD)") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
-
-
-@dataclasses.dataclass(frozen=True)
-class SliceParams:
-    """A set of news rows: exactly one of ``source`` / ``split`` / ``path``, then filters."""
-
-    source: str | None = None  # an ingested news source: paths.raw_news_dir/<source>.parquet
-    split: Literal["train", "val", "test"] | None = None  # paths.prepared_dir/<split>.parquet
-    path: str | None = None  # a file or folder (relative to the project root)
-    sources: tuple[str, ...] = ()  # keep rows whose `source` is listed (empty: all)
-    kinds: tuple[str, ...] = ()  # keep rows whose `kind` is listed (empty: all)
-    start: str | None = None  # keep date >= start (ISO); rows without a date are dropped
-    end: str | None = None  # keep date < end
-    max_rows: int | None = None  # seeded random cap after filtering
-
-    def __post_init__(self):
-        given = [k for k in ("source", "split", "path") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of source, split, path (got {given or 'none'})")
-        for key in ("start", "end"):
-            _parse_date(getattr(self, key), key)
-        if self.max_rows is not None and self.max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1 or null, got {self.max_rows}")
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowParams:
-    start: str
-    end: str
-
-    def __post_init__(self):
-        if _parse_date(self.start, "start") >= _parse_date(self.end, "end"):
-            raise ValueError(f"window start {self.start} must be before end {self.end}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TimelineParams:
-    """Monthly windows ``[start, end)`` for drift over time (both null: off)."""
-
-    start: str | None = None
-    end: str | None = None
-    step_months: int = 1
-
-    def __post_init__(self):
-        if (self.start is None) != (self.end is None):
-            raise ValueError("timeline: give both start and end, or neither")
-        if self.step_months < 1:
-            raise ValueError(f"timeline.step_months must be >= 1, got {self.step_months}")
-        if self.start and _parse_date(self.start, "start") >= _parse_date(self.end, "end"):
-            raise ValueError(f"timeline start {self.start} must be before end {self.end}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ThresholdParams:
-    """Decision table: a signal fires when its value reaches its threshold (null: disabled)."""
-
-    descriptors: float | None = 0.5  # share of descriptor columns whose test fires
-    embedding: float | None = 0.015  # evidently embedding drift score (MMD² for mmd, ROC AUC for model)
-    prediction: float | None = 0.15  # Jensen-Shannon distance of predicted-class shares
-    label: float | None = 0.15  # Jensen-Shannon distance of label shares (labelled batches only)
-    bpb: float | None = 0.05  # |relative change| of the LM's mean bits per byte
-
-
-@dataclasses.dataclass(frozen=True)
-class MonitorParams:
-    """Section ``monitor`` of params.yaml."""
-
-    reference: SliceParams = SliceParams(split="train", kinds=("news",))
-    batch: SliceParams = SliceParams(source="huffpost_v3")
-    window_start: str | None = None  # main window of the batch (ISO dates, end exclusive)
-    window_end: str | None = None
-    windows: tuple[WindowParams, ...] = ()  # extra windows for drift over time
-    timeline: TimelineParams = TimelineParams()
-    sample_rows: int = 1000  # batch rows per window that go through the model and the tests
-    reference_rows: int = 1000  # reference rows that go through the model and the tests
-    min_window_rows: int = 30  # smaller windows are reported as skipped
-    oov_max_pieces: int = 2  # a word split into more BPE pieces counts as out of vocabulary
-    descriptor_method: str = "ks"  # evidently stat test per descriptor column
-    descriptor_threshold: float = 0.05  # its threshold (p-value for ks, distance for wasserstein)
-    embedding_method: Literal["mmd", "model", "ratio", "distance"] = "mmd"
-    embedding_pca_components: int | None = None
-    category_method: str = "jensenshannon"  # predictions and labels
-    thresholds: ThresholdParams = ThresholdParams()
-    min_signals: int = 1
-    variant: str = "fp32"  # classifier variant for embeddings and predictions
-    batch_size: int = 64
-    intra_op_threads: int = 0  # ORT threads (0: ORT default)
-    html_report: bool = True
-    report_tsne_rows: int = 500  # rows per side in the report's t-SNE picture of the embeddings (plot only)
-
-    def __post_init__(self):
-        for key in ("window_start", "window_end"):
-            _parse_date(getattr(self, key), key)
-        if min(self.sample_rows, self.reference_rows) < 20 or self.min_window_rows < 2:
-            raise ValueError("sample_rows and reference_rows must be >= 20 and min_window_rows >= 2")
-        if self.min_signals < 1:
-            raise ValueError(f"min_signals must be >= 1, got {self.min_signals}")
-        if self.descriptor_method not in NUMERIC_METHODS:
-            raise ValueError(f"descriptor_method {self.descriptor_method!r}: expected one of {list(NUMERIC_METHODS)}")
-        if self.category_method not in CATEGORICAL_METHODS:
-            raise ValueError(f"category_method {self.category_method!r}: expected one of {list(CATEGORICAL_METHODS)}")
-        if self.report_tsne_rows < 50:
-            raise ValueError(f"report_tsne_rows must be >= 50, got {self.report_tsne_rows}")
-        if self.embedding_method not in EMBEDDING_METHODS or self.oov_max_pieces < 1 or self.batch_size < 1:
-            raise ValueError("embedding_method must be mmd|model|ratio|distance, oov_max_pieces and batch_size >= 1")
+REPORT_NAME = "drift_report.html"
+SUMMARY_NAME = "drift_summary.json"
+REFERENCE_STATS_NAME = "reference_stats.json"
+OVER_TIME_CSV = "drift_over_time.csv"
+OVER_TIME_PNG = "drift_over_time.png"
+OUTPUT_NAMES = (REPORT_NAME, SUMMARY_NAME, REFERENCE_STATS_NAME, OVER_TIME_CSV, OVER_TIME_PNG, MANIFEST_NAME)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,26 +109,47 @@ def load_slice(spec: SliceParams, paths, seed: int):
         frame = frame[frame["source"].isin(spec.sources)]
     if spec.kinds:
         frame = frame[frame["kind"].isin(spec.kinds)]
-    frame = filter_window(frame, _parse_date(spec.start, "start"), _parse_date(spec.end, "end"))
+    frame = filter_window(frame, parse_iso_date(spec.start, "start"), parse_iso_date(spec.end, "end"))
     if spec.max_rows is not None and len(frame) > spec.max_rows:
         frame = frame.sample(spec.max_rows, random_state=seed).sort_index()
     return frame.reset_index(drop=True)
 
 
+def load_inputs(p: MonitorParams, paths, seed: int):
+    """``(batch, reference)``, both large enough; reference rows that are in the main window are dropped."""
+    batch = load_slice(p.batch, paths, seed)
+    reference = load_slice(p.reference, paths, seed)
+    main_rows = filter_window(batch, parse_iso_date(p.window_start, "window_start"),
+                              parse_iso_date(p.window_end, "window_end"))
+    if len(main_rows) < p.min_window_rows:
+        raise DataError(f"batch {slice_path(p.batch, paths)} window [{p.window_start}, {p.window_end}) has "
+                        f"{len(main_rows)} rows (need >= {p.min_window_rows}); check monitor.batch / window_start / "
+                        "window_end")
+    if main_rows["id"].notna().any() and reference["id"].notna().any():
+        overlap = reference["id"].isin(set(main_rows["id"].dropna()))
+        if overlap.any():
+            logger.info("reference: dropped %d rows that are also in the main batch window", int(overlap.sum()))
+            reference = reference[~overlap].reset_index(drop=True)
+    if len(reference) < p.min_window_rows:
+        raise DataError(f"reference {slice_path(p.reference, paths)} has {len(reference)} rows after filters "
+                        f"(need >= {p.min_window_rows}); widen monitor.reference")
+    return batch, reference
+
+
 def batch_windows(params: MonitorParams) -> list[tuple[str, dt.datetime | None, dt.datetime | None]]:
     """(name, start, end) of the main window first, then the drift-over-time windows."""
-    main = ("main", _parse_date(params.window_start, "window_start"), _parse_date(params.window_end, "window_end"))
-    extra = [(f"{w.start}..{w.end}", _parse_date(w.start, "start"), _parse_date(w.end, "end")) for w in params.windows]
+    main = ("main", parse_iso_date(params.window_start, "window_start"),
+            parse_iso_date(params.window_end, "window_end"))
+    extra = [(f"{w.start}..{w.end}", parse_iso_date(w.start, "start"), parse_iso_date(w.end, "end"))
+             for w in params.windows]
     if params.timeline.start:
         extra += [(f"{a.date()}..{b.date()}", a, b) for a, b in month_windows(
-            _parse_date(params.timeline.start, "start"), _parse_date(params.timeline.end, "end"),
+            parse_iso_date(params.timeline.start, "start"), parse_iso_date(params.timeline.end, "end"),
             params.timeline.step_months)]
     return [main, *extra]
 
 
 def sample_indices(n: int, size: int, seed: int):
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=size, replace=False)) if n > size else np.arange(n)
 
@@ -238,8 +170,6 @@ def _labels(frame) -> list | None:
 
 def evaluate_window(bundle, reference, frame, params: MonitorParams, seed: int, timings: dict) -> dict[str, Any]:
     """Featurize one window of the batch and decide; ``reference`` is the reference's Features."""
-    from pipeline_tasks.monitor.monitor import drift
-
     texts = frame["text"].tolist()
     sample = sample_indices(len(texts), params.sample_rows, seed)
     current = drift.featurize(bundle, texts, _labels(frame), sample, oov_max_pieces=params.oov_max_pieces,
@@ -255,18 +185,33 @@ def _window_row(name: str, start, end, rows: int, result: dict | None) -> dict[s
     row: dict[str, Any] = {"window": name, "start": start.date().isoformat() if start else "",
                            "end": end.date().isoformat() if end else "", "rows": rows}
     if result is None:  # too few rows: reported, not evaluated
-        return {**row, "sampled": 0, "drift_detected": "", "fired": "", **{s: "" for s in SIGNALS}}
+        return {**row, "sampled": 0, "drift_detected": "", "fired": "", **{s: "" for s in drift.SIGNALS}}
     decision = result["decision"]
     return {**row, "sampled": len(result["features"].sample), "drift_detected": decision.drift_detected,
             "fired": len(decision.fired),
-            **{s: ("" if result["values"].get(s) is None else round(float(result["values"][s]), 6)) for s in SIGNALS}}
+            **{s: ("" if result["values"].get(s) is None else round(float(result["values"][s]), 6))
+               for s in drift.SIGNALS}}
+
+
+def evaluate_windows(bundle, reference, batch, params: MonitorParams, seed: int,
+                     timings: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One drift-over-time row per window, and the main window's result (with its rows and bounds)."""
+    rows, main = [], None
+    for index, (name, start, end) in enumerate(tqdm(batch_windows(params), desc="monitor windows", disable=None)):
+        frame = filter_window(batch, start, end).reset_index(drop=True)
+        if len(frame) < params.min_window_rows:  # the main window was checked by load_inputs
+            logger.warning("window %s: %d rows < min_window_rows %d, skipped", name, len(frame), params.min_window_rows)
+            rows.append(_window_row(name, start, end, len(frame), None))
+            continue
+        result = evaluate_window(bundle, reference, frame, params, seed + index, timings)
+        logger.info("window %s (%d rows): %s", name, len(frame), result["decision"].summary())
+        rows.append(_window_row(name, start, end, len(frame), result))
+        if name == "main":
+            main = {**result, "rows": len(frame), "start": start, "end": end}
+    return rows, main
 
 
 def reference_statistics(features, frame, spec: SliceParams) -> dict[str, Any]:
-    import numpy as np
-
-    from pipeline_tasks.monitor.monitor import drift
-
     return {
         "spec": dataclasses.asdict(spec),
         "rows": int(len(frame)),
@@ -281,83 +226,70 @@ def reference_statistics(features, frame, spec: SliceParams) -> dict[str, Any]:
     }
 
 
-def run(params, **_options) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from pipeline_tasks.monitor.monitor import drift
-    from pipeline_tasks.ship.bundle import load_bundle
-
-    p: MonitorParams = params.monitor
-    paths, seed = params.paths, int(params.seed)
-    out_dir = Path(paths.monitor_dir)
-    timings: dict[str, float] = {}
+def write_report(path: Path, reference, current, params: MonitorParams, timings: dict) -> dict | None:
+    """The evidently HTML report of the main window (a placeholder when it is off); its scores."""
+    if not params.html_report:
+        atomic_write_text(path, "<html><body>monitor.html_report is false</body></html>\n")
+        return None
     started = time.perf_counter()
-    bundle = load_bundle(paths.bundle_dir, intra_op_threads=p.intra_op_threads)
-    batch = load_slice(p.batch, paths, seed)
-    reference = load_slice(p.reference, paths, seed)
-    main_rows = filter_window(batch, _parse_date(p.window_start, "window_start"), _parse_date(p.window_end, "window_end"))
-    if len(main_rows) < p.min_window_rows:
-        raise DataError(f"batch {slice_path(p.batch, paths)} window [{p.window_start}, {p.window_end}) has "
-                        f"{len(main_rows)} rows (need >= {p.min_window_rows}); check monitor.batch / window_start / "
-                        "window_end")
-    if main_rows["id"].notna().any() and reference["id"].notna().any():
-        overlap = reference["id"].isin(set(main_rows["id"].dropna()))
-        if overlap.any():
-            logger.info("reference: dropped %d rows that are also in the main batch window", int(overlap.sum()))
-            reference = reference[~overlap].reset_index(drop=True)
-    if len(reference) < p.min_window_rows:
-        raise DataError(f"reference {slice_path(p.reference, paths)} has {len(reference)} rows after filters "
-                        f"(need >= {p.min_window_rows}); widen monitor.reference")
-    logger.info("reference: %d rows, batch: %d rows; model on <= %d / %d sampled rows", len(reference), len(batch),
-                p.reference_rows, p.sample_rows)
-    ref_features = drift.featurize(bundle, reference["text"].tolist(), _labels(reference),
-                                   sample_indices(len(reference), p.reference_rows, seed),
-                                   oov_max_pieces=p.oov_max_pieces, variant=p.variant, batch_size=p.batch_size,
-                                   timings=timings)
-    rows, main = [], None
-    for index, (name, start, end) in enumerate(tqdm(batch_windows(p), desc="monitor windows", disable=None)):
-        frame = filter_window(batch, start, end).reset_index(drop=True)
-        if len(frame) < p.min_window_rows:  # the main window was checked above
-            logger.warning("window %s: %d rows < min_window_rows %d, skipped", name, len(frame), p.min_window_rows)
-            rows.append(_window_row(name, start, end, len(frame), None))
-            continue
-        result = evaluate_window(bundle, ref_features, frame, p, seed + index, timings)
-        logger.info("window %s (%d rows): %s", name, len(frame), result["decision"].summary())
-        rows.append(_window_row(name, start, end, len(frame), result))
-        if name == "main":
-            main = {**result, "rows": len(frame), "start": start, "end": end}
+    snapshot, scores = evidently_report(reference, current, params)
+    snapshot.save_html(str(path))
+    timings["html_report_s"] = time.perf_counter() - started
+    return scores
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report_scores = None
-    if p.html_report:
-        report_started = time.perf_counter()
-        snapshot, report_scores = evidently_report(ref_features, main["features"], p)
-        with atomic_path(out_dir / "drift_report.html") as tmp:
-            snapshot.save_html(str(tmp))
-        timings["html_report_s"] = time.perf_counter() - report_started
-    else:
-        atomic_write_text(out_dir / "drift_report.html", "<html><body>monitor.html_report is false</body></html>\n")
-    decision = main["decision"]
-    timings["total_s"] = time.perf_counter() - started
-    summary = {
-        **decision.to_dict(),
+
+def drift_summary(main: dict, rows: list[dict], params: MonitorParams, reference, ref_features,
+                  report_scores: dict | None, bundle_sha: str, timings: dict) -> dict[str, Any]:
+    """``drift_summary.json``: the main window's decision, values and details, every window, timings."""
+    return {
+        **main["decision"].to_dict(),
         "values": main["values"],
         "details": main["details"],
-        "batch": {"spec": dataclasses.asdict(p.batch), "rows": main["rows"], "sampled": len(main["features"].sample),
+        "batch": {"spec": dataclasses.asdict(params.batch), "rows": main["rows"],
+                  "sampled": len(main["features"].sample),
                   "window": [main["start"].isoformat() if main["start"] else None,
                              main["end"].isoformat() if main["end"] else None],
                   "descriptors": drift.describe(main["features"].descriptors)},
         "reference": {"rows": int(len(reference)), "sampled": int(len(ref_features.sample))},
         "evidently_report": report_scores,
         "windows": rows,
-        "bundle_manifest_sha256": sha256_file(Path(paths.bundle_dir) / "manifest.json"),
+        "bundle_manifest_sha256": bundle_sha,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
-    atomic_write_json(out_dir / "drift_summary.json", summary)
-    atomic_write_json(out_dir / "reference_stats.json", reference_statistics(ref_features, reference, p.reference))
-    write_over_time(rows, out_dir / "drift_over_time.csv", out_dir / "drift_over_time.png", threshold_table(p))
-    write_manifest(out_dir, STAGE, p, inputs={"bundle_manifest": summary["bundle_manifest_sha256"]},
-                   extra={"drift_detected": decision.drift_detected})
-    logger.info("monitor: %s (report %s)", decision.summary(), out_dir / "drift_report.html")
+
+
+def _unowned_entries(out_dir: Path) -> list[str]:
+    """Entries of ``out_dir`` that monitor does not write: dvc.yaml declares the six files, not the
+    folder, so ``paths.monitor_dir`` may be shared and the swap must carry the rest over."""
+    return sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES) if out_dir.is_dir() else []
+
+
+def run(params, **_options) -> dict[str, Any]:
+    p: MonitorParams = params.monitor
+    paths, seed = params.paths, int(params.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    bundle = load_bundle(paths.bundle_dir, intra_op_threads=p.intra_op_threads)
+    batch, reference = load_inputs(p, paths, seed)
+    logger.info("reference: %d rows, batch: %d rows; model on <= %d / %d sampled rows", len(reference), len(batch),
+                p.reference_rows, p.sample_rows)
+    ref_features = drift.featurize(bundle, reference["text"].tolist(), _labels(reference),
+                                   sample_indices(len(reference), p.reference_rows, seed),
+                                   oov_max_pieces=p.oov_max_pieces, variant=p.variant, batch_size=p.batch_size,
+                                   timings=timings)
+    rows, main = evaluate_windows(bundle, ref_features, batch, p, seed, timings)
+    decision = main["decision"]
+    bundle_sha = sha256_file(Path(paths.bundle_dir) / "manifest.json")
+    out_dir = Path(paths.monitor_dir)
+    with atomic_dir(out_dir, keep=_unowned_entries(out_dir)) as out:
+        report_scores = write_report(out / REPORT_NAME, ref_features, main["features"], p, timings)
+        timings["total_s"] = time.perf_counter() - started
+        atomic_write_json(out / SUMMARY_NAME,
+                          drift_summary(main, rows, p, reference, ref_features, report_scores, bundle_sha, timings))
+        atomic_write_json(out / REFERENCE_STATS_NAME, reference_statistics(ref_features, reference, p.reference))
+        write_over_time(rows, out / OVER_TIME_CSV, out / OVER_TIME_PNG, threshold_table(p))
+        write_manifest(out, STAGE, p, inputs={"bundle_manifest": bundle_sha},
+                       extra={"drift_detected": decision.drift_detected})
+    logger.info("monitor: %s (report %s)", decision.summary(), out_dir / REPORT_NAME)
     return {"drift_detected": decision.drift_detected, "fired": decision.fired, "rows": main["rows"],
-            "windows": len(rows), "summary": str(out_dir / "drift_summary.json")}
+            "windows": len(rows), "summary": str(out_dir / SUMMARY_NAME)}

@@ -1,12 +1,6 @@
 """The node driver that every Airflow / Kubeflow node runs inside the task environment.
 
-Settings: section ``orchestration`` of params.yaml (:class:`OrchestrationParams`): runner kind
-(``local`` | ``docker`` | ``kubernetes``), schedules, images, Kubernetes and Docker settings, the
-data root that holds per-run workspaces, the shared DVC cache and shared state, notification
-connection ids, timeouts and retries. The DAGs read it with :func:`load_orchestration_params`
-(PyYAML only: no stage module is imported, so the Airflow image parses DAGs without the ML stack).
-
-Node driver: ``python -m pipeline_tasks.orchestration COMMAND`` runs inside the task environment
+``python -m pipeline_tasks.orchestration COMMAND`` runs inside the task environment
 (the task image, or ``.venv`` for the local runner) and never imports airflow:
 
 * ``init``: create the run's workspace ``$LMPIPE_WORKSPACE``: a copy of the project (git's
@@ -29,9 +23,52 @@ Node driver: ``python -m pipeline_tasks.orchestration COMMAND`` runs inside the 
 Each command prints one JSON summary as its last stdout line (the XCom of the Airflow node;
 ``--xcom-file`` also writes it where the KubernetesPodOperator sidecar reads it). Exit status is
 the stage's (1 error, 2 config, 3 validation failed).
+
+Its settings (section ``orchestration``) and the helpers shared with the DAGs are in
+:mod:`pipeline_tasks.orchestration.settings`.
 """
 
 from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline_tasks.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
+from pipeline_tasks.cli import configure_logging, parse_overrides
+from pipeline_tasks.config import apply_override, load_yaml, parse_params
+from pipeline_tasks.orchestration.settings import (
+    COPY_EXCLUDES,
+    MAX_INLINE_METRICS_BYTES,
+    META_DIR,
+    load_orchestration_params,
+    parse_summary,
+    read_dvc_stages,
+    stage_command,
+    stage_paths,
+)
+
+logger = logging.getLogger(__name__)
 
 def _git(source: Path, *args: str) -> str | None:
     if not (source / ".git").exists() or shutil.which("git") is None:
@@ -62,8 +99,6 @@ def init_workspace(workspace: Path, source: Path, data_root: Path, overrides: Ma
     retraining); its outputs are checked out of the shared cache into the new workspace, so a stage
     can run against exactly that run's data and model without re-running anything upstream.
     """
-    from pipeline_tasks.artifacts import atomic_write_json, atomic_write_text, read_json, sha256_file
-    from pipeline_tasks.config import apply_override, parse_params
 
     record_path = workspace / META_DIR / "source.json"
     if record_path.is_file():
@@ -91,7 +126,7 @@ def init_workspace(workspace: Path, source: Path, data_root: Path, overrides: Ma
             local_config += [f"['remote \"{name}\"']", f"    url = {dvc_remote}"]
         local_config[1:1] = [f"    remote = {name}"]
     atomic_write_text(staging / ".dvc" / "config.local", "\n".join(local_config) + "\n")
-    raw = yaml.safe_load((staging / "params.yaml").read_text(encoding="utf-8"))
+    raw = load_yaml((staging / "params.yaml").read_text(encoding="utf-8"))
     applied: dict[str, Any] = {}
     for key, value in state_overrides.items():
         path = Path(value) if os.path.isabs(value) else data_root / "state" / value
@@ -181,7 +216,7 @@ def run_stage_node(workspace: Path, cmd: list[str], with_upstream: bool = False,
     if name is None:
         raise ValueError(f"{workspace / 'dvc.yaml'}: no stage has cmd {shlex.join(cmd)!r} "
                          f"(stages: {', '.join(stages)}); the DAG was built from another dvc.yaml")
-    variables = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8"))
+    variables = load_yaml((workspace / "params.yaml").read_text(encoding="utf-8"))
     if upstream_if_missing and not with_upstream:
         missing = [d for d in stage_paths(stages[name], variables, "deps") if not (workspace / d).exists()]
         if missing:
@@ -225,7 +260,6 @@ def record_lineage(workspace: Path, dag_id: str, run_id: str, publish_dir: Path 
     ``publish_dir``: also publish ``<dag_id>.dvc.lock`` + ``<dag_id>.lineage.json`` there (the
     reference that later runs of other DAGs start from, see :func:`init_workspace`).
     """
-    from pipeline_tasks.artifacts import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
 
     lock_path = workspace / "dvc.lock"
     lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) if lock_path.is_file() else {}
@@ -300,8 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline_tasks.cli import configure_logging, parse_overrides
-
     args = build_parser().parse_args(argv)
     configure_logging(os.environ.get("LMPIPE_LOG_LEVEL", "INFO"))
     workspace = _workspace(args)

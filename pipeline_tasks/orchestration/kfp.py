@@ -28,6 +28,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kfp import compiler, dsl
+
+from pipeline_tasks.config import find_params_file
 from pipeline_tasks.orchestration.settings import (
     OrchestrationParams,
     driver_argv,
@@ -46,8 +49,6 @@ KFP_DATA_ROOT = "/tmp/lmpipe"  # per-pod scratch for init's bookkeeping (no shar
 def _component(name: str, image: str, argv_for, from_workspace: bool = True):
     """A KFP container component named ``name``: args from ``argv_for(input, workspace_out_path)``,
     where the input is the previous step's workspace artifact (or the params overrides string)."""
-    from kfp import dsl
-
     if from_workspace:
         def component(workspace_in: dsl.Input[dsl.Artifact], workspace: dsl.Output[dsl.Artifact]):
             return dsl.ContainerSpec(image=image, command=["tini", "--"], args=argv_for(workspace_in.path, workspace.path))
@@ -68,8 +69,6 @@ def stage_args(dvc_cmd: str, workspace_in: Any, workspace_out: Any) -> list:
 def build_pipeline(dvc_file: Path, orch: OrchestrationParams, image: str | None = None,
                    gpu_image: str | None = None, mlflow_tracking_uri: str = ""):
     """The ``@dsl.pipeline`` function for the stages of ``dvc_file``."""
-    from kfp import dsl
-
     stages = read_dvc_stages(dvc_file)
     cpu_image, cuda_image = image or orch.image, gpu_image or image or orch.gpu_image
 
@@ -113,8 +112,6 @@ def _configure(task, orch: OrchestrationParams, gpu: bool, mlflow_tracking_uri: 
 
 
 def compile_pipeline(output: Path, dvc_file: Path, orch: OrchestrationParams, **options: Any) -> dict[str, Any]:
-    from kfp import compiler
-
     pipeline = build_pipeline(dvc_file, orch, **options)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(output))
@@ -133,8 +130,6 @@ def add_kfp_compile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_kfp_compile(args: argparse.Namespace) -> int:
-    from pipeline_tasks.config import find_params_file
-
     orch = load_orchestration_params(find_params_file(args.params))
     summary = compile_pipeline(Path(args.output), Path(args.dvc_file), orch, image=args.image,
                                gpu_image=args.gpu_image, mlflow_tracking_uri=args.mlflow_tracking_uri)

@@ -12,7 +12,6 @@ The node driver that runs inside the containers is :mod:`pipeline_tasks.orchestr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import hashlib
@@ -21,16 +20,14 @@ import logging
 import os
 import re
 import shlex
-import shutil
-import subprocess
-import sys
-import time
 import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from pipeline_tasks.config import load_params
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +104,9 @@ class DockerParams:
 class OrchestrationParams:
     """Section ``orchestration`` of params.yaml (read by ``dags/`` and ``lmpipe kfp-compile``)."""
 
-    runner: Literal["local", "docker", "kubernetes"] = "local"  # env LMPIPE_RUNNER / Variable lmpipe_runner win
-    retrain_schedule: str = "0 3 * * 1"  # cron; Variable lmpipe_retrain_cron wins
-    drift_schedule: str = "0 5 * * *"  # cron; Variable lmpipe_drift_cron wins
+    runner: Literal["local", "docker", "kubernetes"] = "local"  # env LMPIPE_RUNNER wins
+    retrain_schedule: str = "0 3 * * 1"  # cron; env LMPIPE_RETRAIN_CRON wins
+    drift_schedule: str = "0 5 * * *"  # cron; env LMPIPE_DRIFT_CRON wins
     drift_window_days: int = 1  # the drift DAG compares the news of [logical date - N days, logical date)
     timezone: str = "UTC"
     start_date: str = "2025-01-01"  # static DAG start date
@@ -121,7 +118,7 @@ class OrchestrationParams:
     dvc_remote: str = ""  # DVC remote name or URL to pull/push stage outputs ("": the shared cache only)
     # params that point at state shared by all runs (the registry); relative values are under <data root>/state
     state_overrides: dict[str, str] = dataclasses.field(default_factory=lambda: _frozen_map(**{
-        "paths.registry_dir": "registry", "evaluate.champion_metrics_path": "registry/production_metrics.json"}))
+        "paths.registry_dir": "registry", "paths.champion_metrics_path": "registry/production_metrics.json"}))
     retries: int = 1
     data_retries: int = 3  # data stages: exponential backoff from retry_delay_s to max_retry_delay_s
     training_retries: int = 2  # GPU stages: each retry resumes from the last checkpoint
@@ -160,11 +157,9 @@ class OrchestrationParams:
 
 
 def load_orchestration_params(params_file: str | os.PathLike) -> OrchestrationParams:
-    """Only the ``orchestration`` section, validated, without importing any stage module."""
-    from pipeline_tasks.config import build_dataclass
-
-    raw = yaml.load(Path(params_file).read_text(encoding="utf-8"), Loader=_loader()) or {}
-    return build_dataclass(OrchestrationParams, raw.get("orchestration"), "orchestration")
+    """The ``orchestration`` section through the one params loader (``extends:``, float shim)."""
+    params = load_params(params_file)
+    return getattr(params, "orchestration", None) or OrchestrationParams()
 
 
 def _loader():

@@ -14,7 +14,7 @@ aliases): ``registry_dir/promotions.jsonl`` (the audit log: who = ``$LMPIPE_ACTO
 user, when, why, from, to) and, mirrored in the registry itself, the registered-model tags
 ``lmpipe.history`` (last entries), ``lmpipe.production_stack`` (what rollback walks back) and
 ``lmpipe.production_seq`` (a change counter), plus ``lmpipe.promoted_*`` tags on the version. The
-champion metrics file that ``evaluate`` compares against (``evaluate.champion_metrics_path``) is
+champion metrics file that ``evaluate`` compares against (``paths.champion_metrics_path``) is
 rewritten with the new production version's metrics.
 
 Concurrency (compare-and-set):
@@ -30,7 +30,7 @@ Concurrency (compare-and-set):
   promotions from one orchestrator task (the Airflow ``promote`` task uses a pool of one).
 
 Exit codes: 0 promoted / rolled back / nothing to do, 1 refused (gates, regression, conflict,
-nothing to roll back), 2 bad params. Params: sections ``register`` and ``evaluate``.
+nothing to roll back), 2 bad params. Params: ``register``, ``evaluate.gates`` and ``paths``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
+from pipeline_tasks.artifacts import atomic_write_json
+from pipeline_tasks.cli import parse_overrides
+from pipeline_tasks.config import load_params
 from pipeline_tasks.errors import PipelineError
+from pipeline_tasks.registry import store
+from pipeline_tasks.ship.gates import GateThresholds, decide
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +106,10 @@ def registry_lock(registry_dir: str | os.PathLike, timeout_s: float):
 
 
 def _model_tags(client, name: str) -> dict[str, str]:
-    from pipeline_tasks.registry.store import RegistryError
-
-    import mlflow
-
     try:
         return dict(client.get_registered_model(name).tags or {})
     except mlflow.exceptions.MlflowException as exc:
-        raise RegistryError(f"model {name!r} is not registered at {mlflow.get_tracking_uri()}; "
+        raise store.RegistryError(f"model {name!r} is not registered at {mlflow.get_tracking_uri()}; "
                             "run `lmpipe register` first") from exc
 
 
@@ -127,8 +130,6 @@ def version_metrics(version) -> dict[str, float] | None:
 
 def check_candidate(candidate, production, gate_thresholds) -> dict[str, Any]:
     """Gate verdict for promoting ``candidate`` over ``production`` (a ModelVersion or None)."""
-    from pipeline_tasks.ship.gates import decide
-
     tags = candidate.tags or {}
     if tags.get("lmpipe.gates_passed") != "true":
         raise PromotionError(f"version {candidate.version} did not pass its gates at registration "
@@ -164,54 +165,46 @@ def read_history(registry_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def write_champion_metrics(path: Path, name: str, version) -> None:
     """The production version's gate metrics in ``metrics.json`` layout, for ``evaluate``."""
-    from pipeline_tasks.artifacts import atomic_write_json
-
     metrics = version_metrics(version) or {}
     atomic_write_json(path, {**metrics, "model_name": name, "version": str(version.version),
-                             "updated_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+                             "updated_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
 
 
 def _settings(params):
-    from pipeline_tasks.ship.gates import GateThresholds
-
-    rp = params.register
     try:
-        ep = params.evaluate
-        thresholds, champion_path = ep.gates, Path(ep.champion_metrics_path)
+        thresholds = params.evaluate.gates
     except AttributeError:  # no evaluate section: the registration verdict and no regression check
-        thresholds, champion_path = GateThresholds(), Path(params.paths.registry_dir) / "production_metrics.json"
-    return rp, thresholds, champion_path
+        thresholds = GateThresholds()
+    return params.register, thresholds, Path(params.paths.champion_metrics_path)
 
 
 def change_production(params, action: str, version: str | None = None, expect: str | None = None,
                       reason: str = "") -> dict[str, Any]:
     """Promote (``action="promote"``) or roll back, as one locked compare-and-set; returns the entry."""
-    from pipeline_tasks.registry.store import store as registry
-
     rp, thresholds, champion_path = _settings(params)
     registry_dir = Path(params.paths.registry_dir)
-    client, uri = registry.connect(registry_dir)
+    client, uri = store.connect(registry_dir)
     name = rp.model_name
     with registry_lock(registry_dir, rp.lock_timeout_s):
         tags = _model_tags(client, name)
         seq = int(tags.get(TAG_SEQ, "0"))
-        current = registry.alias_version(client, name, rp.production_alias)
+        current = store.alias_version(client, name, rp.production_alias)
         if expect is not None and (current or "none") != expect:
             raise PromotionError(f"conflict: expected production {expect}, found {current or 'none'} "
                                  "(someone changed it first); re-read and retry")
         stack = [str(v) for v in _json_tag(tags, TAG_STACK, [])]
         if action == "promote":
             if version is None:
-                version = registry.alias_version(client, name, rp.challenger_alias)
+                version = store.alias_version(client, name, rp.challenger_alias)
                 if version is None:
                     logger.info("nothing to promote: %s has no @%s (production: %s)", name, rp.challenger_alias,
                                 current)
                     return {"status": "noop", "production": current, "reason": f"no @{rp.challenger_alias}"}
-            target = registry.get_version(client, name, version=version)
+            target = store.get_version(client, name, version=version)
             if str(target.version) == current:
                 logger.info("version %s is already @%s; nothing to do", current, rp.production_alias)
                 return {"status": "noop", "production": current, "reason": "already production"}
-            production = registry.get_version(client, name, version=current) if current else None
+            production = store.get_version(client, name, version=current) if current else None
             verdict = check_candidate(target, production, thresholds)
             stack = (stack + [str(target.version)])[-STACK_LIMIT:]
         else:
@@ -222,14 +215,14 @@ def change_production(params, action: str, version: str | None = None, expect: s
                 raise PromotionError(f"@{rp.production_alias} is version {current} but the history says "
                                      f"{stack[-1]}: it was moved outside lmpipe; use `lmpipe promote --version N`")
             stack = stack[:-1]
-            target = registry.get_version(client, name, version=stack[-1])
+            target = store.get_version(client, name, version=stack[-1])
             verdict = None
         # compare-and-set against other machines: the counter must not have moved meanwhile
         if int(_model_tags(client, name).get(TAG_SEQ, "0")) != seq:
             raise PromotionError("conflict: the production alias changed during this promotion; retry")
         entry = {"seq": seq + 1, "action": action, "model": name, "from": current, "to": str(target.version),
-                 "actor": actor(), "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "reason": reason, "registry": registry.display_uri(uri)}
+                 "actor": actor(), "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                 "reason": reason, "registry": store.display_uri(uri)}
         client.set_registered_model_alias(name, rp.production_alias, target.version)
         client.set_registered_model_tag(name, TAG_SEQ, str(seq + 1))
         client.set_registered_model_tag(name, TAG_STACK, json.dumps(stack))
@@ -237,7 +230,7 @@ def change_production(params, action: str, version: str | None = None, expect: s
         client.set_registered_model_tag(name, TAG_HISTORY, json.dumps(history))
         client.set_model_version_tag(name, target.version, f"lmpipe.{PAST[action]}_at", entry["when"])
         client.set_model_version_tag(name, target.version, f"lmpipe.{PAST[action]}_by", entry["actor"])
-        if action == "promote" and registry.alias_version(client, name, rp.challenger_alias) == str(target.version):
+        if action == "promote" and store.alias_version(client, name, rp.challenger_alias) == str(target.version):
             client.delete_registered_model_alias(name, rp.challenger_alias)  # the challenger is champion now
         _append_history(registry_dir, entry)
         write_champion_metrics(champion_path, name, target)
@@ -250,9 +243,6 @@ def change_production(params, action: str, version: str | None = None, expect: s
 
 
 def _load(args):
-    from pipeline_tasks.cli import parse_overrides
-    from pipeline_tasks.config import load_params
-
     return load_params(args.params, parse_overrides(args.overrides))
 
 

@@ -24,49 +24,33 @@ Output: ``register_reports_dir/registration.json`` (``status``: ``registered`` /
 ``already_registered`` / ``rejected``, run id, version, gates) and ``manifest.json``. The registry
 itself (``registry_dir``) is state that must survive re-runs, so it is not a DVC output.
 
-Params: section ``register`` (:class:`RegisterParams`). Command: ``lmpipe register``. Promotion to
-production is a separate, deliberate step: ``lmpipe promote`` (:mod:`pipeline_tasks.registry.promote`).
+Params: section ``register`` (:class:`pipeline_tasks.registry.params.RegisterParams`). Command:
+``lmpipe register``. Promotion to production is a separate, deliberate step: ``lmpipe promote``
+(:mod:`pipeline_tasks.registry.promote`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.artifacts import atomic_write_json, git_sha, read_json, sha256_file, write_manifest
+import mlflow
+import yaml
+
+from pipeline_tasks.artifacts import atomic_write_json, git_sha, read_json, sha256_bytes, sha256_file, write_manifest
+from pipeline_tasks.config import to_plain
 from pipeline_tasks.errors import DataError
+from pipeline_tasks.registry import store
+from pipeline_tasks.registry.params import RegisterParams
+from pipeline_tasks.ship.bundle import verify_bundle
 
 logger = logging.getLogger(__name__)
 
 STAGE = "register"
 TAG_PREFIX = "lmpipe."
 PARAM_SECTIONS = ("model", "tokenize", "pretrain", "finetune", "export", "evaluate", "register")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-@dataclasses.dataclass(frozen=True)
-class RegisterParams:
-    """Section ``register`` of params.yaml."""
-
-    model_name: str = "lm-pipeline-news-classifier"  # registered model name
-    experiment: str = "lm-pipeline"  # MLflow experiment of the runs
-    challenger_alias: str = "challenger"
-    production_alias: str = "production"
-    history_tag_entries: int = 20  # promotion history entries mirrored in a registered-model tag
-    lock_timeout_s: float = 60.0  # promote / rollback wait this long for the registry lock
-
-    def __post_init__(self):
-        for key in ("model_name", "experiment", "challenger_alias", "production_alias"):
-            if not _NAME.fullmatch(getattr(self, key)):
-                raise ValueError(f"{key} must match {_NAME.pattern}, got {getattr(self, key)!r}")
-        if self.challenger_alias == self.production_alias:
-            raise ValueError("challenger_alias and production_alias must differ")
-        if self.history_tag_entries < 1 or self.lock_timeout_s <= 0:
-            raise ValueError("history_tag_entries must be >= 1 and lock_timeout_s > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,16 +96,12 @@ def _bounded_json(obj: dict[str, str], limit: int = 5000) -> str:
     text = json.dumps(obj, sort_keys=True)
     if len(text) <= limit:
         return text
-    from pipeline_tasks.artifacts import sha256_bytes
-
     return json.dumps({"sha256": sha256_bytes(text.encode()), "entries": len(obj),
                        "artifact": "lineage/data_hashes.json"})
 
 
 def flat_params(params, sections=PARAM_SECTIONS) -> dict[str, str]:
     """Dotted ``section.key`` params for ``mlflow.log_params`` (values cut to MLflow's limit)."""
-    from pipeline_tasks.config import to_plain
-
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -156,8 +136,6 @@ def _read_required(path: Path, what: str) -> dict[str, Any]:
 
 
 def _read_dvc_lock(path: Path = Path("dvc.lock")) -> dict[str, str]:
-    import yaml
-
     if not path.is_file():
         return {}
     try:
@@ -169,8 +147,6 @@ def _read_dvc_lock(path: Path = Path("dvc.lock")) -> dict[str, str]:
 
 def _find_version(client, name: str, bundle_sha: str):
     """An existing version of ``name`` registered from the same bundle, or None."""
-    import mlflow
-
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except mlflow.exceptions.MlflowException:
@@ -181,45 +157,59 @@ def _find_version(client, name: str, bundle_sha: str):
     return None
 
 
+def _log_artifacts(paths, data_hashes: dict[str, str], tags: dict[str, str], bundle_sha: str) -> None:
+    """Lineage, the evaluate reports, validation summary, drift reference and bundle manifest of the active run."""
+    evaluate_dir = Path(paths.evaluate_dir)
+    mlflow.log_dict({"dvc_lock_outputs": data_hashes, "git_sha": tags[TAG_PREFIX + "git_sha"],
+                     "bundle_manifest_sha256": bundle_sha}, "lineage/data_hashes.json")
+    for name in ("gates.json", "metrics.json", "model_card.md", "model_card.html"):
+        if (evaluate_dir / name).is_file():
+            mlflow.log_artifact(str(evaluate_dir / name), artifact_path="evaluate")
+    for path, folder in ((Path(paths.validate_dir) / "summary.json", "validate"),
+                         (Path(paths.monitor_dir) / "reference_stats.json", "monitor")):
+        if path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=folder)
+        else:
+            logger.warning("%s not found; not logged with the run", path)
+    mlflow.log_artifact(str(Path(paths.bundle_dir) / "manifest.json"), artifact_path="bundle")
+
+
+def _register_challenger(client, rp: RegisterParams, bundle_dir: Path, bundle_sha: str, tags: dict[str, str],
+                         run_id: str) -> tuple[str, str]:
+    """``(status, version)``: a new version of the bundle (or the one already registered from it) as challenger."""
+    version = _find_version(client, rp.model_name, bundle_sha)
+    status = "already_registered"
+    if version is None:
+        info = store.log_bundle_model(bundle_dir)
+        version = mlflow.register_model(info.model_uri, rp.model_name, tags={**tags, f"{TAG_PREFIX}run_id": run_id})
+        status = "registered"
+    if store.alias_version(client, rp.model_name, rp.production_alias) != str(version.version):
+        client.set_registered_model_alias(rp.model_name, rp.challenger_alias, version.version)
+    return status, str(version.version)
+
+
 def run(params, **_options) -> dict[str, Any]:
-    import mlflow
-
-    from pipeline_tasks.registry.store import store as registry
-
     rp: RegisterParams = params.register
     paths = params.paths
     evaluate_dir, bundle_dir = Path(paths.evaluate_dir), Path(paths.bundle_dir)
     gates = _read_required(evaluate_dir / "gates.json", "the gate verdict")
     metrics = _read_required(evaluate_dir / "metrics.json", "the evaluation metrics")
-    from pipeline_tasks.ship.bundle import verify_bundle
-
     verify_bundle(bundle_dir)
     bundle_sha = sha256_file(bundle_dir / "manifest.json")
     data_hashes = _read_dvc_lock()
     tags = lineage_tags(gates, metrics, bundle_sha, data_hashes, git_sha())
     passed = bool(gates.get("passed"))
 
-    client, uri = registry.connect(paths.registry_dir)
-    experiment_id = registry.ensure_experiment(client, rp.experiment, paths.registry_dir, uri)
-    result: dict[str, Any] = {"model_name": rp.model_name, "tracking_uri": registry.display_uri(uri), "gates_passed": passed,
+    client, uri = store.connect(paths.registry_dir)
+    experiment_id = store.ensure_experiment(client, rp.experiment, paths.registry_dir, uri)
+    result: dict[str, Any] = {"model_name": rp.model_name, "tracking_uri": store.display_uri(uri), "gates_passed": passed,
                               "gates_summary": gates.get("summary"), "bundle_manifest_sha256": bundle_sha}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{rp.model_name}-{tags[TAG_PREFIX + 'git_sha'][:8]}",
                           tags={**tags, f"{TAG_PREFIX}status": "pending"}) as active:
         run_id = active.info.run_id
         mlflow.log_params(flat_params(params))
         mlflow.log_metrics(gate_metrics(metrics))
-        mlflow.log_dict({"dvc_lock_outputs": data_hashes, "git_sha": tags[TAG_PREFIX + "git_sha"],
-                         "bundle_manifest_sha256": bundle_sha}, "lineage/data_hashes.json")
-        for name in ("gates.json", "metrics.json", "model_card.md", "model_card.html"):
-            if (evaluate_dir / name).is_file():
-                mlflow.log_artifact(str(evaluate_dir / name), artifact_path="evaluate")
-        for path, folder in ((Path(paths.validate_dir) / "summary.json", "validate"),
-                             (Path(paths.monitor_dir) / "reference_stats.json", "monitor")):
-            if path.is_file():
-                mlflow.log_artifact(str(path), artifact_path=folder)
-            else:
-                logger.warning("%s not found; not logged with the run", path)
-        mlflow.log_artifact(str(bundle_dir / "manifest.json"), artifact_path="bundle")
+        _log_artifacts(paths, data_hashes, tags, bundle_sha)
         if not passed:
             # the rejected model itself is kept with its run for forensics; a registered one
             # lives in the model's artifacts (logging it twice would double the storage)
@@ -227,21 +217,10 @@ def run(params, **_options) -> dict[str, Any]:
             mlflow.set_tag(f"{TAG_PREFIX}status", "rejected")
             result.update(status="rejected", run_id=run_id, version=None)
         else:
-            existing = _find_version(client, rp.model_name, bundle_sha)
-            if existing is not None:
-                version = existing
-                result["status"] = "already_registered"
-            else:
-                info = registry.log_bundle_model(bundle_dir)
-                version = mlflow.register_model(info.model_uri, rp.model_name,
-                                                tags={**tags, f"{TAG_PREFIX}run_id": run_id})
-                result["status"] = "registered"
-            production = registry.alias_version(client, rp.model_name, rp.production_alias)
-            if production != str(version.version):
-                client.set_registered_model_alias(rp.model_name, rp.challenger_alias, version.version)
-            mlflow.set_tag(f"{TAG_PREFIX}status", result["status"])
-            mlflow.set_tag(f"{TAG_PREFIX}model_version", str(version.version))
-            result.update(run_id=run_id, version=str(version.version),
+            status, version = _register_challenger(client, rp, bundle_dir, bundle_sha, tags, run_id)
+            mlflow.set_tag(f"{TAG_PREFIX}status", status)
+            mlflow.set_tag(f"{TAG_PREFIX}model_version", version)
+            result.update(status=status, run_id=run_id, version=version,
                           model_uri=f"models:/{rp.model_name}@{rp.challenger_alias}")
     out_dir = Path(paths.register_reports_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,10 +233,3 @@ def run(params, **_options) -> dict[str, Any]:
     else:
         logger.warning("REJECTED: %s; nothing registered (run %s keeps the record)", gates.get("summary"), run_id)
     return {k: result[k] for k in ("status", "model_name", "version", "run_id", "gates_passed")}
-
-
-def resolve_model_bundle(reference: str, params_file: str | None = None) -> Path:
-    """Local bundle directory of ``models:/NAME@alias`` (used by ``lmpipe predict --model``)."""
-    from pipeline_tasks.registry.store import resolve_model_bundle as resolve
-
-    return resolve(reference, params_file=params_file)

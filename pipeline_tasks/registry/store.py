@@ -2,7 +2,7 @@
 
 Used by ``register`` (log + register a challenger), ``promote`` / ``rollback`` (aliases) and
 ``predict --model models:/NAME@alias`` (serving from the registry). Imports mlflow at module
-level, so only those commands import this module, lazily.
+level, so ``predict`` imports this module only for a registry reference.
 
 Where the registry lives:
 
@@ -13,24 +13,33 @@ Where the registry lives:
 
 The registered flavour is ``mlflow.pyfunc`` with :class:`BundleModel` ("models from code": MLflow
 stores a three-line script that builds the model, no pickle of a Python object). The ONNX bundle
-is the model's ``bundle`` artifact and the ``pipeline_tasks`` modules it imports (:func:`code_modules`)
-travel as ``code_paths``, so ``mlflow.pyfunc.load_model("models:/NAME@production")`` needs only
-mlflow, onnxruntime, tokenizers, numpy and pandas: no torch, no checkout of this repository.
+is the model's ``bundle`` artifact and the ``pipeline_tasks`` modules it imports
+(:func:`code_modules`, with their family packages) travel as ``code_paths``, so
+``mlflow.pyfunc.load_model("models:/NAME@production")`` needs only mlflow, onnxruntime,
+tokenizers, numpy and pandas: no torch, no checkout of this repository.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
+
 import mlflow
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 
+from pipeline_tasks.artifacts import sha256_file
+from pipeline_tasks.config import DEFAULT_PARAMS_FILE, PARAMS_FILE_ENV, PathsParams, load_params
 from pipeline_tasks.errors import PipelineError
+from pipeline_tasks.ship.bundle import BundleError, load_bundle, verify_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +48,8 @@ ARTIFACTS_DIR = "artifacts"
 CACHE_DIR = "cache"
 MODEL_ARTIFACT = "model"  # name of the logged model inside the run
 BUNDLE_ARTIFACT = "bundle"  # key of the ONNX bundle in the pyfunc model's artifacts
-CODE_ROOTS = ("registry", "bundle")  # the served model imports these (and what they import)
+PACKAGE = "pipeline_tasks"
+CODE_ROOTS = ("pipeline_tasks.registry.store", "pipeline_tasks.ship.bundle")  # the served model imports these
 MODEL_CODE = '''"""lm-pipeline pyfunc model (models from code): built by pipeline_tasks.registry.store.BundleModel."""
 import mlflow
 from pipeline_tasks.registry.store import BundleModel
@@ -72,8 +82,6 @@ def is_embedded(uri: str) -> bool:
 
 def connect(registry_dir: str | os.PathLike):
     """Point mlflow at the registry and return ``(MlflowClient, tracking uri)``."""
-    from mlflow.tracking import MlflowClient
-
     uri = tracking_uri(registry_dir)
     if is_embedded(uri):
         Path(registry_dir).mkdir(parents=True, exist_ok=True)
@@ -111,8 +119,6 @@ class BundleModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from pipeline_tasks.ship.bundle import load_bundle
-
         config = dict(context.model_config or {})
         self.bundle = load_bundle(context.artifacts[BUNDLE_ARTIFACT], intra_op_threads=int(config.get("threads", 0)))
         self.variant = config.get("variant") or self.bundle.default_variant
@@ -146,44 +152,55 @@ def _input_texts(model_input) -> list[str]:
 
 
 def code_modules(roots: tuple[str, ...] = CODE_ROOTS) -> list[str]:
-    """``pipeline_tasks`` modules the served model imports: the closure of ``roots`` over imports.
+    """Files of the ``pipeline_tasks`` modules the served model imports, relative to the package.
 
-    Found by parsing the sources (imports inside functions included, since that is where this
-    package keeps them), so a new dependency of ``bundle.py`` travels with the model without
-    anyone updating a list.
+    The closure of ``roots`` over imports, with the ``__init__.py`` of every package on the way
+    (``["__init__.py", ..., "ship/__init__.py", "ship/bundle.py"]``). Found by parsing the sources
+    (function-local imports included), so a new dependency of ``bundle.py`` travels with the model
+    without anyone updating a list.
     """
-    import ast
-
-    source = Path(__file__).resolve().parent
-    seen, todo = set(), ["__init__", *roots]
+    package_dir = Path(__file__).resolve().parents[1]
+    seen: set[str] = set()
+    todo = list(roots)
     while todo:
-        name = todo.pop()
-        if name in seen or not (source / f"{name}.py").is_file():
+        module = todo.pop()
+        path = _module_file(package_dir, module)
+        if path is None or path in seen:
             continue
-        seen.add(name)
-        tree = ast.parse((source / f"{name}.py").read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline_tasks"):
-                parts = node.module.split(".")
-                todo += [parts[1]] if len(parts) > 1 else [alias.name for alias in node.names]
+        seen.add(path)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a module runs its packages first
+        for node in ast.walk(ast.parse((package_dir / path).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == PACKAGE:
+                # `from pipeline_tasks.monitor import drift` names a module where others name an attribute
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline_tasks.")]
-    return sorted(f"{name}.py" for name in seen)
+                todo += [alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE]
+    return sorted(seen)
+
+
+def _module_file(package_dir: Path, module: str) -> str | None:
+    """``ship/bundle.py`` or ``ship/__init__.py`` for a dotted name under ``pipeline_tasks``; None if not a module."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    inner = parts[1:]
+    candidates = [f"{'/'.join(inner)}.py"] if inner else []
+    candidates.append("/".join([*inner, "__init__.py"]))
+    return next((c for c in candidates if (package_dir / c).is_file()), None)
 
 
 def _code_package(tmp: Path) -> Path:
     """A copy of the pipeline_tasks modules the model needs, as an importable package."""
-    source = Path(__file__).resolve().parent
-    package = tmp / "pipeline_tasks"
-    package.mkdir()
+    source = Path(__file__).resolve().parents[1]
+    package = tmp / PACKAGE
     for name in code_modules():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / name, package / name)
     return package
 
 
 def _requirements() -> list[str]:
-    from importlib import metadata
-
     reqs = []
     for name in SERVING_REQUIREMENTS:
         try:
@@ -195,10 +212,6 @@ def _requirements() -> list[str]:
 
 def log_bundle_model(bundle_dir: str | os.PathLike, example_texts: list[str] | None = None):
     """Log the bundle as a pyfunc model in the active run; returns mlflow's ``ModelInfo``."""
-    from mlflow.models import infer_signature
-
-    from pipeline_tasks.ship.bundle import load_bundle
-
     bundle = load_bundle(bundle_dir)  # verify before anything is logged
     example = pd.DataFrame({"text": example_texts or ["Stocks rally as the central bank holds rates"]})
     with tempfile.TemporaryDirectory(prefix="lmpipe-model-") as tmp:
@@ -223,8 +236,6 @@ def log_bundle_model(bundle_dir: str | os.PathLike, example_texts: list[str] | N
 
 
 def _manifest_sha(bundle_dir: str | os.PathLike) -> str:
-    from pipeline_tasks.artifacts import sha256_file
-
     return sha256_file(Path(bundle_dir) / "manifest.json")
 
 
@@ -269,16 +280,11 @@ def alias_version(client, name: str, alias: str) -> str | None:
 
 
 def default_registry_dir(params_file: str | os.PathLike | None = None) -> Path:
-    """``paths.registry_dir`` read with plain YAML (predict must not import every stage)."""
-    import yaml
-
-    candidate = Path(params_file or os.environ.get("LMPIPE_PARAMS") or "params.yaml")
-    if candidate.is_file():
-        raw = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-        value = (raw.get("paths") or {}).get("registry_dir")
-        if value:
-            return Path(value)
-    return Path("registry")
+    """``paths.registry_dir`` of the params file (``--params`` / ``$LMPIPE_PARAMS`` / ``./params.yaml``)
+    when there is one, else the default ``registry``."""
+    candidate = Path(params_file or os.environ.get(PARAMS_FILE_ENV) or DEFAULT_PARAMS_FILE)
+    paths = load_params(candidate).paths if candidate.is_file() else PathsParams()
+    return Path(paths.registry_dir)
 
 
 def resolve_model_bundle(reference: str, params_file: str | os.PathLike | None = None,
@@ -289,8 +295,6 @@ def resolve_model_bundle(reference: str, params_file: str | os.PathLike | None =
     (``<registry_dir>/cache/<name>/v<version>-<sha12>/bundle``); a cached copy is re-verified
     (sha256 of every file) on each use, a broken one is downloaded again.
     """
-    from pipeline_tasks.ship.bundle import BundleError, verify_bundle
-
     registry_dir = default_registry_dir(params_file)
     client, uri = connect(registry_dir)
     name, alias, number = parse_model_uri(reference)

@@ -12,59 +12,58 @@ Prints one JSON object per input line on stdout: ``{"label", "probabilities", "t
 ``"line"`` and ``"id"`` when reading a file). The bundle is verified (sha256 of every file)
 before any session is created.
 
-Which bundle: ``--bundle DIR``; otherwise ``paths.bundle_dir`` read from the params file
-(``--params`` / ``$LMPIPE_PARAMS`` / ``./params.yaml``) with plain YAML, so this command needs no
-other section to be importable; otherwise ``models/bundle``. :func:`resolve_bundle_dir` is the
-single seam where a registry reference (``models:/NAME@alias``) is turned into a local bundle
-directory.
+Which bundle: ``--bundle DIR``; otherwise ``paths.bundle_dir`` of the params file
+(``--params`` / ``$LMPIPE_PARAMS`` / ``./params.yaml``, loaded with
+:func:`pipeline_tasks.config.load_params`, which imports only the torch-free params modules);
+otherwise ``models/bundle``. :func:`resolve_bundle_dir` is the single seam where a registry
+reference (``models:/NAME@alias``) is turned into a local bundle directory.
+
+Light on purpose: ONNX Runtime and the bundle (:mod:`pipeline_tasks.ship.bundle`) only, never
+torch; mlflow is imported only to resolve a registry reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline_tasks.config import DEFAULT_PARAMS_FILE, PARAMS_FILE_ENV, PathsParams, load_params
 from pipeline_tasks.errors import DataError
+from pipeline_tasks.ingest.jsonlines import parse_json_line
+from pipeline_tasks.ship.bundle import dumps_line, load_bundle, record_text
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUNDLE_DIR = "models/bundle"
 REGISTRY_SCHEME = "models:/"
 
 
 def default_bundle_dir(params_file: str | None = None) -> Path:
     """``paths.bundle_dir`` from the params file when there is one, else ``models/bundle``."""
-    import yaml
-
-    candidate = Path(params_file or os.environ.get("LMPIPE_PARAMS") or "params.yaml")
+    candidate = Path(params_file or os.environ.get(PARAMS_FILE_ENV) or DEFAULT_PARAMS_FILE)
     if candidate.is_file():
-        raw = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-        bundle_dir = (raw.get("paths") or {}).get("bundle_dir")
-        if bundle_dir:
-            return Path(bundle_dir)
-    elif params_file:
+        return Path(load_params(candidate).paths.bundle_dir)
+    if params_file:
         raise DataError(f"params file {params_file} not found; pass --bundle DIR instead")
-    return Path(DEFAULT_BUNDLE_DIR)
+    return Path(PathsParams().bundle_dir)
 
 
 def resolve_bundle_dir(reference: str | None, params_file: str | None = None) -> Path:
     """A local bundle directory for ``reference`` (a path, a ``models:/`` URI, or ``None``).
 
-    ``models:/NAME@alias`` is delegated to ``pipeline_tasks.registry.register.resolve_model_bundle`` (the
-    MLflow registry lives there), which downloads/locates the bundle and returns its directory.
+    ``models:/NAME@alias`` is delegated to :func:`pipeline_tasks.registry.store.resolve_model_bundle`
+    (the MLflow registry lives there), which downloads/locates the bundle and returns its directory.
     """
     if reference is None:
         return default_bundle_dir(params_file)
     if reference.startswith(REGISTRY_SCHEME):
-        try:
-            from pipeline_tasks.registry.register import resolve_model_bundle
+        try:  # imported here: the store imports mlflow, which serving from a bundle path must not need
+            from pipeline_tasks.registry.store import resolve_model_bundle
         except ImportError as exc:
-            raise DataError(f"{reference}: registry references need pipeline_tasks.registry.register ({exc}); "
+            raise DataError(f"{reference}: registry references need pipeline_tasks.registry.store ({exc}); "
                             "pass --bundle DIR") from exc
         return Path(resolve_model_bundle(reference, params_file=params_file))
     return Path(reference)
@@ -74,7 +73,8 @@ def read_inputs(path: str | os.PathLike) -> Iterator[dict]:
     """Records from a JSON-lines file (``text`` or ``title``/``description``) or a plain text file.
 
     The format is decided per line: a line starting with ``{`` must be a JSON object with a
-    text field, anything else is taken as the text itself. Blank lines are skipped.
+    text field (:func:`pipeline_tasks.ship.bundle.record_text`), anything else is taken as the
+    text itself. Blank lines are skipped.
     """
     path = Path(path)
     if not path.is_file():
@@ -87,23 +87,10 @@ def read_inputs(path: str | os.PathLike) -> Iterator[dict]:
             if not line.lstrip().startswith("{"):
                 yield {"line": number, "text": line}
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}); fix the line or use plain text") from exc
-            yield {"line": number, "text": record_text(record, f"{path}:{number}"),
+            where = f"{path}:{number}"
+            record = parse_json_line(line, where)
+            yield {"line": number, "text": record_text(record, where),
                    **({"id": record["id"]} if "id" in record else {})}
-
-
-def record_text(record: dict, where: str) -> str:
-    """The classifier's input text, built as ingest_news builds ``text``: title, newline, body."""
-    if isinstance(record.get("text"), str) and record["text"].strip():
-        return record["text"]
-    title = record.get("title") or record.get("headline") or ""
-    body = record.get("description") or record.get("short_description") or ""
-    if not (isinstance(title, str) and isinstance(body, str)) or not (title.strip() or body.strip()):
-        raise DataError(f"{where}: record has no 'text' and no 'title'/'description'; keys: {sorted(record)}")
-    return "\n".join(part for part in (title.strip(), body.strip()) if part)
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,8 +107,6 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_predict(args: argparse.Namespace) -> int:
-    from pipeline_tasks.ship.bundle import dumps_line, load_bundle
-
     if bool(args.text) == bool(args.file):
         raise DataError("give either texts as arguments or --file PATH (not both, not neither)")
     if args.batch_size < 1:

@@ -29,8 +29,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
 from pipeline_tasks.artifacts import MANIFEST_NAME, read_json, sha256_file
-from pipeline_tasks.errors import PipelineError
+from pipeline_tasks.errors import DataError, PipelineError
+from pipeline_tasks.train.classifier_data import encode_texts as encode_ids
+from pipeline_tasks.train.classifier_data import pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +90,6 @@ def check_external_data(model_path: str | os.PathLike, bundle_dir: str | os.Path
     ``allowed`` (posix paths relative to the bundle) additionally restricts references to files
     the manifest lists, so an unverified file can never be read as weights.
     """
-    import onnx
-
     model_path, root = Path(model_path), Path(bundle_dir).resolve()
     model = onnx.load(str(model_path), load_external_data=False)
     allowed_set = set(allowed) if allowed is not None else None
@@ -165,11 +170,6 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, pad_id: int, cls
     ``max_len`` tokens, ``max_len - 1`` plus a trailing ``cls_id`` when the classifier has one).
     Serving must not crash on an empty text: it becomes a single pad token.
     """
-    import numpy as np
-
-    from pipeline_tasks.train.classifier_data import encode_texts as encode_ids
-    from pipeline_tasks.train.classifier_data import pad_batch
-
     seqs = [s if len(s) else np.asarray([pad_id], dtype=np.int64)
             for s in encode_ids(tokenizer, list(texts), max_len, cls_id)]
     return pad_batch(seqs, pad_id)
@@ -187,8 +187,6 @@ def make_session(model_path: str | os.PathLike, device: str = "cpu", intra_op_th
     for ``device="cuda"`` we compare ``get_providers()`` and raise instead of timing the wrong
     thing. ``intra_op_threads=0`` lets ORT choose; benchmarks pin it (params) to cut noise.
     """
-    import onnxruntime as ort
-
     if device not in PROVIDERS:
         raise BundleError(f"device {device!r}: expected one of {sorted(PROVIDERS)}")
     options = ort.SessionOptions()
@@ -253,8 +251,6 @@ class Bundle:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
             self._tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER_NAME))
         return self._tokenizer
 
@@ -281,8 +277,6 @@ class Bundle:
         return dict(zip(names, values))
 
     def logits(self, texts: Sequence[str], variant: str | None = None, batch_size: int = 32):
-        import numpy as np
-
         out = [self.run(*self.encode(texts[i: i + batch_size]), variant=variant)["logits"].astype(np.float32)
                for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
@@ -298,8 +292,6 @@ class Bundle:
 
     def embed(self, texts: Sequence[str], variant: str = "fp32", batch_size: int = 64):
         """Pooled hidden state [N, hidden] of the fine-tuned model (for drift monitoring)."""
-        import numpy as np
-
         out = [self.run(*self.encode(texts[i: i + batch_size]), variant=variant)["pooled"].astype(np.float32)
                for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, int(self.config["hidden_size"])), np.float32)
@@ -314,14 +306,10 @@ class Bundle:
 
     def lm_logits(self, input_ids):
         """Next-token logits [B, T, vocab] of the pretrained LM for int64 ids [B, T]."""
-        import numpy as np
-
         return self.lm_session().run(["logits"], {"input_ids": np.asarray(input_ids, dtype=np.int64)})[0]
 
 
 def softmax(logits):
-    import numpy as np
-
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -349,3 +337,18 @@ def bundle_summary(bundle_dir: str | os.PathLike) -> dict[str, Any]:
 
 def dumps_line(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=False)
+
+
+def record_text(record: dict, where: str) -> str:
+    """The classifier's input text, built as ingest_news builds ``text``: title, newline, body.
+
+    The serving input contract, shared by ``lmpipe predict --file`` and the drift monitor's batches;
+    ``where`` (``file:line``) names the record in the error.
+    """
+    if isinstance(record.get("text"), str) and record["text"].strip():
+        return record["text"]
+    title = record.get("title") or record.get("headline") or ""
+    body = record.get("description") or record.get("short_description") or ""
+    if not (isinstance(title, str) and isinstance(body, str)) or not (title.strip() or body.strip()):
+        raise DataError(f"{where}: record has no 'text' and no 'title'/'description'; keys: {sorted(record)}")
+    return "\n".join(part for part in (title.strip(), body.strip()) if part)

@@ -3,7 +3,7 @@
 Inputs: ``bundle_dir`` (verified), ``prepared_dir/test.parquet``, ``tokens_dir/{val.bin,meta.json}``
 (LM bits per byte from the exported LM), ``finetune_dir/model.pt`` (the PyTorch reference score),
 ``export_reports_dir/parity.json`` and the data statistics for the card; the production model's
-metrics from ``evaluate.champion_metrics_path`` when that file exists (champion/challenger).
+metrics from ``paths.champion_metrics_path`` when that file exists (champion/challenger).
 
 Outputs (``evaluate_dir``, written atomically with a manifest):
 
@@ -21,80 +21,67 @@ Outputs (``evaluate_dir``, written atomically with a manifest):
 A failed gate is a recorded decision: the stage exits 0 with ``passed: false`` and logs a
 ``GATES FAILED: ...`` banner; ``register`` refuses such a model.
 
-Params: section ``evaluate`` (:class:`EvaluateParams`, thresholds in ``evaluate.gates``).
+Params: section ``evaluate`` (:class:`~pipeline_tasks.ship.params.EvaluateParams`, thresholds in
+``evaluate.gates``).
 Command: ``lmpipe evaluate`` (``dvc repro evaluate``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import csv
 import datetime as dt
+import io
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, atomic_write_text, read_json, write_manifest
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline_tasks.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    git_sha,
+    read_json,
+    write_manifest,
+)
+from pipeline_tasks.config import to_plain
+from pipeline_tasks.dataset.prepared import read_labelled_split
+from pipeline_tasks.dataset.shards import load_meta, open_shard
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.ship.gates import GateThresholds, decide
+from pipeline_tasks.metrics import accuracy, bootstrap_ci, classification_report, confusion_matrix, macro_f1
+from pipeline_tasks.ship.bundle import load_bundle, make_session
+from pipeline_tasks.ship.gates import decide
+from pipeline_tasks.ship.model_card import build_card, render_html, render_markdown
+from pipeline_tasks.ship.onnx_tools import latency_stats, throughput
+from pipeline_tasks.ship.params import EvaluateParams
+from pipeline_tasks.train.model import load_classifier
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_GATES = GateThresholds(min_accuracy=0.70, min_macro_f1=0.68, max_int8_accuracy_drop=0.01,
-                               max_p95_latency_ms=50.0, max_size_mb=50.0, max_regression=0.01)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateParams:
-    gates: GateThresholds = DEFAULT_GATES
-    champion_metrics_path: str = "registry/production_metrics.json"  # kept current by register/promote
-    bootstrap_resamples: int = 1000
-    confidence: float = 0.95
-    max_test_rows: int = 0  # 0 = every labelled test row
-    batch_size: int = 64
-    slice_min_rows: int = 30  # smaller slices are counted but get no scores
-    time_window: Literal["auto", "month", "year"] = "auto"  # auto: month if the dates span <= 36 months
-    latency_runs: int = 200
-    latency_warmup: int = 20
-    throughput_batch: int = 32
-    throughput_runs: int = 20
-    intra_op_threads: int = 1  # pinned: comparable latency numbers, less noise
-    cuda: Literal["auto", "on", "off"] = "auto"  # auto: time the CUDA EP when torch sees a GPU
-    lm_windows: int = 32  # val.bin windows of block_size tokens for the LM bits per byte
-    score_torch: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
-        for name in ("bootstrap_resamples", "batch_size", "slice_min_rows", "latency_runs", "throughput_batch",
-                     "throughput_runs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_test_rows < 0 or self.latency_warmup < 0 or self.lm_windows < 0 or self.intra_op_threads < 0:
-            raise ValueError("max_test_rows, latency_warmup, lm_windows and intra_op_threads must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
 # scoring
 
 
-def score(y, pred, labels, ep: EvaluateParams, seed: int) -> dict[str, Any]:
+def score(y, pred, labels, evaluate_params: EvaluateParams, seed: int) -> dict[str, Any]:
     """Accuracy and macro-F1 with seeded bootstrap intervals, plus per-class numbers."""
-    from pipeline_tasks import metrics as mt
-
-    report = mt.classification_report(y, pred, labels)
+    report = classification_report(y, pred, labels)
     out = {"n": report["n"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
-    for key, fn in (("accuracy", mt.accuracy), ("macro_f1", lambda t, p: mt.macro_f1(t, p, len(labels)))):
-        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = mt.bootstrap_ci(y, pred, fn, ep.bootstrap_resamples,
-                                                                      ep.confidence, seed)
+    for key, fn in (("accuracy", accuracy), ("macro_f1", lambda t, p: macro_f1(t, p, len(labels)))):
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = bootstrap_ci(y, pred, fn, evaluate_params.bootstrap_resamples,
+                                                                   evaluate_params.confidence, seed)
     out["per_class"] = report["per_class"]
     return out
 
 
 def time_window_key(dates, mode: str):
     """Series of ``YYYY-MM`` or ``YYYY`` strings (None where the date is missing)."""
-    import pandas as pd
-
     dates = pd.to_datetime(dates, utc=True, errors="coerce")
     if mode == "auto":
         valid = dates.dropna()
@@ -104,16 +91,12 @@ def time_window_key(dates, mode: str):
     return dates.dt.strftime(fmt).where(dates.notna(), None), mode
 
 
-def slice_scores(frame, pred, labels, ep: EvaluateParams, seed: int) -> dict[str, dict[str, Any]]:
+def slice_scores(frame, pred, labels, evaluate_params: EvaluateParams, seed: int) -> dict[str, dict[str, Any]]:
     """Per-source and per-time-window scores of one variant's predictions."""
-    import numpy as np
-
-    from pipeline_tasks import metrics as mt
-
     y = frame["label_idx"].to_numpy()
     keys = {"source": frame["source"] if "source" in frame else None}
     if "date" in frame and frame["date"].notna().any():
-        window, mode = time_window_key(frame["date"], ep.time_window)
+        window, mode = time_window_key(frame["date"], evaluate_params.time_window)
         keys[mode] = window
     slices: dict[str, dict[str, Any]] = {}
     for kind, column in keys.items():
@@ -123,22 +106,19 @@ def slice_scores(frame, pred, labels, ep: EvaluateParams, seed: int) -> dict[str
         for name in sorted(column.dropna().unique()):
             idx = np.flatnonzero((column == name).to_numpy())
             entry: dict[str, Any] = {"n": int(idx.size)}
-            if idx.size >= ep.slice_min_rows:
-                entry["accuracy"] = mt.accuracy(y[idx], pred[idx])
-                entry["macro_f1"] = mt.macro_f1(y[idx], pred[idx], len(labels))
-                entry["accuracy_ci_low"], entry["accuracy_ci_high"] = mt.bootstrap_ci(
-                    y[idx], pred[idx], mt.accuracy, ep.bootstrap_resamples, ep.confidence, seed)
+            if idx.size >= evaluate_params.slice_min_rows:
+                entry["accuracy"] = accuracy(y[idx], pred[idx])
+                entry["macro_f1"] = macro_f1(y[idx], pred[idx], len(labels))
+                entry["accuracy_ci_low"], entry["accuracy_ci_high"] = bootstrap_ci(
+                    y[idx], pred[idx], accuracy, evaluate_params.bootstrap_resamples, evaluate_params.confidence, seed)
             out[str(name)] = entry
         slices[kind] = out
     return slices
 
 
-def time_variant(bundle, variant: str, texts, ep: EvaluateParams, device: str = "cpu") -> dict[str, float]:
+def time_variant(bundle, variant: str, texts, evaluate_params: EvaluateParams, device: str = "cpu") -> dict[str, float]:
     """Batch-1 latency (p50/p95) and batch-``throughput_batch`` rows/s of one variant on real texts."""
-    from pipeline_tasks.ship.bundle import make_session
-    from pipeline_tasks.ship.onnx_tools import latency_stats, throughput
-
-    session = make_session(bundle.variant_path(variant), device, ep.intra_op_threads)
+    session = make_session(bundle.variant_path(variant), device, evaluate_params.intra_op_threads)
 
     def run(feed):
         return session.run(["logits"], feed)
@@ -148,21 +128,58 @@ def time_variant(bundle, variant: str, texts, ep: EvaluateParams, device: str = 
         return {"input_ids": ids, "attention_mask": mask}
 
     singles = [feed([t]) for t in texts[:64]]
-    lat = latency_stats(run, singles, ep.latency_warmup, ep.latency_runs)
-    bs = ep.throughput_batch
+    lat = latency_stats(run, singles, evaluate_params.latency_warmup, evaluate_params.latency_runs)
+    bs = evaluate_params.throughput_batch
     batches = [feed(texts[i: i + bs]) for i in range(0, min(len(texts), 8 * bs), bs)]
     rows = [b["input_ids"].shape[0] for b in batches]
     return {"latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"], "latency_mean_ms": lat["mean_ms"],
-            "throughput_rows_per_s": throughput(run, batches, rows, 2, ep.throughput_runs),
+            "throughput_rows_per_s": throughput(run, batches, rows, 2, evaluate_params.throughput_runs),
             "providers": ",".join(session.get_providers())}
+
+
+def score_variants(bundle, texts, y, labels, evaluate_params: EvaluateParams, seed: int):
+    """``(variants, predictions, scores)`` of every bundle variant the CPU execution provider can run."""
+    variants: dict[str, dict[str, Any]] = {}
+    preds: dict[str, np.ndarray] = {}
+    scored: dict[str, dict[str, Any]] = {}
+    for variant in bundle.variants:
+        info = bundle.config["variants"][variant]
+        if not info.get("cpu_runnable", True):
+            variants[variant] = {"skipped": info.get("note", "not runnable on the CPU execution provider")}
+            continue
+        preds[variant] = bundle.logits(texts, variant, evaluate_params.batch_size).argmax(1)
+        scores = scored[variant] = score(y, preds[variant], labels, evaluate_params, seed)
+        timing = time_variant(bundle, variant, texts, evaluate_params)
+        variants[variant] = {**{k: v for k, v in scores.items() if k != "per_class"}, **timing,
+                             "size_mb": info["bytes"] / 1e6}
+        logger.info("evaluate: %-12s accuracy %.4f macro-F1 %.4f p95 %.2f ms %.0f rows/s", variant,
+                    scores["accuracy"], scores["macro_f1"], timing["latency_p95_ms"], timing["throughput_rows_per_s"])
+    return variants, preds, scored
+
+
+def predict_torch(finetune_pt: Path, bundle, texts, batch_size: int) -> np.ndarray:
+    """Classes the PyTorch checkpoint predicts for the bundle's own encoding of ``texts``."""
+    model, _ = load_classifier(finetune_pt)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            ids, mask = bundle.encode(texts[i: i + batch_size])
+            out.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(1).numpy())
+    return np.concatenate(out)
+
+
+def time_on_cuda(bundle, texts, serving: str, evaluate_params: EvaluateParams) -> dict[str, Any]:
+    """CUDA timings of fp16, fp32 and the serving variant when asked for (or, on ``auto``, when a GPU is present)."""
+    cuda: dict[str, Any] = {}
+    if evaluate_params.cuda == "on" or (evaluate_params.cuda == "auto" and torch.cuda.is_available()):
+        for variant in ("fp16", "fp32", serving):  # make_session raises if ORT fell back to CPU
+            if variant in bundle.config["variants"] and variant not in cuda:
+                cuda[variant] = time_variant(bundle, variant, texts, evaluate_params, device="cuda")
+    return cuda
 
 
 def lm_bits_per_byte(bundle, tokens_dir: Path, windows: int) -> float | None:
     """Bits per byte of the exported LM on ``val.bin`` windows (same definition as pretrain)."""
-    import numpy as np
-
-    from pipeline_tasks.dataset.shards import load_meta, open_shard
-
     if not windows or bundle.config.get("lm") is None:
         return None
     meta = load_meta(tokens_dir)
@@ -184,76 +201,103 @@ def lm_bits_per_byte(bundle, tokens_dir: Path, windows: int) -> float | None:
     return nll / count * tokens_per_byte / math.log(2)
 
 
+def int8_accuracy_drop(variants: dict[str, dict[str, Any]], serving: str) -> float | None:
+    """fp32 accuracy minus int8 accuracy (the serving variant if it is int8, else int8_dynamic)."""
+    int8 = serving if serving.startswith("int8") else "int8_dynamic"
+    if "accuracy" in variants.get(int8, {}) and "accuracy" in variants.get("fp32", {}):
+        return variants["fp32"]["accuracy"] - variants[int8]["accuracy"]
+    return None
+
+
+HEADLINE_SCORES = ("accuracy", "macro_f1", "accuracy_ci_low", "accuracy_ci_high", "macro_f1_ci_low", "macro_f1_ci_high")
+HEADLINE_TIMINGS = ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb")
+
+
+def headline_metrics(serving: str, served: dict[str, Any], variants: dict[str, dict[str, Any]],
+                     n_test: int) -> dict[str, Any]:
+    """The serving variant's numbers that open ``metrics.json`` (the gate inputs)."""
+    return {"serving_variant": serving, "n_test": n_test,
+            **{k: served[k] for k in HEADLINE_SCORES},
+            "int8_accuracy_drop": int8_accuracy_drop(variants, serving),
+            **{k: variants[serving][k] for k in HEADLINE_TIMINGS}}
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 
 
-def write_plots(plots_dir: Path, y, pred, labels, result: dict[str, Any]) -> None:
-    """CSV for ``dvc plots`` and PNGs for people."""
-    import csv
-    import io
+def _write_csv(path: Path, header, rows) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_plot_tables(plots_dir: Path, y, pred, labels, result: dict[str, Any]) -> None:
+    """The CSV files ``dvc plots`` reads."""
+    _write_csv(plots_dir / "confusion.csv", ["actual", "predicted"], [(labels[a], labels[b]) for a, b in zip(y, pred)])
+    _write_csv(plots_dir / "per_class.csv", ["class", "precision", "recall", "f1", "support"],
+               [(c, round(v["precision"], 6), round(v["recall"], 6), round(v["f1"], 6), v["support"])
+                for c, v in result["per_class"].items()])
+    timing_keys = ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb", "accuracy")
+    _write_csv(plots_dir / "latency.csv", ["variant", *timing_keys],
+               [(v, *(round(m[k], 6) if m.get(k) is not None else "" for k in timing_keys))
+                for v, m in result["variants"].items()])
+    slice_keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")
+    _write_csv(plots_dir / "slices.csv", ["slice_type", "slice", "n", *slice_keys],
+               [(kind, name, s["n"], *(s.get(k, "") for k in slice_keys))
+                for kind, group in result["slices"].items() for name, s in group.items()])
 
-    from pipeline_tasks.metrics import confusion_matrix
 
-    def write_csv(name, header, rows):
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-        atomic_write_text(plots_dir / name, buf.getvalue())
+def _save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
-    write_csv("confusion.csv", ["actual", "predicted"], [(labels[a], labels[b]) for a, b in zip(y, pred)])
-    per_class = result["per_class"]
-    write_csv("per_class.csv", ["class", "precision", "recall", "f1", "support"],
-              [(c, round(v["precision"], 6), round(v["recall"], 6), round(v["f1"], 6), v["support"])
-               for c, v in per_class.items()])
-    variants = result["variants"]
-    write_csv("latency.csv", ["variant", "latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb",
-                              "accuracy"],
-              [(v, *(round(m[k], 6) if m.get(k) is not None else "" for k in
-                     ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb", "accuracy")))
-               for v, m in variants.items()])
-    write_csv("slices.csv", ["slice_type", "slice", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high"],
-              [(kind, name, s["n"], s.get("accuracy", ""), s.get("accuracy_ci_low", ""), s.get("accuracy_ci_high", ""))
-               for kind, group in result["slices"].items() for name, s in group.items()])
 
+def plot_confusion(path: Path, y, pred, labels, serving: str) -> None:
     cm = confusion_matrix(y, pred, len(labels))
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.imshow(cm, cmap="Blues")
     ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-           xlabel="predicted", ylabel="actual", title=f"confusion ({result['serving_variant']})")
-    for (i, j), v in __import__("numpy").ndenumerate(cm):
+           xlabel="predicted", ylabel="actual", title=f"confusion ({serving})")
+    for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(plots_dir / "confusion.png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
+
+def plot_per_class(path: Path, per_class: dict[str, dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(per_class)
     for k, key in enumerate(("precision", "recall", "f1")):
         ax.bar([i + 0.27 * (k - 1) for i in range(len(names))], [per_class[n][key] for n in names], 0.27, label=key)
     ax.set(xticks=range(len(names)), xticklabels=names, ylim=(0, 1), title="per class")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(plots_dir / "per_class.png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
+
+def plot_latency(path: Path, variants: dict[str, dict[str, Any]]) -> None:
+    """p50 and p95 bars of every timed variant; no file when nothing was timed."""
     timed = [(v, m) for v, m in variants.items() if m.get("latency_p50_ms") is not None]
-    if timed:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.barh([v for v, _ in timed], [m["latency_p50_ms"] for _, m in timed], label="p50")
-        ax.barh([v for v, _ in timed], [m["latency_p95_ms"] - m["latency_p50_ms"] for _, m in timed],
-                left=[m["latency_p50_ms"] for _, m in timed], label="p95", alpha=0.5)
-        ax.set(xlabel="ms per request (batch 1, CPU)", title="latency")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plots_dir / "latency.png", dpi=120)
-        plt.close(fig)
+    if not timed:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.barh([v for v, _ in timed], [m["latency_p50_ms"] for _, m in timed], label="p50")
+    ax.barh([v for v, _ in timed], [m["latency_p95_ms"] - m["latency_p50_ms"] for _, m in timed],
+            left=[m["latency_p50_ms"] for _, m in timed], label="p95", alpha=0.5)
+    ax.set(xlabel="ms per request (batch 1, CPU)", title="latency")
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def write_plots(plots_dir: Path, y, pred, labels, result: dict[str, Any]) -> None:
+    """CSV for ``dvc plots`` and PNGs for people."""
+    matplotlib.use("Agg")  # files only: task containers have no display
+    write_plot_tables(plots_dir, y, pred, labels, result)
+    plot_confusion(plots_dir / "confusion.png", y, pred, labels, result["serving_variant"])
+    plot_per_class(plots_dir / "per_class.png", result["per_class"])
+    plot_latency(plots_dir / "latency.png", result["variants"])
 
 
 def read_champion(path: Path) -> dict[str, Any] | None:
@@ -280,9 +324,6 @@ def _optional_json(path: Path) -> Any:
 
 def card_context(params, bundle, result, decision, created: str) -> dict[str, Any]:
     """Everything the model card shows that is not a metric: data sources, counts, training params."""
-    from pipeline_tasks.artifacts import git_sha
-    from pipeline_tasks.config import to_plain
-
     paths = params.paths
     sources = []
     for section, kind in (("ingest_news", "news"), ("ingest_wiki", "wiki")):
@@ -317,107 +358,64 @@ def card_context(params, bundle, result, decision, created: str) -> dict[str, An
 # the stage
 
 
-def _gpu_present() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
+def write_outputs(out: Path, params, bundle, result: dict[str, Any], decision, champion_path: Path,
+                  champion: dict[str, Any] | None, y, pred) -> None:
+    """metrics.json, gates.json, plots, the model card and the manifest into the (temporary) stage dir."""
+    evaluate_params: EvaluateParams = params.evaluate
+    serving, labels = result["serving_variant"], bundle.labels
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    atomic_write_json(out / "metrics.json", result)
+    atomic_write_json(out / "gates.json", {**decision.to_dict(), "created_utc": created, "serving_variant": serving,
+                                           "champion_metrics_path": str(champion_path), "champion": champion})
+    (out / "plots").mkdir()
+    write_plots(out / "plots", y, pred, labels, result)
+    blocks = build_card(card_context(params, bundle, result, decision, created))
+    atomic_write_text(out / "model_card.md", render_markdown(blocks))
+    atomic_write_text(out / "model_card.html", render_html(blocks, title="Model card"))
+    write_manifest(out, "evaluate", evaluate_params,
+                   inputs={"bundle_manifest": bundle.manifest.get("params_sha256", ""),
+                           **{f"bundle/{k}": v for k, v in bundle.manifest["outputs"].items()}},
+                   extra={"gates_passed": decision.passed})
 
 
 def run(params, **_options) -> dict[str, Any]:
-    import numpy as np
-
-    from pipeline_tasks.ship.bundle import load_bundle
-    from pipeline_tasks.ship.model_card import build_card, render_html, render_markdown
-    from pipeline_tasks.ship.onnx_tools import read_labeled_split
-
-    ep: EvaluateParams = params.evaluate
+    evaluate_params: EvaluateParams = params.evaluate
     paths = params.paths
-    # scoring sessions use every core; timing sessions (time_variant) pin ep.intra_op_threads
+    # scoring sessions use every core; timing sessions (time_variant) pin evaluate_params.intra_op_threads
     bundle = load_bundle(paths.bundle_dir, intra_op_threads=0)
     labels, serving = bundle.labels, bundle.default_variant
-    test = read_labeled_split(Path(paths.prepared_dir) / "test.parquet", labels, ep.max_test_rows, params.seed)
+    test = read_labelled_split(paths.prepared_dir, "test", labels=labels, kinds=("news",),
+                               max_rows=evaluate_params.max_test_rows, seed=params.seed).to_pandas()
     texts, y = test["text"].tolist(), test["label_idx"].to_numpy()
     logger.info("evaluate: %d test rows, variants %s, serving %s", len(texts), bundle.variants, serving)
 
-    variants: dict[str, dict[str, Any]] = {}
-    preds: dict[str, np.ndarray] = {}
-    scored: dict[str, dict[str, Any]] = {}
-    for variant in bundle.variants:
-        info = bundle.config["variants"][variant]
-        if not info.get("cpu_runnable", True):
-            variants[variant] = {"skipped": info.get("note", "not runnable on the CPU execution provider")}
-            continue
-        preds[variant] = bundle.logits(texts, variant, ep.batch_size).argmax(1)
-        scores = scored[variant] = score(y, preds[variant], labels, ep, params.seed)
-        timing = time_variant(bundle, variant, texts, ep)
-        variants[variant] = {**{k: v for k, v in scores.items() if k != "per_class"}, **timing,
-                             "size_mb": info["bytes"] / 1e6}
-        logger.info("evaluate: %-12s accuracy %.4f macro-F1 %.4f p95 %.2f ms %.0f rows/s", variant,
-                    scores["accuracy"], scores["macro_f1"], timing["latency_p95_ms"], timing["throughput_rows_per_s"])
-    if ep.score_torch:
-        from pipeline_tasks.ship.export import load_classifier
-        import torch
-
-        model, _ = load_classifier(Path(paths.finetune_dir) / "model.pt")
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), ep.batch_size):
-                ids, mask = bundle.encode(texts[i: i + ep.batch_size])
-                out.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(1).numpy())
-        preds["torch"] = np.concatenate(out)
-        variants["torch"] = {k: v for k, v in score(y, preds["torch"], labels, ep, params.seed).items()
+    variants, preds, scored = score_variants(bundle, texts, y, labels, evaluate_params, params.seed)
+    if evaluate_params.score_torch:
+        preds["torch"] = predict_torch(Path(paths.finetune_dir) / "model.pt", bundle, texts, evaluate_params.batch_size)
+        variants["torch"] = {k: v for k, v in score(y, preds["torch"], labels, evaluate_params, params.seed).items()
                              if k != "per_class"}
     if serving not in preds:
         raise DataError(f"serving variant {serving!r} could not be scored on CPU: {variants.get(serving)}")
+    cuda = time_on_cuda(bundle, texts, serving, evaluate_params)
 
-    cuda: dict[str, Any] = {}
-    if ep.cuda == "on" or (ep.cuda == "auto" and _gpu_present()):
-        for variant in ("fp16", "fp32", serving):  # make_session raises if ORT fell back to CPU
-            if variant in bundle.config["variants"] and variant not in cuda:
-                cuda[variant] = time_variant(bundle, variant, texts, ep, device="cuda")
-
-    served = scored[serving]
-    int8 = serving if serving.startswith("int8") else "int8_dynamic"
     result: dict[str, Any] = {
-        "serving_variant": serving, "n_test": len(texts),
-        **{k: served[k] for k in ("accuracy", "macro_f1", "accuracy_ci_low", "accuracy_ci_high",
-                                  "macro_f1_ci_low", "macro_f1_ci_high")},
-        "int8_accuracy_drop": (variants["fp32"]["accuracy"] - variants[int8]["accuracy"]
-                               if "accuracy" in variants.get(int8, {}) and "accuracy" in variants.get("fp32", {})
-                               else None),
-        **{k: variants[serving][k] for k in ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb")},
-        "lm_val_bpb": lm_bits_per_byte(bundle, Path(paths.tokens_dir), ep.lm_windows),
-        "variants": variants, "per_class": served["per_class"],
-        "slices": slice_scores(test, preds[serving], labels, ep, params.seed),
+        **headline_metrics(serving, scored[serving], variants, len(texts)),
+        "lm_val_bpb": lm_bits_per_byte(bundle, Path(paths.tokens_dir), evaluate_params.lm_windows),
+        "variants": variants, "per_class": scored[serving]["per_class"],
+        "slices": slice_scores(test, preds[serving], labels, evaluate_params, params.seed),
     }
     if cuda:
         result["cuda"] = cuda
     pretrain_metrics = _optional_json(Path(paths.pretrain_reports_dir) / "metrics.json") or {}
     if "val/bpb" in pretrain_metrics:
         result["pretrain_val_bpb"] = pretrain_metrics["val/bpb"]
-    champion_path = Path(ep.champion_metrics_path)
+    champion_path = Path(paths.champion_metrics_path)
     champion = read_champion(champion_path)
-    decision = decide(result, champion, ep.gates)
+    decision = decide(result, champion, evaluate_params.gates)
     result["gates_passed"] = decision.passed
 
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with atomic_dir(paths.evaluate_dir) as out:
-        atomic_write_json(out / "metrics.json", result)
-        atomic_write_json(out / "gates.json", {**decision.to_dict(), "created_utc": created,
-                                               "serving_variant": serving,
-                                               "champion_metrics_path": str(champion_path),
-                                               "champion": champion})
-        (out / "plots").mkdir()
-        write_plots(out / "plots", y, preds[serving], labels, result)
-        blocks = build_card(card_context(params, bundle, result, decision, created))
-        atomic_write_text(out / "model_card.md", render_markdown(blocks))
-        atomic_write_text(out / "model_card.html", render_html(blocks, title="Model card"))
-        write_manifest(out, "evaluate", ep, inputs={"bundle_manifest": bundle.manifest.get("params_sha256", ""),
-                                                    **{f"bundle/{k}": v for k, v in bundle.manifest["outputs"].items()}},
-                       extra={"gates_passed": decision.passed})
+        write_outputs(out, params, bundle, result, decision, champion_path, champion, y, preds[serving])
     banner = decision.summary()
     (logger.info if decision.passed else logger.warning)("=" * 20 + f" {banner} " + "=" * 20)
     return {"gates_passed": decision.passed, "verdict": banner, "accuracy": round(result["accuracy"], 4),

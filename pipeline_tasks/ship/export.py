@@ -17,117 +17,43 @@ Outputs: ``bundle_dir/`` (atomic) with
 
 and ``export_reports_dir/parity.json``: fp32 vs PyTorch max-abs differences at several sequence
 lengths (with padding), int8/fp16 class agreement and accuracy on validation rows, the LM parity
-and causality checks. Any failed check raises :class:`PipelineError` with the numbers and the
-bundle is left as it was.
+and causality checks (:mod:`pipeline_tasks.ship.parity`). Any failed check raises
+:class:`PipelineError` with the numbers and the bundle is left as it was.
 
-Params: section ``export`` (:class:`ExportParams`). Command: ``lmpipe export`` (``dvc repro export``).
+Params: section ``export`` (:class:`~pipeline_tasks.ship.params.ExportParams`).
+Command: ``lmpipe export`` (``dvc repro export``).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline_tasks.artifacts import atomic_write_json, read_json, sha256_file, write_manifest
+import onnx
+import torch
+from tokenizers import Tokenizer
+from torch.export import Dim
+
+from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, read_json, sha256_file, write_manifest
+from pipeline_tasks.dataset.prepared import read_labelled_split
 from pipeline_tasks.errors import DataError, PipelineError
+from pipeline_tasks.ship import onnx_tools
+from pipeline_tasks.ship.bundle import BUNDLE_FORMAT, LM_FILE, VARIANT_FILES, encode_texts, verify_bundle
+from pipeline_tasks.ship.params import ExportParams
+from pipeline_tasks.ship.parity import check_classifier_parity, check_lm, failures
+from pipeline_tasks.train.model import load_classifier, load_lm
 
 logger = logging.getLogger(__name__)
 
-Variant = Literal["fp32", "int8_dynamic", "int8_static", "fp16"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportParams:
-    exporter: Literal["dynamo", "legacy"] = "dynamo"  # legacy = TorchScript exporter (deprecated)
-    opset: int = 18
-    default_variant: Variant = "int8_dynamic"  # what predict / serving load by default
-    dynamic_per_channel: bool = True
-    static_per_channel: bool = True
-    static_op_types: tuple[str, ...] = ("MatMul", "Gemm")  # empty = every op ORT can quantize
-    calibration_rows: int = 256  # validation texts for the static int8 activation ranges
-    calibration_batch_size: int = 16
-    parity_rows: int = 256  # validation texts for parity / agreement
-    parity_seq_lens: tuple[int, ...] = (8, 32)  # truncation lengths checked besides max_len
-    parity_batch_size: int = 32
-    fp32_atol: float = 1e-4  # max |logit_onnx - logit_torch|
-    min_int8_agreement: float = 0.98  # argmax agreement of the int8 variants with fp32
-    min_fp16_agreement: float = 0.98
-    export_lm: bool = True
-    intra_op_threads: int = 1
-
-    def __post_init__(self) -> None:
-        if not 7 <= self.opset <= 23:
-            raise ValueError(f"opset must be in [7, 23], got {self.opset}")
-        for name in ("calibration_rows", "calibration_batch_size", "parity_rows", "parity_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(n < 1 for n in self.parity_seq_lens):
-            raise ValueError(f"parity_seq_lens must be >= 1, got {list(self.parity_seq_lens)}")
-        for name in ("min_int8_agreement", "min_fp16_agreement"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.fp32_atol <= 0:
-            raise ValueError(f"fp32_atol must be > 0, got {self.fp32_atol}")
-
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints -> torch modules
-
-
-def _state_dict(ckpt: dict) -> dict:
-    # torch.compile wraps modules: strip its prefix so compiled and eager checkpoints both load
-    return {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-
-
-def load_classifier(path: str | Path):
-    """``(classifier in eval mode, checkpoint metadata)`` from ``finetune_dir/model.pt``."""
-    import torch
-
-    from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `lmpipe finetune` first (or `dvc repro finetune`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        config = ModelConfig.from_dict(dict(ckpt["model_config"]))
-        meta = dict(ckpt["classifier"])
-        labels = list(meta["labels"])
-        model = SequenceClassifier(build_lm(config), num_classes=len(labels), pooling=meta["pooling"],
-                                   pad_id=int(meta["pad_id"]))
-        model.load_state_dict(_state_dict(ckpt))
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise DataError(f"{path}: not a finetune checkpoint this code can load ({exc}); re-run finetune") from exc
-    meta.setdefault("num_classes", len(labels))
-    meta.setdefault("cls_id", None)
-    return model.eval(), {"model_config": config.to_dict(), "classifier": meta,
-                          "from_scratch": bool(ckpt.get("from_scratch", False))}
-
-
-def load_lm(path: str | Path):
-    """``(language model in eval mode, model config dict)`` from ``pretrain_dir/model.pt``."""
-    import torch
-
-    from pipeline_tasks.train.model import ModelConfig, build_lm
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `lmpipe pretrain` first, or set export.export_lm: false")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        config = ModelConfig.from_dict(dict(ckpt["model_config"]))
-        model = build_lm(config)
-        model.load_state_dict(_state_dict(ckpt))
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise DataError(f"{path}: not a pretrain checkpoint this code can load ({exc})") from exc
-    return model.eval(), config.to_dict()
+# torch modules -> ONNX graphs
 
 
 def classifier_graph(classifier):
@@ -137,8 +63,6 @@ def classifier_graph(classifier):
     ``head`` and ``dropout`` are identities, so the pooling code lives only in ``model.py``; the
     parity check then proves ``head(pooled)`` equals the classifier's logits.
     """
-    import torch
-
     features = copy.copy(classifier)
     features._modules = dict(classifier._modules)  # own module table: the original keeps its head
     features.head, features.dropout = torch.nn.Identity(), torch.nn.Identity()
@@ -156,8 +80,6 @@ def classifier_graph(classifier):
 
 
 def lm_graph(lm):
-    import torch
-
     class LMGraph(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -172,16 +94,11 @@ def lm_graph(lm):
 def export_onnx(module, example: tuple, path: Path, input_names: list[str], output_names: list[str],
                 max_seq: int, exporter: str, opset: int) -> int:
     """Export with dynamic ``batch`` / ``seq`` axes on every input; returns the default-domain opset."""
-    import onnx
-    import torch
-
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # per-node INFO lines would bury the stage log
     # "torchvision is not installed. Skipping torchvision::nms" x4 per export: we never use torchvision ops
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     if exporter == "dynamo":
-        from torch.export import Dim
-
         # torch 2.13: the exporter swaps in a while-loop LSTM/GRU decomposition for dynamic shapes
         # but leaves the op's dispatch cache holding the unrolled one, so a *second* export in the
         # same process silently specializes the sequence length. Start every export clean.
@@ -220,54 +137,44 @@ def export_onnx(module, example: tuple, path: Path, input_names: list[str], outp
 
 
 # ---------------------------------------------------------------------------------------------
-# the stage
+# the bundle's files
 
 
 def write_classifier_variants(classifier, meta: dict, encode, calib_texts: list[str], files: dict[str, Path],
-                              work: Path, ep: ExportParams) -> int:
+                              work: Path, export_params: ExportParams) -> int:
     """fp32 export, then int8 dynamic, int8 static QDQ (calibrated on ``calib_texts``) and fp16."""
-    import torch
-
-    from pipeline_tasks.ship import onnx_tools as ot
-
     labels, max_len = list(meta["classifier"]["labels"]), int(meta["classifier"]["max_len"])
     seq = min(16, max_len)
     example = (torch.randint(1, meta["model_config"]["vocab_size"], (2, seq)), torch.ones(2, seq, dtype=torch.long))
     opset = export_onnx(classifier_graph(classifier), example, files["fp32"], ["input_ids", "attention_mask"],
-                        ["logits", "pooled"], max_len, ep.exporter, ep.opset)
-    ot.check_model(files["fp32"])
-    ot.set_metadata(files["fp32"], {"labels": json.dumps(labels), "max_len": max_len},
-                    doc="lm-pipeline news topic classifier: logits and pooled embedding")
+                        ["logits", "pooled"], max_len, export_params.exporter, export_params.opset)
+    onnx_tools.check_model(files["fp32"])
+    onnx_tools.set_metadata(files["fp32"], {"labels": json.dumps(labels), "max_len": max_len},
+                            doc="lm-pipeline news topic classifier: logits and pooled embedding")
     logger.info("export: fp32 ONNX written (opset %d), quantizing", opset)
-    pre = ot.preprocess_for_quantization(files["fp32"], work / "pre.onnx")
-    ot.quantize_int8_dynamic(pre, files["int8_dynamic"], per_channel=ep.dynamic_per_channel)
-    reader = ot.TextCalibrationReader(encode, calib_texts, ep.calibration_batch_size)
-    ot.quantize_int8_static(pre, files["int8_static"], reader, per_channel=ep.static_per_channel,
-                            op_types=ep.static_op_types)
-    ot.convert_fp16(files["fp32"], files["fp16"])
+    pre = onnx_tools.preprocess_for_quantization(files["fp32"], work / "pre.onnx")
+    onnx_tools.quantize_int8_dynamic(pre, files["int8_dynamic"], per_channel=export_params.dynamic_per_channel)
+    reader = onnx_tools.TextCalibrationReader(encode, calib_texts, export_params.calibration_batch_size)
+    onnx_tools.quantize_int8_static(pre, files["int8_static"], reader, per_channel=export_params.static_per_channel,
+                                    op_types=export_params.static_op_types)
+    onnx_tools.convert_fp16(files["fp32"], files["fp16"])
     for variant in ("int8_dynamic", "int8_static", "fp16"):
-        ot.check_model(files[variant])
+        onnx_tools.check_model(files[variant])
     return opset
 
 
-def write_language_model(lm, lm_config: dict, path: Path, ep: ExportParams) -> None:
-    import torch
-
-    from pipeline_tasks.ship import onnx_tools as ot
-
+def write_language_model(lm, lm_config: dict, path: Path, export_params: ExportParams) -> None:
     seq = min(16, lm_config["block_size"])
     export_onnx(lm_graph(lm), (torch.randint(0, lm_config["vocab_size"], (2, seq)),), path, ["input_ids"],
-                ["logits"], lm_config["block_size"], ep.exporter, ep.opset)
-    ot.check_model(path)
-    ot.set_metadata(path, {"block_size": lm_config["block_size"], "vocab_size": lm_config["vocab_size"]},
-                    doc="lm-pipeline language model: next-token logits")
+                ["logits"], lm_config["block_size"], export_params.exporter, export_params.opset)
+    onnx_tools.check_model(path)
+    onnx_tools.set_metadata(path, {"block_size": lm_config["block_size"], "vocab_size": lm_config["vocab_size"]},
+                            doc="lm-pipeline language model: next-token logits")
 
 
 def bundle_config(meta: dict, token_meta: dict, report: dict, files: dict[str, Path], lm_config: dict | None,
-                  opset: int, ep: ExportParams) -> dict[str, Any]:
+                  opset: int, export_params: ExportParams) -> dict[str, Any]:
     """``config.json``: everything a server needs besides the files (read by :mod:`pipeline_tasks.ship.bundle`)."""
-    from pipeline_tasks.ship.bundle import BUNDLE_FORMAT, LM_FILE, VARIANT_FILES
-
     cls_meta, checked = meta["classifier"], report["classifier"]["variants"]
     variants = {}
     for v, name in VARIANT_FILES.items():
@@ -287,8 +194,8 @@ def bundle_config(meta: dict, token_meta: dict, report: dict, files: dict[str, P
         "hidden_size": int(meta["model_config"]["n_embd"]),
         "eot_id": token_meta.get("special_tokens", {}).get("eot"),
         "opset": opset,
-        "exporter": ep.exporter,
-        "default_variant": ep.default_variant,
+        "exporter": export_params.exporter,
+        "default_variant": export_params.default_variant,
         "inputs": ["input_ids", "attention_mask"],
         "outputs": ["logits", "pooled"],
         "variants": variants,
@@ -296,74 +203,96 @@ def bundle_config(meta: dict, token_meta: dict, report: dict, files: dict[str, P
     }
 
 
-def run(params, **_options) -> dict[str, Any]:
-    import torch
-    from tokenizers import Tokenizer
+def write_bundle_metadata(out: Path, tokens_dir: Path, labels: list[str], config: dict[str, Any],
+                          inputs: list[Path], opset: int, export_params: ExportParams) -> None:
+    """Tokenizer, labels, config and the manifest that hashes them all; then the loader's own check."""
+    shutil.copyfile(tokens_dir / "tokenizer.json", out / "tokenizer.json")
+    atomic_write_json(out / "labels.json", labels)
+    atomic_write_json(out / "config.json", config)
+    write_manifest(out, "export", export_params, inputs={str(p): sha256_file(p) for p in inputs},
+                   extra={"opset": opset, "bundle_format": BUNDLE_FORMAT,
+                          "default_variant": export_params.default_variant})
+    verify_bundle(out)  # the loader's own check, before the bundle is swapped in
 
-    from pipeline_tasks.ship import onnx_tools as ot
-    from pipeline_tasks.artifacts import atomic_dir
-    from pipeline_tasks.ship.bundle import BUNDLE_FORMAT, LM_FILE, VARIANT_FILES, encode_texts, verify_bundle
-    from pipeline_tasks.ship.parity import check_classifier_parity, check_lm, failures
 
-    ep: ExportParams = params.export
-    paths = params.paths
-    finetune_pt, pretrain_pt = Path(paths.finetune_dir) / "model.pt", Path(paths.pretrain_dir) / "model.pt"
-    tokens_dir, val_path = Path(paths.tokens_dir), Path(paths.prepared_dir) / "val.parquet"
-    parity_path = Path(paths.export_reports_dir) / "parity.json"
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def require_tokenizer(tokens_dir: Path) -> None:
     for required in (tokens_dir / "tokenizer.json", tokens_dir / "meta.json"):
         if not required.is_file():
             raise DataError(f"{required} not found: run `lmpipe tokenize` first")
-    torch.manual_seed(params.seed)
-    classifier, meta = load_classifier(finetune_pt)
-    cls_meta = meta["classifier"]
-    labels, max_len = list(cls_meta["labels"]), int(cls_meta["max_len"])
-    tokenizer = Tokenizer.from_file(str(tokens_dir / "tokenizer.json"))
-    token_meta = read_json(tokens_dir / "meta.json")
-    val = ot.read_labeled_split(val_path, labels, max_rows=ep.parity_rows + ep.calibration_rows, seed=params.seed)
-    parity_frame = val.iloc[: ep.parity_rows]
-    calib_texts = val["text"].tolist()[ep.parity_rows:] or val["text"].tolist()  # disjoint when val is big enough
-    calib_texts = calib_texts[: ep.calibration_rows]
-    logger.info("export: %s classifier (%d labels, max_len %d), %d parity rows, %d calibration rows",
-                meta["model_config"]["arch"], len(labels), max_len, len(parity_frame), len(calib_texts))
 
-    def encode(texts):
-        return encode_texts(tokenizer, texts, max_len, int(cls_meta["pad_id"]), cls_meta.get("cls_id"))
 
-    report: dict[str, Any] = {"labels": labels, "max_len": max_len, "exporter": ep.exporter}
-    with tempfile.TemporaryDirectory(prefix="lmpipe-export-") as work, atomic_dir(paths.bundle_dir) as out:
-        files = {v: out / name for v, name in VARIANT_FILES.items()}
-        opset = write_classifier_variants(classifier, meta, encode, calib_texts, files, Path(work), ep)
-        report["classifier"] = check_classifier_parity(classifier, files, tokenizer, parity_frame, cls_meta, ep)
-        lm_config = None
-        if ep.export_lm:
-            lm, lm_config = load_lm(pretrain_pt)
-            write_language_model(lm, lm_config, out / LM_FILE, ep)
-            report["lm"] = check_lm(lm, out / LM_FILE, tokens_dir, token_meta, ep)
-        report["failures"] = failures(report, ep)
-        report["passed"] = not report["failures"]
-        atomic_write_json(parity_path, report)
-        if report["failures"]:
-            raise PipelineError(f"export parity failed (bundle not updated; details in {parity_path}): "
-                                + "; ".join(report["failures"]))
+def split_validation_texts(prepared_dir: Path, labels: list[str], export_params: ExportParams, seed: int):
+    """``(parity rows, calibration texts)`` from one seeded sample of the validation split."""
+    rows = export_params.parity_rows + export_params.calibration_rows
+    val = read_labelled_split(prepared_dir, "val", labels=labels, kinds=("news",), max_rows=rows,
+                              seed=seed).to_pandas()
+    texts = val["text"].tolist()
+    parity_frame = val.iloc[: export_params.parity_rows]
+    calib_texts = texts[export_params.parity_rows:] or texts  # disjoint when val is big enough
+    return parity_frame, calib_texts[: export_params.calibration_rows]
 
-        shutil.copyfile(tokens_dir / "tokenizer.json", out / "tokenizer.json")
-        atomic_write_json(out / "labels.json", labels)
-        config = bundle_config(meta, token_meta, report, files, lm_config, opset, ep)
-        atomic_write_json(out / "config.json", config)
-        inputs = {str(p): sha256_file(p) for p in (finetune_pt, tokens_dir / "tokenizer.json", val_path)}
-        if ep.export_lm:
-            inputs[str(pretrain_pt)] = sha256_file(pretrain_pt)
-        write_manifest(out, "export", ep, inputs=inputs,
-                       extra={"opset": opset, "bundle_format": BUNDLE_FORMAT, "default_variant": ep.default_variant})
-        verify_bundle(out)  # the loader's own check, before the bundle is swapped in
+
+def record_parity(report: dict[str, Any], parity_path: Path, export_params: ExportParams) -> None:
+    """Write ``parity.json`` with the verdict; raise (bundle untouched) when a check failed."""
+    report["failures"] = failures(report, export_params)
+    report["passed"] = not report["failures"]
+    atomic_write_json(parity_path, report)
+    if report["failures"]:
+        raise PipelineError(f"export parity failed (bundle not updated; details in {parity_path}): "
+                            + "; ".join(report["failures"]))
+
+
+def export_summary(bundle_dir, opset: int, report: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     variants = report["classifier"]["variants"]
-    summary = {
-        "bundle_dir": str(paths.bundle_dir),
+    return {
+        "bundle_dir": str(bundle_dir),
         "opset": opset,
         "fp32_max_abs_diff": report["classifier"]["fp32_max_abs_diff"],
         "int8_dynamic_agreement": variants["int8_dynamic"].get("agreement"),
         "int8_static_agreement": variants["int8_static"].get("agreement"),
         "sizes_mb": {v: round(info["bytes"] / 1e6, 3) for v, info in config["variants"].items()},
     }
+
+
+def run(params, **_options) -> dict[str, Any]:
+    export_params: ExportParams = params.export
+    paths = params.paths
+    finetune_pt, pretrain_pt = Path(paths.finetune_dir) / "model.pt", Path(paths.pretrain_dir) / "model.pt"
+    tokens_dir, val_path = Path(paths.tokens_dir), Path(paths.prepared_dir) / "val.parquet"
+    require_tokenizer(tokens_dir)
+    torch.manual_seed(params.seed)
+    classifier, meta = load_classifier(finetune_pt)
+    cls_meta = meta["classifier"]
+    labels, max_len = list(cls_meta["labels"]), int(cls_meta["max_len"])
+    tokenizer = Tokenizer.from_file(str(tokens_dir / "tokenizer.json"))
+    token_meta = read_json(tokens_dir / "meta.json")
+    parity_frame, calib_texts = split_validation_texts(Path(paths.prepared_dir), labels, export_params, params.seed)
+    logger.info("export: %s classifier (%d labels, max_len %d), %d parity rows, %d calibration rows",
+                meta["model_config"]["arch"], len(labels), max_len, len(parity_frame), len(calib_texts))
+
+    def encode(texts):
+        return encode_texts(tokenizer, texts, max_len, int(cls_meta["pad_id"]), cls_meta.get("cls_id"))
+
+    report: dict[str, Any] = {"labels": labels, "max_len": max_len, "exporter": export_params.exporter}
+    with tempfile.TemporaryDirectory(prefix="lmpipe-export-") as work, atomic_dir(paths.bundle_dir) as out:
+        files = {v: out / name for v, name in VARIANT_FILES.items()}
+        opset = write_classifier_variants(classifier, meta, encode, calib_texts, files, Path(work), export_params)
+        report["classifier"] = check_classifier_parity(classifier, classifier_graph(classifier), files, tokenizer,
+                                                       parity_frame, cls_meta, export_params)
+        lm_config = None
+        if export_params.export_lm:
+            lm, lm_config = load_lm(pretrain_pt)
+            write_language_model(lm, lm_config, out / LM_FILE, export_params)
+            report["lm"] = check_lm(lm, out / LM_FILE, tokens_dir, token_meta, export_params)
+        record_parity(report, Path(paths.export_reports_dir) / "parity.json", export_params)
+        config = bundle_config(meta, token_meta, report, files, lm_config, opset, export_params)
+        inputs = [finetune_pt, tokens_dir / "tokenizer.json", val_path]
+        inputs += [pretrain_pt] if export_params.export_lm else []
+        write_bundle_metadata(out, tokens_dir, labels, config, inputs, opset, export_params)
+    summary = export_summary(paths.bundle_dir, opset, report, config)
     logger.info("export: bundle %s ready: %s", paths.bundle_dir, json.dumps(summary))
     return summary

@@ -15,6 +15,7 @@ gate verdicts, limitations.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,12 +65,11 @@ def _source_rows(sources: Sequence[Mapping[str, Any]], raw_stats: Mapping[str, A
     return rows
 
 
-def build_card(ctx: Mapping[str, Any]) -> list[Block]:
-    """Blocks of the card from the evaluate stage's context (see :func:`pipeline_tasks.ship.evaluate.run`)."""
+def _model_blocks(ctx: Mapping[str, Any]) -> list[Block]:
+    """Title, verdict, model details and intended use."""
     m, decision, config = ctx["metrics"], ctx["decision"], ctx["bundle_config"]
     model_cfg, cls_cfg = config["model_config"], config["classifier"]
-    variant = m["serving_variant"]
-    blocks: list[Block] = [
+    return [
         ("h1", f"Model card: {ctx.get('project', 'lm-pipeline')} news topic classifier"),
         ("p", f"Generated {ctx['created_utc']} by `lmpipe evaluate` from bundle `{ctx['bundle_dir']}` "
               f"(git {ctx.get('git_sha') or 'unknown'}). Gate verdict: **{decision['summary']}**."),
@@ -82,7 +82,8 @@ def build_card(ctx: Mapping[str, Any]) -> list[Block]:
             ["pooling", cls_cfg.get("pooling", "–")],
             ["labels", ", ".join(config["labels"])],
             ["initialisation", "from scratch" if config.get("from_scratch") else "pretrained language model"],
-            ["serving variant", f"{variant} (ONNX opset {config.get('opset')}, {config.get('exporter')} exporter)"],
+            ["serving variant", f"{m['serving_variant']} (ONNX opset {config.get('opset')}, "
+                                f"{config.get('exporter')} exporter)"],
             ["files", ", ".join(f"{v}: {_fmt(info['bytes'] / 1e6, 3)} MB" for v, info in config["variants"].items())],
         ]),
         ("h2", "Intended use"),
@@ -92,8 +93,12 @@ def build_card(ctx: Mapping[str, Any]) -> list[Block]:
               "the bundle needs only onnxruntime, numpy and tokenizers."),
         ("p", "Out of scope: other languages, long documents, content moderation or any decision about "
               "people; the model has not been evaluated for those uses."),
-        ("h2", "Data"),
     ]
+
+
+def _data_blocks(ctx: Mapping[str, Any]) -> list[Block]:
+    """Sources with licences and counts, split sizes, and the training configuration."""
+    blocks: list[Block] = [("h2", "Data")]
     sources = ctx.get("sources") or []
     if sources:
         blocks.append(("table", ["source", "kind", "location", "licence", "ingested", "after prepare", "dates"],
@@ -101,7 +106,7 @@ def build_card(ctx: Mapping[str, Any]) -> list[Block]:
     splits = ctx.get("split_counts") or {}
     if splits:
         blocks.append(("p", "Prepared split sizes: " + ", ".join(f"{k} {_fmt(v)}" for k, v in splits.items())
-                       + f". Test rows scored here: {m['n_test']}."))
+                       + f". Test rows scored here: {ctx['metrics']['n_test']}."))
     blocks.append(("p", "Licences: Wikipedia text is CC BY-SA; AG News, BBC and HuffPost texts belong to their "
                         "publishers and are used for research and testing only (see the data mirror README)."))
     training = ctx.get("training") or {}
@@ -110,7 +115,14 @@ def build_card(ctx: Mapping[str, Any]) -> list[Block]:
                    ("table", ["section", "settings"],
                     [[k, ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items() if not isinstance(vv, (dict, list)))]
                      for k, v in training.items() if isinstance(v, Mapping)])]
-    blocks += [
+    return blocks
+
+
+def _metric_blocks(ctx: Mapping[str, Any]) -> list[Block]:
+    """Every variant's scores and timings, per class and per slice numbers of the serving variant."""
+    m = ctx["metrics"]
+    variant = m["serving_variant"]
+    blocks: list[Block] = [
         ("h2", "Metrics (test split)"),
         ("p", f"{int(100 * ctx['confidence'])}% percentile-bootstrap intervals ({ctx['bootstrap_resamples']} "
               "resamples, seeded)."),
@@ -130,11 +142,16 @@ def build_card(ctx: Mapping[str, Any]) -> list[Block]:
         blocks += [("h2", f"Slices by {kind} ({variant})"),
                    ("table", ["slice", "n", "accuracy [CI]", "macro-F1"],
                     [[name, _fmt(s["n"]), _ci(s, "accuracy"), _fmt(s.get("macro_f1"))] for name, s in slices.items()])]
-    blocks += [
+    return blocks
+
+
+def _gate_blocks(ctx: Mapping[str, Any]) -> list[Block]:
+    """Every gate with its reason, then the limitations."""
+    return [
         ("h2", "Gates"),
         ("table", ["gate", "value", "threshold", "passed", "why"],
          [[name, _fmt(g["value"]), _fmt(g["threshold"]), "skipped" if g.get("skipped") else _fmt(g["passed"]), g["why"]]
-          for name, g in decision["gates"].items()]),
+          for name, g in ctx["decision"]["gates"].items()]),
         ("h2", "Limitations"),
         ("ul", [
             "Trained on a small, English, mostly 2004 (AG News) and 2018-2022 (HuffPost) news sample: topics, "
@@ -147,7 +164,11 @@ def build_card(ctx: Mapping[str, Any]) -> list[Block]:
             *ctx.get("extra_limitations", []),
         ]),
     ]
-    return blocks
+
+
+def build_card(ctx: Mapping[str, Any]) -> list[Block]:
+    """Blocks of the card from the evaluate stage's context (see :func:`pipeline_tasks.ship.evaluate.card_context`)."""
+    return _model_blocks(ctx) + _data_blocks(ctx) + _metric_blocks(ctx) + _gate_blocks(ctx)
 
 
 def render_markdown(blocks: Sequence[Block]) -> str:
@@ -176,8 +197,6 @@ def render_markdown(blocks: Sequence[Block]) -> str:
 
 def _inline(text: str) -> str:
     """Escape, then render the two inline Markdown forms the card uses (**bold**, `code`)."""
-    import re
-
     text = html.escape(str(text))
     text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)

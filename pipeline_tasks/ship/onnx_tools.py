@@ -6,7 +6,6 @@
 * :func:`convert_fp16` for the CUDA execution provider (``onnxruntime.transformers.float16``,
   which ships with onnxruntime: onnxconverter-common is not a dependency), inputs/outputs kept fp32;
 * :func:`compare_outputs` (max-abs difference and class agreement) used by every parity check;
-* :func:`read_labeled_split` (prepared Parquet -> texts + label indices);
 * :func:`latency_stats` / :func:`throughput` for the timing numbers in evaluate and the bench.
 """
 
@@ -20,41 +19,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.errors import DataError
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from pipeline_tasks.errors import PipelineError
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-
-
-def read_labeled_split(path: str | os.PathLike, labels: Sequence[str], max_rows: int = 0, seed: int = 0):
-    """News rows of a prepared split whose ``label`` is one of ``labels``, with ``label_idx``.
-
-    ``max_rows > 0`` takes a seeded random sample (stable across runs), so parity and calibration
-    see every source and class, not just the head of the file.
-    """
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `lmpipe prepare` first (or `dvc repro prepare`)")
-    frame = pd.read_parquet(path, columns=None)
-    missing = {"text", "label"} - set(frame.columns)
-    if missing:
-        raise DataError(f"{path}: columns {sorted(missing)} missing (prepare's contract: id, kind, source, text, label, ...)")
-    frame = frame[frame["label"].isin(list(labels))]
-    if "kind" in frame.columns:
-        frame = frame[frame["kind"] == "news"]
-    frame = frame[frame["text"].str.strip().str.len() > 0].reset_index(drop=True)
-    if frame.empty:
-        raise DataError(f"{path}: no labelled news rows with a label in {list(labels)}")
-    if 0 < max_rows < len(frame):
-        frame = frame.sample(n=max_rows, random_state=seed).reset_index(drop=True)
-    index = {label: i for i, label in enumerate(labels)}
-    frame["label_idx"] = frame["label"].map(index).astype("int64")
-    return frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,8 +59,6 @@ def preprocess_for_quantization(src: str | os.PathLike, dst: str | os.PathLike) 
     Symbolic shape inference can fail on some exporter outputs; then we retry without it (the
     onnx shape inference still runs) rather than give up on quantization.
     """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     with quiet_root_logger():
         try:
             quant_pre_process(str(src), str(dst))
@@ -92,8 +70,6 @@ def preprocess_for_quantization(src: str | os.PathLike, dst: str | os.PathLike) 
 
 def quantize_int8_dynamic(pre: str | os.PathLike, dst: str | os.PathLike, per_channel: bool = True) -> Path:
     """int8 weights, dynamically quantized activations (MatMul/Gemm/LSTM/Gather... where ORT supports it)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     with quiet_root_logger():
         quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
     return Path(dst)
@@ -124,9 +100,6 @@ def quantize_int8_static(pre: str | os.PathLike, dst: str | os.PathLike, reader:
     ``op_types`` limits what is quantized (``MatMul``, ``Gemm`` only is usually more accurate for
     transformers: LayerNorm / Softmax / GELU stay fp32); empty = every supported op.
     """
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
     class _Reader(CalibrationDataReader):  # ORT checks isinstance
         def get_next(self):
             return reader.get_next()
@@ -141,9 +114,6 @@ def quantize_int8_static(pre: str | os.PathLike, dst: str | os.PathLike, reader:
 
 def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """fp16 weights and compute, fp32 inputs/outputs (``keep_io_types``) so callers do not change."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     onnx.save(model, str(dst))
     return Path(dst)
@@ -155,8 +125,6 @@ def set_metadata(path: str | os.PathLike, props: dict[str, str], doc: str | None
     Also drops the exporter's per-node debug metadata (FX node text, module paths, stack traces:
     ~1.5 kB a node, and local source paths have no place in a shipped artifact).
     """
-    import onnx
-
     model = onnx.load(str(path))
     for node in model.graph.node:
         del node.metadata_props[:]
@@ -172,13 +140,9 @@ def set_metadata(path: str | os.PathLike, props: dict[str, str], doc: str | None
 
 def check_model(path: str | os.PathLike) -> None:
     """``onnx.checker.check_model`` with full shape inference; raises with the file name."""
-    import onnx
-
     try:
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        from pipeline_tasks.errors import PipelineError
-
         raise PipelineError(f"{Path(path).name}: onnx.checker failed: {exc}") from exc
 
 
@@ -188,8 +152,6 @@ def check_model(path: str | os.PathLike) -> None:
 
 def compare_outputs(reference, candidate) -> dict[str, float]:
     """Max-abs / mean-abs difference of two logit arrays and their argmax agreement."""
-    import numpy as np
-
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
     if reference.shape != candidate.shape:
@@ -205,8 +167,6 @@ def compare_outputs(reference, candidate) -> dict[str, float]:
 
 def latency_stats(fn: Callable[[Any], Any], feeds: Sequence[Any], warmup: int, runs: int) -> dict[str, float]:
     """p50/p95/mean milliseconds of ``fn(feed)``, cycling through ``feeds`` (real inputs, real lengths)."""
-    import numpy as np
-
     for i in range(warmup):
         fn(feeds[i % len(feeds)])
     times = np.empty(runs)

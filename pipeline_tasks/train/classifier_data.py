@@ -1,10 +1,8 @@
-"""Labelled rows, encoding and batching for the topic classifier (numpy + tokenizers + pyarrow).
+"""Labels, encoding and batching for the topic classifier (numpy + tokenizers).
 
 Pure helpers used by :mod:`pipeline_tasks.train.finetune` and reusable by ``evaluate`` / ``predict``
-and ``bench/fasttext_baseline.py`` (which must see exactly the rows finetune sees):
+(labelled rows come from :func:`pipeline_tasks.dataset.prepared.read_labelled_split`):
 
-* :func:`read_labelled_split` — rows of ``prepared_dir/<split>.parquet`` with a non-null
-  ``label`` whose ``source`` is selected;
 * :func:`encode_texts` — the one text -> token ids rule of the classifier: tokenizer ids,
   truncated to ``max_len`` (keeping room for the ``<|cls|>`` id appended at the end when the
   model uses one). Export and predict must encode exactly like this; the rule's inputs travel in
@@ -15,14 +13,14 @@ and ``bench/fasttext_baseline.py`` (which must see exactly the rows finetune see
   wastes little compute on CPU (AG News items are 20-150 tokens);
 * :func:`class_weights` / :func:`sample_weights` — class-imbalance handling.
 
-No torch here: this module is imported where only numpy and tokenizers exist.
+No torch here: this module is on the serving path (``ship.bundle``), which runs with ONNX Runtime,
+numpy and tokenizers only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,44 +32,6 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 PAD_TOKEN = "<|pad|>"
 CLS_TOKEN = "<|cls|>"
-COLUMNS = ("id", "source", "text", "label")
-
-
-def read_labelled_split(prepared_dir: str | Path, split: str, sources: Sequence[str]) -> dict[str, list]:
-    """Columns ``id, source, text, label`` of labelled rows of one split from ``sources``.
-
-    Rows whose ``label`` is null are skipped (unlabelled news, wiki); an empty ``sources`` means
-    every labelled source. Raises :class:`DataError` naming the file when it or a column is
-    missing.
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    path = Path(prepared_dir) / f"{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: prepared split not found; run `python -m pipeline_tasks prepare` first")
-    schema_names = pq.read_schema(path).names
-    missing = [c for c in COLUMNS if c not in schema_names]
-    if missing:
-        raise DataError(f"{path}: columns {missing} missing (have {schema_names}); "
-                        "was it written by an older prepare? re-run prepare")
-    table = pq.read_table(path, columns=list(COLUMNS))
-    keep = pc.is_valid(table["label"])
-    if sources:
-        keep = pc.and_(keep, pc.is_in(table["source"], value_set=_string_array(sources)))
-    table = table.filter(keep)
-    rows = {c: table[c].to_pylist() for c in COLUMNS}
-    empty = [rows["id"][i] for i, t in enumerate(rows["text"]) if not t or not t.strip()]
-    if empty:
-        raise DataError(f"{path}: {len(empty)} labelled rows have empty text (first id {empty[0]!r}); "
-                        "prepare should have dropped them")
-    return rows
-
-
-def _string_array(values: Sequence[str]):
-    import pyarrow as pa
-
-    return pa.array(list(values), type=pa.string())
 
 
 def label_vocabulary(labels: Sequence[str]) -> list[str]:

@@ -27,7 +27,7 @@ here); the reported val/test scores are always computed in float32, as the expor
 ``--from-scratch`` (or ``finetune.from_scratch: true``) trains the same architecture from random
 weights and writes to the same paths: a baseline that measures what pretraining is worth.
 
-Params section ``finetune`` (:class:`FinetuneParams`), plus ``model`` (architecture when
+Params section ``finetune`` (:class:`~pipeline_tasks.train.params.FinetuneParams`), plus ``model`` (architecture when
 training from scratch) and ``seed``. Command: ``python -m pipeline_tasks finetune [--from-scratch]``.
 """
 
@@ -35,83 +35,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
+from tokenizers import Tokenizer
+
+from pipeline_tasks.artifacts import sha256_file
+from pipeline_tasks.dataset.prepared import read_labelled_split
 from pipeline_tasks.errors import DataError
+from pipeline_tasks.train import classifier_data as fd
+from pipeline_tasks.train import finetune_loop as ft
+from pipeline_tasks.train.params import FinetuneParams
+from pipeline_tasks.train.training import configure_runtime, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetParams:
-    """Which prepared sources hold the labelled examples."""
-
-    train_sources: tuple[str, ...] = ("ag_news_train",)  # rows of train.parquet / val.parquet
-    test_sources: tuple[str, ...] = ("ag_news_test",)  # rows of test.parquet; () = every labelled source
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneParams:
-    dataset: DatasetParams = DatasetParams()
-    from_scratch: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    num_threads: int = 0
-    deterministic: bool = True
-    max_len: int = 96  # tokens incl. the trailing <|cls|>; clamped to the GPT block_size
-    pooling: Literal["last", "mean"] = "last"
-    use_cls: bool = True  # append <|cls|>: with "last" pooling its state summarises the text
-    head_dropout: float = 0.1
-    # dropout inside the backbone while fine-tuning (null: the pretrained config's, 0 by default);
-    # 18k labelled rows overfit a 5M-parameter model within two epochs without it
-    backbone_dropout: float | None = None
-    epochs: int = 3
-    max_steps: int = 0  # 0: epochs decide
-    max_train_rows: int = 0  # 0: all (a cap for quick runs)
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    lr: float = 1.0e-3
-    min_lr_ratio: float = 0.0
-    schedule: Literal["linear", "cosine"] = "linear"
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    layer_lr_decay: float = 1.0  # lr x decay^(depth from the top); 1.0 = off
-    freeze_embeddings: bool = False
-    class_weighting: Literal["none", "inverse_freq", "sqrt_inverse_freq"] = "none"
-    sampler: Literal["uniform", "weighted"] = "uniform"
-    label_smoothing: float = 0.0
-    eval_interval: int = 0  # steps between validations; 0 = once per epoch
-    patience: int = 3  # validations without improvement before stopping; 0 = off
-    min_delta: float = 0.0
-    log_interval: int = 50
-    bootstrap_resamples: int = 1000
-
-    def __post_init__(self) -> None:
-        positive = ("max_len", "epochs", "batch_size", "eval_batch_size", "log_interval")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_rows", "num_threads", "eval_interval", "patience",
-                     "bootstrap_resamples"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_len < 2:
-            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("min_lr_ratio", "warmup_ratio", "head_dropout", "label_smoothing", "backbone_dropout"):
-            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 < self.layer_lr_decay <= 1.0:
-            raise ValueError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
-        if self.class_weighting != "none" and self.sampler == "weighted":
-            raise ValueError("use class_weighting or sampler: weighted, not both (that corrects twice)")
 
 
 def add_arguments(parser) -> None:
@@ -124,49 +62,23 @@ def add_arguments(parser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from pipeline_tasks.train import classifier_data as fd
-    from pipeline_tasks.train import finetune_loop as ft
-    from pipeline_tasks.artifacts import sha256_file
-    from pipeline_tasks.train.training import autocast_dtype, resolve_device, seed_everything, set_num_threads
-
     cfg: FinetuneParams = params.finetune
     scratch = bool(from_scratch or cfg.from_scratch)
     paths = params.paths
-    threads = set_num_threads(cfg.num_threads)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
     device = resolve_device(cfg.device)
-    dtype = autocast_dtype(device, cfg.dtype)
+    threads, dtype = configure_runtime(device, num_threads=cfg.num_threads, deterministic=cfg.deterministic,
+                                       dtype=cfg.dtype)
     seed_everything(params.seed)
 
     # -- data ---------------------------------------------------------------------------------
     tokenizer_path = Path(paths.tokens_dir) / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise DataError(f"{tokenizer_path} not found; run `python -m pipeline_tasks tokenize` first")
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     pad_id = fd.special_token_id(tokenizer, fd.PAD_TOKEN)
     cls_id = fd.special_token_id(tokenizer, fd.CLS_TOKEN) if cfg.use_cls else None
     prepared = Path(paths.prepared_dir)
-    rows = {
-        "train": fd.read_labelled_split(prepared, "train", cfg.dataset.train_sources),
-        "val": fd.read_labelled_split(prepared, "val", cfg.dataset.train_sources),
-        "test": fd.read_labelled_split(prepared, "test", cfg.dataset.test_sources),
-    }
-    for split, r in rows.items():
-        if not r["id"]:
-            srcs = cfg.dataset.test_sources if split == "test" else cfg.dataset.train_sources
-            raise DataError(f"{prepared / (split + '.parquet')}: no labelled rows from sources {list(srcs)}; "
-                            "check finetune.dataset against ingest_news.sources[*].name")
-    if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
-        picked = np.random.default_rng(params.seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
-        keep = sorted(picked.tolist())
-        rows["train"] = {k: [v[i] for i in keep] for k, v in rows["train"].items()}
+    rows = read_rows(prepared, cfg, params.seed)
     labels = fd.label_vocabulary(rows["train"]["label"])
     if len(labels) < 2:
         raise DataError(f"{prepared / 'train.parquet'}: only labels {labels} in the training rows; need >= 2 classes")
@@ -209,3 +121,22 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
             "test_macro_f1": round(metrics["test"]["macro_f1"], 4),
             "val_macro_f1": round(metrics["val"]["macro_f1"], 4), "best_step": result.best_step,
             "train_seconds": round(result.seconds, 1)}
+
+
+def read_rows(prepared: Path, cfg: FinetuneParams, seed: int) -> dict[str, dict[str, list]]:
+    """Labelled rows per split from the sources ``cfg.dataset`` selects; train capped at ``max_train_rows``."""
+    rows = {
+        "train": read_labelled_split(prepared, "train", sources=cfg.dataset.train_sources).to_pydict(),
+        "val": read_labelled_split(prepared, "val", sources=cfg.dataset.train_sources).to_pydict(),
+        "test": read_labelled_split(prepared, "test", sources=cfg.dataset.test_sources).to_pydict(),
+    }
+    for split, r in rows.items():
+        if not r["id"]:
+            srcs = cfg.dataset.test_sources if split == "test" else cfg.dataset.train_sources
+            raise DataError(f"{prepared / (split + '.parquet')}: no labelled rows from sources {list(srcs)}; "
+                            "check finetune.dataset against ingest_news.sources[*].name")
+    if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
+        picked = np.random.default_rng(seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
+        keep = sorted(picked.tolist())
+        rows["train"] = {k: [v[i] for i in keep] for k, v in rows["train"].items()}
+    return rows

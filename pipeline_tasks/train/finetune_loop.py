@@ -1,10 +1,10 @@
 """Training loop, inference and outputs of the ``finetune`` stage (torch; imported by ``finetune.run``).
 
-Split from :mod:`pipeline_tasks.train.finetune` so the stage module stays a readable params + runner
-file. Pieces:
+Split from :mod:`pipeline_tasks.train.finetune` so the stage module stays a short runner. Pieces:
 
-* :func:`layer_index`, :func:`param_groups`, :func:`lr_at` — layer-wise lr decay, AdamW groups
-  (no weight decay on vectors and embeddings) and the warm-up + linear/cosine schedule;
+* :func:`layer_index`, :func:`param_groups`, :func:`configure_optimizer`, :func:`lr_at` — layer-wise
+  lr decay, AdamW groups (no weight decay on vectors and embeddings) and the warm-up +
+  linear/cosine schedule;
 * :func:`backbone_config`, :func:`build_classifier` — pretrained (``torch.load(weights_only=True)``)
   or randomly initialised backbone inside a :class:`SequenceClassifier`;
 * :func:`train` — one straight loop (nanoGPT style) with early stopping on validation macro-F1;
@@ -28,11 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
-from pipeline_tasks.train import classifier_data as fd
 from pipeline_tasks import metrics as mt
+from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, atomic_write_text, sha256_file, write_manifest
 from pipeline_tasks.errors import DataError, PipelineError
-from pipeline_tasks.train.training import autocast_context
+from pipeline_tasks.train import classifier_data as fd
+from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
+from pipeline_tasks.train.training import autocast_context, format_duration, log_step
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +113,6 @@ def encode_split(tokenizer, rows: dict[str, list], labels: list[str], max_len: i
 
 def backbone_config(params, tokenizer, scratch: bool):
     """``(ModelConfig, init)``: the pretrained checkpoint's config and weights, or ``params.model``."""
-    from pipeline_tasks.artifacts import sha256_file
-    from pipeline_tasks.train.model import ModelConfig
-
     vocab = tokenizer.get_vocab_size()
     if scratch:
         return ModelConfig.from_params(params.model, vocab), {"kind": "scratch"}
@@ -138,8 +138,6 @@ def backbone_config(params, tokenizer, scratch: bool):
 
 
 def build_classifier(config, init: dict[str, Any], num_classes: int, cfg, pad_id: int):
-    from pipeline_tasks.train.model import SequenceClassifier, build_lm
-
     backbone = build_lm(config)
     if init.get("state") is not None:
         backbone.load_state_dict(init["state"])  # strict: a partial load would silently train from noise
@@ -184,26 +182,15 @@ class TrainResult:
 
 def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device, dtype: torch.dtype,
           seed: int) -> TrainResult:
-    from tqdm.auto import tqdm
-
-    from pipeline_tasks.train.training import format_duration
-
     train_ids, y = data["train"]["ids"], data["train"]["y"]
-    n, bs, pad_id = len(y), cfg.batch_size, model.pad_id
+    n, bs = len(y), cfg.batch_size
     lengths = np.array([len(s) for s in train_ids])
     steps_per_epoch = math.ceil(n / bs)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     eval_every = cfg.eval_interval or steps_per_epoch
 
-    if cfg.freeze_embeddings:
-        logger.info("finetune: %d embedding weights frozen", freeze_embeddings(model, n_layer))
-    extra = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, n_layer), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), **extra)
-    weights = fd.class_weights(y, model.num_classes, cfg.class_weighting)
-    loss_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
-    if weights is not None:
-        logger.info("finetune: class weights %s", np.round(weights, 3).tolist())
+    optimizer = configure_optimizer(model, cfg, n_layer, device)
+    loss_weight = _loss_weight(y, model.num_classes, cfg.class_weighting, device)
     rng = np.random.default_rng(seed)
     sampler_gen = torch.Generator().manual_seed(seed)
     sample_w = torch.as_tensor(fd.sample_weights(y, model.num_classes)) if cfg.sampler == "weighted" else None
@@ -218,41 +205,21 @@ def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device,
     bar = tqdm(total=total, desc="finetune", unit="step", disable=None)
     stop = False
     for epoch in range(cfg.epochs):
-        order = None
-        if sample_w is not None:  # class-balanced draw with replacement, then length bucketing
-            sampler = torch.utils.data.WeightedRandomSampler(sample_w, n, replacement=True, generator=sampler_gen)
-            order = np.fromiter(iter(sampler), dtype=np.int64, count=n)
-        for idx in fd.length_bucketed_batches(lengths, bs, rng, order=order):
+        for idx in _epoch_batches(lengths, bs, rng, sample_w, sampler_gen):
             if step >= total:
                 break
             lr = lr_at(step, total, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            ids, mask = fd.pad_batch([train_ids[i] for i in idx], pad_id)
-            x, m = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
-            target = torch.from_numpy(y[idx]).to(device)
-            with autocast_context(device, dtype):
-                logits = model(x, m)  # (B, num_classes)
-            loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise PipelineError(f"finetune: loss is {loss.item()} at step {step}; lower finetune.lr "
-                                    f"(now {cfg.lr}) or enable grad_clip")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss = _train_batch(model, optimizer, data["train"], idx, lr, loss_weight, cfg, device, dtype, step)
             step += 1
             seen += len(idx)
-            run_loss += loss.item() * len(idx)
+            run_loss += loss * len(idx)
             run_n += len(idx)
             bar.update(1)
             if step % cfg.log_interval == 0 or step == total:
                 now = time.perf_counter()
                 rate = (seen - seen_at_log) / max(now - t_log, 1e-9)
-                eta = (total - step) * bs / max(rate, 1e-9)
-                logger.info("step %d/%d | epoch %d | loss %.4f | lr %.2e | %.0f ex/s | eta %s", step, total,
-                            epoch + 1, run_loss / max(run_n, 1), lr, rate, format_duration(eta))
+                log_step(logger, step, total, run_loss / max(run_n, 1), lr, throughput=f"{rate:.0f} ex/s",
+                         seconds_per_step=bs / max(rate, 1e-9), detail=f"epoch {epoch + 1}")
                 t_log, seen_at_log = now, seen
             if step % eval_every == 0 or step == total:
                 _evaluate(model, data["val"], cfg, device, dtype, step, epoch, run_loss / max(run_n, 1), result)
@@ -274,6 +241,56 @@ def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device,
     logger.info("finetune: %d steps in %s, best val macro-F1 %.4f at step %d (%s)", step,
                 format_duration(result.seconds), result.best_val_macro_f1, result.best_step, result.stop_reason)
     return result
+
+
+def configure_optimizer(model: torch.nn.Module, cfg, n_layer: int, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, after freezing the embeddings when ``cfg.freeze_embeddings``."""
+    if cfg.freeze_embeddings:
+        logger.info("finetune: %d embedding weights frozen", freeze_embeddings(model, n_layer))
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, n_layer), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def _loss_weight(y: np.ndarray, num_classes: int, scheme: str, device: torch.device) -> torch.Tensor | None:
+    weights = fd.class_weights(y, num_classes, scheme)
+    if weights is None:
+        return None
+    logger.info("finetune: class weights %s", np.round(weights, 3).tolist())
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, sample_w: torch.Tensor | None,
+                   sampler_gen: torch.Generator) -> list[np.ndarray]:
+    """One epoch of length-bucketed batches; with ``sample_w`` a class-balanced draw with replacement first."""
+    order = None
+    if sample_w is not None:
+        sampler = torch.utils.data.WeightedRandomSampler(sample_w, len(lengths), replacement=True,
+                                                         generator=sampler_gen)
+        order = np.fromiter(iter(sampler), dtype=np.int64, count=len(lengths))
+    return fd.length_bucketed_batches(lengths, batch_size, rng, order=order)
+
+
+def _train_batch(model, optimizer, split: dict[str, Any], idx: np.ndarray, lr: float, loss_weight, cfg,
+                 device: torch.device, dtype: torch.dtype, step: int) -> float:
+    """One optimizer step on the examples ``idx``; returns the batch's mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    ids, mask = fd.pad_batch([split["ids"][i] for i in idx], model.pad_id)
+    x, m = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+    target = torch.from_numpy(split["y"][idx]).to(device)
+    with autocast_context(device, dtype):
+        logits = model(x, m)  # (B, num_classes)
+    loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+    if not torch.isfinite(loss):
+        raise PipelineError(f"finetune: loss is {loss.item()} at step {step}; lower finetune.lr "
+                            f"(now {cfg.lr}) or enable grad_clip")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def _evaluate(model, val: dict[str, Any], cfg, device, dtype, step: int, epoch: int, train_loss: float,
@@ -329,8 +346,6 @@ def _csv_text(header: list[str], rows) -> str:
 def write_outputs(params, model, model_config, classifier: dict[str, Any], scratch: bool, init: dict[str, Any],
                   metrics: dict[str, Any], result: TrainResult, y_test, test_pred, labels,
                   inputs: dict[str, str]) -> None:
-    from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, atomic_write_text, write_manifest
-
     paths = params.paths
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(paths.finetune_dir) as out:

@@ -14,6 +14,10 @@ Params section ``model`` (:class:`ModelParams`, defined torch-free in
 size is not a param, it comes from the tokenizer: ``ModelConfig.from_params(params.model, V)``. The config travels in
 every checkpoint as ``config.to_dict()`` and comes back with ``ModelConfig.from_dict``.
 
+Checkpoints: :func:`load_lm` (pretrain ``model.pt``) and :func:`load_classifier` (finetune
+``model.pt``) are the one loader per kind, used by export, evaluate and the benches; both read
+with ``torch.load(weights_only=True)`` and accept ``torch.compile``'d weights (``_orig_mod.`` keys).
+
 Padding: both backbones are causal (GPT attends only to earlier positions, the LSTM reads left
 to right), so with *right* padding the states of the real tokens never see the pads and no
 attention mask is needed inside the backbone. :class:`SequenceClassifier` uses the mask only to
@@ -29,13 +33,15 @@ Quick check: ``python -c "from pipeline_tasks.train.model import *; print(build_
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from pipeline_tasks.train.params import (  # re-exported: import everything from pipeline_tasks.train.model
+from pipeline_tasks.errors import DataError
+from pipeline_tasks.train.params import (  # re-exported for code that already imports torch
     ARCHS,
     H100_BF16_PEAK_FLOPS,
     ModelConfig,
@@ -45,7 +51,7 @@ from pipeline_tasks.train.params import (  # re-exported: import everything from
 )
 
 __all__ = ["ARCHS", "H100_BF16_PEAK_FLOPS", "ModelConfig", "ModelParams", "flops_per_token", "mfu", "GPT", "LSTMLM",
-           "SequenceClassifier", "build_lm", "generate", "load_lm", "num_parameters"]
+           "SequenceClassifier", "build_lm", "generate", "load_classifier", "load_lm", "num_parameters"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +204,27 @@ def build_lm(config: ModelConfig) -> nn.Module:
     raise ValueError(f"unknown model arch {config.arch!r} (expected one of {ARCHS})")
 
 
-def load_lm(path, map_location: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a language model from a pretrain ``model.pt`` (weights_only load: no pickled code).
+def _state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    # torch.compile wraps modules: strip its prefix so compiled and eager checkpoints both load
+    return {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
 
-    Returns ``(model, checkpoint)``; the checkpoint dict keeps ``step``, ``val`` and ``special_tokens``.
+
+def load_lm(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """``(language model in eval mode, model config dict)`` from ``pretrain_dir/model.pt``.
+
+    ``torch.load(weights_only=True)``: a checkpoint cannot run pickled code.
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_lm(ModelConfig.from_dict(checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `lmpipe pretrain` first, or set export.export_lm: false")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        config = ModelConfig.from_dict(dict(checkpoint["model_config"]))
+        model = build_lm(config)
+        model.load_state_dict(_state_dict(checkpoint))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise DataError(f"{path}: not a pretrain checkpoint this code can load ({exc})") from exc
+    return model.eval(), config.to_dict()
 
 
 def num_parameters(model: Any, exclude_embeddings: bool = False) -> int:
@@ -286,3 +304,28 @@ class SequenceClassifier(nn.Module):
             mask = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
             pooled = (h * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, C)
         return self.head(self.dropout(pooled))  # (B, num_classes)
+
+
+def load_classifier(path: str | Path) -> tuple[SequenceClassifier, dict[str, Any]]:
+    """``(classifier in eval mode, checkpoint metadata)`` from ``finetune_dir/model.pt``.
+
+    The metadata holds ``model_config``, ``classifier`` (labels, pooling, pad/cls ids, max_len)
+    and ``from_scratch``; ``torch.load(weights_only=True)`` as for :func:`load_lm`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `lmpipe finetune` first (or `dvc repro finetune`)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        config = ModelConfig.from_dict(dict(checkpoint["model_config"]))
+        meta = dict(checkpoint["classifier"])
+        labels = list(meta["labels"])
+        model = SequenceClassifier(build_lm(config), num_classes=len(labels), pooling=meta["pooling"],
+                                   pad_id=int(meta["pad_id"]))
+        model.load_state_dict(_state_dict(checkpoint))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise DataError(f"{path}: not a finetune checkpoint this code can load ({exc}); re-run finetune") from exc
+    meta.setdefault("num_classes", len(labels))
+    meta.setdefault("cls_id", None)
+    return model.eval(), {"model_config": config.to_dict(), "classifier": meta,
+                          "from_scratch": bool(checkpoint.get("from_scratch", False))}

@@ -1,6 +1,8 @@
 """Training utilities shared by ``pretrain`` and ``finetune`` (torch only, no pandas/dvc/mlflow).
 
-* devices and precision: :func:`resolve_device`, :func:`autocast_dtype`, :func:`autocast_context`
+* devices and precision: :func:`resolve_device`, :func:`autocast_dtype`, :func:`autocast_context`,
+  :func:`configure_runtime` (threads, deterministic kernels, TF32, dtype: one setup for both loops)
+* progress: :func:`log_step` (the step line with ETA), :func:`format_duration`
 * distributed: :func:`setup_distributed` reads ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` as set by
   ``torchrun`` (gloo on CPU, nccl on CUDA); :class:`DistInfo`
 * optimisation: :func:`configure_optimizer` (AdamW, weight decay on 2-D weights only, fused on
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipeline_tasks.artifacts import atomic_path, atomic_write_text, sha256_file
 from pipeline_tasks.errors import PipelineError
@@ -40,8 +43,6 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from pipeline_tasks.errors import PipelineError
-
             raise PipelineError("device 'cuda' requested but torch sees no GPU; set pretrain.device: auto or cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -100,8 +101,6 @@ def setup_distributed(device_preference: str = "auto") -> tuple[DistInfo, torch.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(), resolve_device(device_preference)
-    import torch.distributed as dist
-
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
     device = resolve_device(device_preference, info.local_rank)
     if device.type == "cuda":
@@ -112,8 +111,6 @@ def setup_distributed(device_preference: str = "auto") -> tuple[DistInfo, torch.
 
 
 def teardown_distributed() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -121,8 +118,6 @@ def teardown_distributed() -> None:
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum over ranks in place (gloo has no AVG op, so callers divide themselves)."""
     if info.enabled:
-        import torch.distributed as dist
-
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -131,8 +126,6 @@ def all_gather_objects(obj: Any, info) -> list[Any]:
     """Every rank's ``obj`` on every rank (a list of one without DDP)."""
     if not info.enabled:
         return [obj]
-    import torch.distributed as dist
-
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -140,8 +133,6 @@ def all_gather_objects(obj: Any, info) -> list[Any]:
 
 def barrier(info) -> None:
     if info.enabled:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -173,6 +164,30 @@ def set_num_threads(num_threads: int, local_world_size: int = 1) -> int:
     n = num_threads or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
     torch.set_num_threads(n)
     return n
+
+
+def configure_runtime(device: torch.device, *, num_threads: int, deterministic: bool, dtype: str = "auto",
+                      local_world_size: int = 1, tf32: bool = False) -> tuple[int, torch.dtype]:
+    """Threads, deterministic kernels and precision for a training loop -> ``(threads, autocast dtype)``.
+
+    ``tf32``: TF32 for fp32 matmuls left outside autocast on CUDA (pretrain); finetune keeps it
+    off, its val/test scores are computed in float32 as the exported model runs.
+    """
+    threads = set_num_threads(num_threads, local_world_size)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if tf32 and device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return threads, autocast_dtype(device, dtype)
+
+
+def log_step(log: logging.Logger, step: int, total: int, loss: float, lr: float, *, throughput: str,
+             seconds_per_step: float, detail: str = "") -> None:
+    """The progress line of both loops: ``step s/N [| detail] | loss | lr | throughput | eta``."""
+    head = f"step {step}/{total}" + (f" | {detail}" if detail else "")
+    eta = format_duration((total - step) * seconds_per_step)
+    log.info("%s | loss %.4f | lr %.2e | %s | eta %s", head, loss, lr, throughput, eta)
 
 
 # ---------------------------------------------------------------------------------------------

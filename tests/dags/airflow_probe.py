@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 HEAVY = ("torch", "pandas", "numpy", "great_expectations", "evidently", "onnxruntime", "onnx", "mlflow",
          "pyarrow", "tokenizers", "sklearn")
@@ -38,10 +39,15 @@ def _task_report(task) -> dict:
     return report
 
 
-def dagbag(folder: str) -> dict:
-    from airflow.dag_processing.dagbag import DagBag
+def _bag(folder: str):
+    # BundleDagBag puts the DAGs folder on sys.path, as the dag processor and the task runner do
+    from airflow.dag_processing.dagbag import BundleDagBag
 
-    bag = DagBag(dag_folder=folder)
+    return BundleDagBag(dag_folder=folder, bundle_path=Path(folder))
+
+
+def dagbag(folder: str) -> dict:
+    bag = _bag(folder)
     dags = {}
     for dag_id, dag in bag.dags.items():
         dags[dag_id] = {
@@ -61,6 +67,7 @@ def import_cost(path: str) -> dict:
 
     import airflow.sdk  # noqa: F401  (the Airflow import itself is not the DAG file's cost)
 
+    sys.path.append(str(Path(path).parent))  # what the bundle loader does for the DAGs folder
     before = set(sys.modules)
     started = time.perf_counter()
     spec = importlib.util.spec_from_file_location("probe_dag_module", path)
@@ -73,9 +80,8 @@ def import_cost(path: str) -> dict:
 
 def dag_test(folder: str, dag_id: str, logical_date: str, conf: str) -> dict:
     import pendulum
-    from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=folder)
+    bag = _bag(folder)
     assert not bag.import_errors, bag.import_errors
     dag = bag.dags[dag_id]
     started = time.perf_counter()

@@ -46,7 +46,7 @@ def news_schema():
     """The ingest_news schema (docs/ARCHITECTURE.md): like the prepared one, with a nullable split."""
     import pyarrow as pa
 
-    from pipeline_tasks.dataset.prepare import prepared_schema
+    from pipeline_tasks.dataset.prepared import prepared_schema
 
     return pa.schema([f.with_nullable(True) if f.name == "split" else f for f in prepared_schema()])
 

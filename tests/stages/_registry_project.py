@@ -50,8 +50,8 @@ def bundles(base: Path, corpora: Path, names: tuple[str, ...] = ("a",)) -> dict[
 
 def raw_news(out_dir: Path, sources: tuple[str, ...]) -> Path:
     """Run the real ingest_news on the named sources of the repo's params.yaml; returns raw_news_dir."""
-    from pipeline_tasks.ingest import ingest_news
     from pipeline_tasks.config import parse_params
+    from pipeline_tasks.ingest import ingest_news
 
     raw_dir = out_dir / "raw_news"
     if all((raw_dir / f"{s}.parquet").is_file() for s in sources):
@@ -81,8 +81,8 @@ def registry_params(root: Path, bundle_dir: Path, **sections):
 
     paths = {"bundle_dir": str(bundle_dir), "evaluate_dir": str(root / "evaluate"),
              "registry_dir": str(root / "registry"), "register_reports_dir": str(root / "reports/register"),
-             "validate_dir": str(root / "validate"), "monitor_dir": str(root / "monitor")}
-    raw = {"paths": paths, "register": {}, "evaluate": {"gates": GATES,
-                                                        "champion_metrics_path": str(root / "registry/production_metrics.json")}}
+             "validate_dir": str(root / "validate"), "monitor_dir": str(root / "monitor"),
+             "champion_metrics_path": str(root / "registry/production_metrics.json")}
+    raw = {"paths": paths, "register": {}, "evaluate": {"gates": GATES}}
     raw.update(sections)
     return parse_params(raw)

@@ -5,13 +5,21 @@ declares: its ``params.yaml`` (the tiny profile) and its data ``deps`` (copied f
 of the stages that produced them). The stage command (``python -m pipeline_tasks STAGE``, from the
 installed package as in the task image) runs in a subprocess whose environment holds only PATH,
 HOME, LMPIPE_DATA_MIRROR and the telemetry switches. It must exit 0 and produce every declared
-``outs`` / ``metrics`` / ``plots`` path, and every ``pipeline_tasks`` module it imported beyond
-what loading params.yaml imports (each section's ``*Params`` module) must be a declared code dep (or
-a foundation module every stage uses), so DVC re-runs the stage when code it runs changes. Stages not in dvc.yaml yet are simply not there.
+``outs`` / ``metrics`` / ``plots`` path.
+
+Code deps: every ``pipeline_tasks`` file the stage runs must be a declared dep, so that DVC re-runs
+the stage when code it runs changes. "Runs" is the import closure of the stage's module, recorded
+by an import hook that sees which module imports which: what loading params.yaml or the CLI import
+for every command does not hide a module the stage itself imports. The foundation modules every
+command imports and the families' ``__init__.py`` are exempt; the ``*Params`` module of every
+section in the stage's ``params:`` is required as well (its defaults and checks shape the run).
+A fast test checks the closure at import time, the slow one at run time (function-local imports
+included), and a third shows that dropping a dep is reported.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -23,27 +31,129 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline_tasks.config import SECTIONS
 from pipeline_tasks.orchestration.settings import stage_paths
+from pipeline_tasks.stages import STAGES
 from tests.dags.conftest import tiny_overrides
 from tests.tiny import write_tiny_params
 
 REPO = Path(__file__).resolve().parents[2]
 # Imported by every command through the CLI; changing them is a change of the framework.
-FOUNDATION = {"__init__", "__main__", "cli", "config", "errors", "stages"}
-# Runs the stage like `python -m pipeline_tasks STAGE` and records the pipeline_tasks modules it imported,
-# minus those that loading params.yaml imports anyway (every section's *Params class lives in its module).
-RUNNER = """
-import json, runpy, sys
-from pipeline_tasks.config import load_params
-load_params()
-baseline = {m for m in sys.modules if m.startswith("pipeline_tasks")}
+FOUNDATION = {f"pipeline_tasks/{name}.py" for name in ("__init__", "__main__", "cli", "config", "errors", "stages")}
+# builtins.__import__ receives the importer's globals: record an edge importer -> imported for every
+# pipeline_tasks import (``from pipeline_tasks.x import y`` adds x.y when y is a module), then walk them.
+IMPORT_GRAPH = """
+import builtins, importlib.util, sys
+from pathlib import Path
+
+edges = {}
+_import = builtins.__import__
+
+
+def _recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+    module = _import(name, globals, locals, fromlist, level)
+    importer = (globals or {}).get("__name__", "")
+    target = importlib.util.resolve_name("." * level + name, globals.get("__package__")) if level else name
+    if importer.startswith("pipeline_tasks") and target.startswith("pipeline_tasks"):
+        found = edges.setdefault(importer, set())
+        found.add(target)
+        found.update(f"{target}.{item}" for item in fromlist or () if f"{target}.{item}" in sys.modules)
+    return module
+
+
+builtins.__import__ = _recording_import
+
+
+def code_files(root):
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges.get(name, ()))
+    package_dir = Path(sys.modules["pipeline_tasks"].__file__).parent
+    files = (getattr(sys.modules.get(name), "__file__", None) for name in seen)
+    return sorted("pipeline_tasks/" + Path(f).relative_to(package_dir).as_posix() for f in files if f)
+"""
+# Runs the stage like `python -m pipeline_tasks STAGE` and writes the files of its module's closure.
+RUNNER = IMPORT_GRAPH + """
+import json, runpy
+from pipeline_tasks.stages import STAGES
 try:
     runpy.run_module("pipeline_tasks", run_name="__main__", alter_sys=True)
 finally:
-    mods = sorted(m for m, mod in sys.modules.items()
-                  if m.startswith("pipeline_tasks") and m not in baseline and getattr(mod, "__file__", None))
-    open(".imported.json", "w").write(json.dumps({m: sys.modules[m].__file__ for m in mods}))
+    with open(".imported.json", "w") as fh:
+        json.dump(code_files("pipeline_tasks." + STAGES[sys.argv[1]]), fh)
 """
+# Loads params.yaml as the CLI does, then imports every stage module: {stage: files of its closure}.
+IMPORT_PROBE = IMPORT_GRAPH + """
+import importlib, json
+from pipeline_tasks.config import load_params
+from pipeline_tasks.stages import STAGES
+load_params("params.yaml")
+for module in STAGES.values():
+    importlib.import_module("pipeline_tasks." + module)
+print(json.dumps({stage: code_files("pipeline_tasks." + module) for stage, module in STAGES.items()}))
+"""
+
+
+def params_modules(stage: dict) -> set[str]:
+    """Files of the ``*Params`` classes of the sections the stage reads (``params: [model, prepare.salt]``)."""
+    files = set()
+    for entry in stage.get("params") or ():
+        spec = SECTIONS.get(str(entry).split(".")[0]) if isinstance(entry, str) else None
+        if spec:
+            files.add(spec.partition(":")[0].replace(".", "/") + ".py")
+    return files
+
+
+def missing_code_deps(stage: dict, variables: dict, code_files: list[str]) -> list[str]:
+    """Code the stage runs that its ``deps`` do not list (a declared folder covers the files under it)."""
+    declared = [d.rstrip("/") for d in stage_paths(stage, variables, "deps") if d.startswith("pipeline_tasks/")]
+    needed = {f for f in [*code_files, *params_modules(stage)] if f not in FOUNDATION and Path(f).name != "__init__.py"}
+    return sorted(f for f in needed if not any(f == d or f.startswith(d + "/") for d in declared))
+
+
+def _missing_report(name: str, missing: list[str]) -> str:
+    return f"{name}: its dvc.yaml deps lack {', '.join(missing)} (code it runs: DVC would not re-run it on a change)"
+
+
+def _dvc_stages() -> dict[str, dict]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def _params_variables() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def import_closures() -> dict[str, list[str]]:
+    """{stage: pipeline_tasks files its module imports, transitively}, after loading params.yaml."""
+    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_stage_declares_the_code_it_imports(import_closures):
+    stages, variables = _dvc_stages(), _params_variables()
+    assert set(stages) == set(STAGES)
+    problems = [_missing_report(name, missing) for name, stage in stages.items()
+                if (missing := missing_code_deps(stage, variables, import_closures[name]))]
+    assert not problems, "\n".join(problems)
+
+
+def test_dropping_a_code_dep_the_stage_imports_is_reported(import_closures):
+    stages, variables = _dvc_stages(), _params_variables()
+    for name, stage in stages.items():
+        module_file = f"pipeline_tasks/{STAGES[name].replace('.', '/')}.py"
+        assert module_file in import_closures[name]  # the closure starts at the stage's own module
+        imported = [d for d in stage_paths(stage, variables, "deps") if d in import_closures[name] and d not in FOUNDATION]
+        assert module_file in imported, f"{name}: dvc.yaml does not list its own module {module_file}"
+        for dep in imported:
+            without = copy.deepcopy(stage)
+            without["deps"] = [d for d in stage["deps"] if stage_paths({"deps": [d]}, variables, "deps") != [dep]]
+            assert dep in missing_code_deps(without, variables, import_closures[name]), (name, dep)
 
 
 def _clean_env(corpora: Path, home: Path) -> dict[str, str]:
@@ -70,7 +180,7 @@ def _producer(dep: str, produced: dict[str, Path]) -> Path | None:
 
 @pytest.mark.slow
 def test_every_stage_runs_from_only_its_declared_inputs_in_a_clean_env(tmp_path, corpora):
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stages = _dvc_stages()
     params_file = write_tiny_params(REPO / "params.yaml", tmp_path / "params.yaml", tiny_overrides())
     variables = yaml.safe_load(params_file.read_text())
     state = tmp_path / "state"  # shared state (registry) lives outside the workspaces, as in a real run
@@ -82,7 +192,7 @@ def test_every_stage_runs_from_only_its_declared_inputs_in_a_clean_env(tmp_path,
         shutil.copy2(params_file, workspace / "params.yaml")
         for dep in stage_paths(stage, variables, "deps"):
             if dep.startswith("pipeline_tasks/"):
-                assert (REPO / dep).is_file(), f"{name}: declared code dep {dep} does not exist"
+                assert (REPO / dep).exists(), f"{name}: declared code dep {dep} does not exist"
                 continue  # code comes from the installed package, as in the task image
             source = _producer(dep, produced)
             if source is not None and (source / dep).exists():
@@ -93,8 +203,7 @@ def test_every_stage_runs_from_only_its_declared_inputs_in_a_clean_env(tmp_path,
                 pytest.fail(f"{name}: dep {dep} is neither produced by an earlier stage nor in the repo")
         raw = yaml.safe_load((workspace / "params.yaml").read_text())
         raw.setdefault("paths", {})["registry_dir"] = str(state / "registry")
-        if "evaluate" in raw:
-            raw["evaluate"]["champion_metrics_path"] = str(state / "registry" / "production_metrics.json")
+        raw["paths"]["champion_metrics_path"] = str(state / "registry" / "production_metrics.json")
         (workspace / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
         cmd = shlex.split(stage["cmd"])
@@ -108,12 +217,7 @@ def test_every_stage_runs_from_only_its_declared_inputs_in_a_clean_env(tmp_path,
             for out in stage_paths(stage, variables, kind):
                 assert (workspace / out).exists(), f"{name}: declared {kind[:-1]} {out} was not produced"
                 produced[out] = workspace
-        imported = json.loads((workspace / ".imported.json").read_text())
-        declared = {Path(d).stem for d in stage_paths(stage, variables, "deps") if d.startswith("pipeline_tasks/")}
-        undeclared = sorted(m.split(".")[-1] for m, f in imported.items()
-                            if m != "pipeline_tasks" and m.split(".")[-1] not in FOUNDATION | declared
-                            and f.endswith(".py") and Path(f).parent.name == "pipeline_tasks")
-        if undeclared:
-            problems.append(f"{name} imports pipeline_tasks.{{{', '.join(undeclared)}}} but dvc.yaml does not "
-                            "list them as deps (DVC would not re-run it when they change)")
+        missing = missing_code_deps(stage, variables, json.loads((workspace / ".imported.json").read_text()))
+        if missing:
+            problems.append(_missing_report(name, missing))
     assert not problems, "\n".join(problems)

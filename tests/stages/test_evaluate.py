@@ -38,12 +38,12 @@ def project(tmp_path_factory, corpora):
 
 
 def _params(project, tmp_path, gates=None, champion=None):
-    paths = {**project.raw["paths"], "evaluate_dir": str(tmp_path / "evaluate")}
     champion_path = tmp_path / "production_metrics.json"
+    paths = {**project.raw["paths"], "evaluate_dir": str(tmp_path / "evaluate"),
+             "champion_metrics_path": str(champion_path)}
     if champion is not None:
         champion_path.write_text(json.dumps(champion))
-    return project.params(paths=paths, ingest_news=SOURCES, evaluate={
-        **FAST, "champion_metrics_path": str(champion_path), "gates": {**LOOSE, **(gates or {})}})
+    return project.params(paths=paths, ingest_news=SOURCES, evaluate={**FAST, "gates": {**LOOSE, **(gates or {})}})
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,8 @@ def test_evaluate_writes_gates_plots_and_model_card(evaluated):
 
 
 def test_evaluate_bootstrap_intervals_are_seeded():
-    from pipeline_tasks.ship.evaluate import EvaluateParams, score
+    from pipeline_tasks.ship.evaluate import score
+    from pipeline_tasks.ship.params import EvaluateParams
 
     rng = np.random.default_rng(1)
     y, pred = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
@@ -122,9 +123,9 @@ def test_evaluate_regression_vs_champion_is_a_failed_gate(project, evaluated, tm
 
 def test_evaluate_failed_gate_exits_zero_with_banner(project, tmp_path):
     """Through the real CLI: the stage succeeds, records passed=false and prints the verdict."""
-    params = {"seed": 1337, "paths": {**project.raw["paths"], "evaluate_dir": str(tmp_path / "evaluate")},
-              "evaluate": {**FAST, "champion_metrics_path": str(tmp_path / "none.json"),
-                           "gates": {**LOOSE, "min_accuracy": 0.99}}}
+    params = {"seed": 1337, "paths": {**project.raw["paths"], "evaluate_dir": str(tmp_path / "evaluate"),
+                                      "champion_metrics_path": str(tmp_path / "none.json")},
+              "evaluate": {**FAST, "gates": {**LOOSE, "min_accuracy": 0.99}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "LMPIPE_PARAMS": str(tmp_path / "params.yaml")}
     result = subprocess.run([sys.executable, "-m", "pipeline_tasks", "evaluate"], cwd=tmp_path, env=env,

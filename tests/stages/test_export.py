@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_tasks.ship.bundle import VARIANT_FILES, load_bundle, verify_bundle
 from pipeline_tasks.errors import PipelineError
+from pipeline_tasks.ship.bundle import VARIANT_FILES, load_bundle, verify_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared tiny project, with or without __init__.py
 from _export_project import build_tiny_project, export_bundle  # noqa: E402
@@ -33,7 +33,7 @@ def gpt(tmp_path_factory, corpora):
 def _torch_logits(project, input_ids, mask):
     import torch
 
-    from pipeline_tasks.ship.export import load_classifier
+    from pipeline_tasks.train.model import load_classifier
 
     model, _ = load_classifier(project.path("finetune_dir") / "model.pt")
     with torch.no_grad():
@@ -102,7 +102,8 @@ def test_export_int8_agrees_with_fp32_on_test_rows(gpt):
 def test_export_pooled_output_is_the_classifier_embedding(gpt):
     import torch
 
-    from pipeline_tasks.ship.export import classifier_graph, load_classifier
+    from pipeline_tasks.ship.export import classifier_graph
+    from pipeline_tasks.train.model import load_classifier
 
     bundle = load_bundle(gpt.path("bundle_dir"))
     texts = _test_texts(gpt)[:16]
@@ -119,7 +120,7 @@ def test_export_pooled_output_is_the_classifier_embedding(gpt):
 def test_export_lm_is_causal_and_matches_torch(gpt):
     import torch
 
-    from pipeline_tasks.ship.export import load_lm
+    from pipeline_tasks.train.model import load_lm
 
     bundle = load_bundle(gpt.path("bundle_dir"))
     rng = np.random.default_rng(0)
@@ -169,7 +170,7 @@ def test_export_lstm_bundle_passes_parity(tmp_path_factory, corpora):
 
 
 def test_export_params_reject_bad_values():
-    from pipeline_tasks.ship.export import ExportParams
+    from pipeline_tasks.ship.params import ExportParams
 
     with pytest.raises(ValueError, match="opset"):
         ExportParams(opset=5)

@@ -16,6 +16,7 @@ import pytest
 from pipeline_tasks.config import parse_params
 from pipeline_tasks.errors import DataError, SourceError
 from pipeline_tasks.ingest.ingest_news import news_schema, read_news_table, run
+from pipeline_tasks.ingest.sources import tree_digest
 
 LABELS = ["business", "scitech", "sports", "world"]
 
@@ -242,8 +243,6 @@ def test_ingest_news_max_records_per_source_gives_a_quick_run(tmp_path):
 
 
 def test_ingest_news_folder_source_verified_by_tree_digest_and_latin1_quarantined(tmp_path):
-    from pipeline_tasks.ingest.sources import tree_digest
-
     root = tmp_path / "bbc"
     for label in ("sport", "tech"):
         (root / label).mkdir(parents=True)

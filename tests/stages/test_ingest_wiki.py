@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_tasks.ingest import ingest_wiki
 from pipeline_tasks.config import parse_params
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.ingest.ingest_wiki import IngestWikiParams, WikiSourceParams, ingest_file, run, worker_pool
+from pipeline_tasks.ingest import ingest_wiki
+from pipeline_tasks.ingest.ingest_wiki import ingest_file, run, worker_pool
+from pipeline_tasks.ingest.params import IngestWikiParams, WikiSourceParams
 
 FORBIDDEN = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref", "\r")
 GENSIM = "wikipedia_dumps/piskvorky_gensim/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from _registry_project import bundles, raw_news
 
-from pipeline_tasks.monitor.monitor import drift
 from pipeline_tasks.config import parse_params
 from pipeline_tasks.errors import DataError
+from pipeline_tasks.monitor import drift
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +84,9 @@ def test_monitor_flags_far_month_writes_report_and_exits_zero(inputs, tmp_path, 
 @pytest.fixture(scope="module")
 def pool(inputs):
     """HuffPost 2018 texts featurized once (every row through the model), plus the far month and AG News."""
+    from pipeline_tasks.monitor.monitor import load_slice
+    from pipeline_tasks.monitor.params import SliceParams
     from pipeline_tasks.ship.bundle import load_bundle
-    from pipeline_tasks.monitor.monitor import SliceParams, load_slice
 
     paths = parse_params({"paths": {"raw_news_dir": str(inputs["raw_news_dir"])}}).paths
     bundle = load_bundle(inputs["bundle_dir"])
@@ -137,7 +138,7 @@ def test_monitor_flags_far_month_and_other_source_against_2018_reference(pool):
 
 
 def test_monitor_reads_a_folder_of_new_files_without_labels(inputs, tmp_path):
-    from pipeline_tasks.monitor.monitor import monitor
+    from pipeline_tasks.monitor import monitor
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -157,8 +158,33 @@ def test_monitor_reads_a_folder_of_new_files_without_labels(inputs, tmp_path):
     assert summary["values"]["label"] is None and "unavailable" in summary["signals"]["label"]["why"]
 
 
+def test_monitor_outputs_are_swapped_together_and_other_files_kept(inputs, tmp_path, monkeypatch):
+    from pipeline_tasks.monitor import monitor
+
+    out = tmp_path / "monitor"
+    out.mkdir()
+    (out / "notes.txt").write_text("not monitor's\n", encoding="utf-8")  # monitor_dir may be shared
+    (out / "reference_stats.json").write_text('{"stale": true}\n', encoding="utf-8")
+    raw = _params(inputs, tmp_path, reference={"source": "huffpost_v3", "end": "2019-01-01", "max_rows": 200},
+                  batch={"source": "huffpost_v3", "start": "2022-08-01", "max_rows": 100},
+                  reference_rows=100, sample_rows=50, html_report=False)
+    monitor.run(parse_params(raw))
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(first) == {*monitor.OUTPUT_NAMES, "notes.txt"} and b"stale" not in first["reference_stats.json"]
+
+    def crash(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    # a crash after the new summary was written must leave the previous outputs, all of them
+    monkeypatch.setattr(monitor, "write_over_time", crash)
+    with pytest.raises(OSError, match="disk full"):
+        monitor.run(parse_params({**raw, "seed": 7}))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".monitor.")]  # no temporary folder left
+
+
 def test_monitor_too_small_window_fails_naming_the_file(inputs, tmp_path):
-    from pipeline_tasks.monitor.monitor import monitor
+    from pipeline_tasks.monitor import monitor
 
     raw = _params(inputs, tmp_path, reference=REFERENCE_2018, batch={"source": "huffpost_v3"},
                   window_start="2030-01-01", window_end="2030-02-01")

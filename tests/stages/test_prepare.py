@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from _prepare_data import project_params, write_raw
+
 from pipeline_tasks.dataset import prepare
+from pipeline_tasks.dataset.prepared import COLUMNS, SPLITS, prepared_schema
 from pipeline_tasks.errors import DataError
 
 
@@ -31,10 +32,10 @@ def test_prepare_run_writes_splits_stats_and_manifest(project):
     prepared = root / "prepared"
     assert sorted(p.name for p in prepared.iterdir()) == [
         "dropped.parquet", "manifest.json", "test.parquet", "train.parquet", "val.parquet"]
-    expected = prepare.prepared_schema()
-    for split in prepare.SPLITS:
+    expected = prepared_schema()
+    for split in SPLITS:
         schema = pq.read_schema(prepared / f"{split}.parquet")
-        assert schema.names == list(prepare.COLUMNS)
+        assert schema.names == list(COLUMNS)
         assert [str(f.type) for f in schema if f.name != "date"] == \
             [str(f.type) for f in expected if f.name != "date"]
         frame = _read(prepared / f"{split}.parquet")
@@ -99,17 +100,16 @@ def test_prepare_rerun_is_byte_identical(project):
 def test_prepare_new_source_never_moves_existing_documents(project, corpora):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from _prepare_data import bbc_rows, news_schema
 
     root, raw, params = project
     prepare.run(params)
-    before = {s: set(_read(root / "prepared" / f"{s}.parquet")["id"]) for s in prepare.SPLITS}
+    before = {s: set(_read(root / "prepared" / f"{s}.parquet")["id"]) for s in SPLITS}
     pq.write_table(pa.Table.from_pylist(bbc_rows(corpora), schema=news_schema()),
                    raw["raw_news_dir"] / "bbc.parquet")
     prepare.run(params)
-    after = {s: set(_read(root / "prepared" / f"{s}.parquet")["id"]) for s in prepare.SPLITS}
-    for split in prepare.SPLITS:
+    after = {s: set(_read(root / "prepared" / f"{s}.parquet")["id"]) for s in SPLITS}
+    for split in SPLITS:
         assert before[split] <= after[split], f"documents left {split}"
     assert sum(map(len, after.values())) > sum(map(len, before.values()))
 

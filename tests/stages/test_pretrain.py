@@ -7,6 +7,7 @@ text (module fixture). Models are tiny (2 layers, width 32) so each run takes se
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -78,7 +79,7 @@ def test_pretrain_loss_falls_and_writes_outputs(arch, tokens_dir, tmp_path):
     assert initial == pytest.approx(math.log(512), abs=0.25)
     assert len(val) == 3 and val[0] > val[1] > val[2] and val[-1] < initial - 0.3, (initial, val)
 
-    metrics = __import__("json").loads((reports / "metrics.json").read_text())
+    metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["train/steps"] == 30 and metrics["val/loss"] == pytest.approx(min(val))
     assert metrics["val/bpb"] > 0 and metrics["train/tokens_per_s"] > 0 and result["val_loss"] > 0
     assert list((reports / "tb").glob("events.out.tfevents.*"))
@@ -218,8 +219,8 @@ def test_pretrain_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoi
 
 
 def test_pretrain_rejects_tokens_per_step_not_divisible(tokens_dir, tmp_path):
-    from pipeline_tasks.train import pretrain
     from pipeline_tasks.config import ConfigError
+    from pipeline_tasks.train import pretrain
 
     params = load_params(make_params(tmp_path, tokens_dir, tokens_per_step=300))
     with pytest.raises(ConfigError, match="tokens_per_step \\(300\\) must be a multiple of .* = 128"):

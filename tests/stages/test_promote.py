@@ -100,13 +100,14 @@ def _raw(registry, bundle_dir: Path) -> dict:
     return {"seed": 1, "paths": {"bundle_dir": str(bundle_dir), "evaluate_dir": str(root / "evaluate"),
                                  "registry_dir": str(root / "registry"),
                                  "register_reports_dir": str(root / "reports/register"),
-                                 "validate_dir": str(root / "validate"), "monitor_dir": str(root / "monitor")},
+                                 "validate_dir": str(root / "validate"), "monitor_dir": str(root / "monitor"),
+                                 "champion_metrics_path": str(root / "registry/production_metrics.json")},
             "register": {"model_name": registry["name"]},
-            "evaluate": {"gates": GATES, "champion_metrics_path": str(root / "registry/production_metrics.json")}}
+            "evaluate": {"gates": GATES}}
 
 
 def _register(registry, bundle_dir: Path, metrics: dict) -> dict:
-    from pipeline_tasks.registry.store import register
+    from pipeline_tasks.registry import register
 
     write_evaluation(registry["root"] / "evaluate", metrics)  # evaluated before any production existed
     return register.run(parse_params(_raw(registry, bundle_dir)))

@@ -105,7 +105,7 @@ def _client(params):
 
 @pytest.mark.slow
 def test_register_gate_failed_records_rejected_run_and_registers_nothing(bundle_dir, tmp_path):
-    from pipeline_tasks.registry.store import register
+    from pipeline_tasks.registry import register
 
     params = registry_params(tmp_path, bundle_dir)
     gates = write_evaluation(tmp_path / "evaluate", {**PASSING, "accuracy": 0.31})
@@ -126,8 +126,8 @@ def test_register_gate_failed_records_rejected_run_and_registers_nothing(bundle_
 
 @pytest.mark.slow
 def test_register_passed_sets_challenger_with_lineage_once(bundle_dir, tmp_path):
-    from pipeline_tasks.registry.store import register
     from pipeline_tasks.artifacts import sha256_file
+    from pipeline_tasks.registry import register
 
     params = registry_params(tmp_path, bundle_dir)
     write_evaluation(tmp_path / "evaluate", PASSING)
@@ -169,7 +169,7 @@ def _clean_site(tmp: Path) -> Path:
 
 @pytest.mark.slow
 def test_registered_model_predicts_in_clean_subprocess_without_torch(bundle_dir, tmp_path):
-    from pipeline_tasks.registry.store import register
+    from pipeline_tasks.registry import register
     from pipeline_tasks.ship.bundle import load_bundle
 
     params = registry_params(tmp_path, bundle_dir)

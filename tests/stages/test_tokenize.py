@@ -10,8 +10,8 @@ import pytest
 from _lm_data import write_params, write_prepared
 
 from pipeline_tasks.config import load_params
-from pipeline_tasks.errors import DataError
 from pipeline_tasks.dataset.shards import open_shard
+from pipeline_tasks.errors import DataError
 
 
 @pytest.fixture(scope="module")

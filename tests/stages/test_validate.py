@@ -12,11 +12,10 @@ import shutil
 
 import pytest
 import yaml
-
 from _prepare_data import project_params, write_raw
+
 from pipeline_tasks import cli
-from pipeline_tasks.dataset import prepare
-from pipeline_tasks.dataset import validate
+from pipeline_tasks.dataset import prepare, validate
 from pipeline_tasks.errors import DataError, ValidationFailedError
 
 

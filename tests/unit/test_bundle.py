@@ -29,7 +29,6 @@ def _tokenizer():
 
 
 def _onnx_model(weight: np.ndarray):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline_tasks.monitor.monitor import drift
 from pipeline_tasks.config import ConfigError, parse_params
+from pipeline_tasks.monitor import drift
 
 BASE = {"descriptors": 0.5, "embedding": 0.015, "prediction": 0.15, "label": 0.15, "bpb": 0.05}
 QUIET = {"descriptors": 0.2, "embedding": 0.001, "prediction": 0.05, "label": 0.05, "bpb": 0.01}
@@ -168,9 +168,9 @@ def test_embedding_drift_mmd_separates_shifted_embeddings():
 
 
 def test_month_windows_cut_at_calendar_months():
-    from pipeline_tasks.monitor.monitor import month_windows
+    from pipeline_tasks.monitor.batches import month_windows
 
-    utc = dt.timezone.utc
+    utc = dt.UTC
     windows = month_windows(dt.datetime(2021, 11, 15, tzinfo=utc), dt.datetime(2022, 2, 10, tzinfo=utc), 1)
     assert [(a.date().isoformat(), b.date().isoformat()) for a, b in windows] == [
         ("2021-11-15", "2021-12-01"), ("2021-12-01", "2022-01-01"), ("2022-01-01", "2022-02-01"),

@@ -1,4 +1,4 @@
-"""Pure parts of finetune: params, labelled-row selection, encoding, padding / pooling, batching,
+"""Pure parts of finetune: params, label ids, encoding, padding / pooling, batching,
 class weights, layer-wise lr groups and the schedule (real tokenizer and real models, tiny)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_tasks.train import classifier_data as fd
 from pipeline_tasks.config import ConfigError, parse_params
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.train.finetune import FinetuneParams
+from pipeline_tasks.train import classifier_data as fd
+from pipeline_tasks.train.params import FinetuneParams
 
 TEXTS = [
     "Stocks rally as oil prices fall\nWall Street rose on Monday after crude futures dropped.",
@@ -62,49 +62,6 @@ def test_finetune_params_reject_bad_values(section, message):
 
 
 # -- labelled rows ---------------------------------------------------------------------------
-
-def _write_split(path, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("text", pa.string()),
-                        ("label", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-
-
-def test_read_labelled_split_keeps_labelled_rows_of_selected_sources(tmp_path):
-    _write_split(tmp_path / "train.parquet", [
-        {"id": "ag:1", "kind": "news", "source": "ag", "text": "a", "label": "sports"},
-        {"id": "ag:2", "kind": "news", "source": "ag", "text": "b", "label": None},
-        {"id": "bbc:1", "kind": "news", "source": "bbc", "text": "c", "label": "business"},
-        {"id": "wiki:1", "kind": "wiki", "source": "wiki", "text": "d", "label": None},
-    ])
-    assert fd.read_labelled_split(tmp_path, "train", ["ag"])["id"] == ["ag:1"]
-    assert fd.read_labelled_split(tmp_path, "train", [])["id"] == ["ag:1", "bbc:1"]  # () = every labelled source
-    rows = fd.read_labelled_split(tmp_path, "train", ["ag", "bbc"])
-    assert rows["label"] == ["sports", "business"] and rows["source"] == ["ag", "bbc"]
-
-
-def test_read_labelled_split_missing_file_names_the_fix(tmp_path):
-    with pytest.raises(DataError, match=r"val\.parquet: prepared split not found; run .*prepare"):
-        fd.read_labelled_split(tmp_path, "val", ["ag"])
-
-
-def test_read_labelled_split_missing_column_names_file(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"id": ["x"], "text": ["t"]}), tmp_path / "test.parquet")
-    with pytest.raises(DataError, match=r"test\.parquet: columns \['source', 'label'\] missing"):
-        fd.read_labelled_split(tmp_path, "test", [])
-
-
-def test_read_labelled_split_rejects_empty_text_naming_record(tmp_path):
-    _write_split(tmp_path / "train.parquet", [{"id": "ag:9", "kind": "news", "source": "ag", "text": "  ",
-                                               "label": "world"}])
-    with pytest.raises(DataError, match="first id 'ag:9'"):
-        fd.read_labelled_split(tmp_path, "train", ["ag"])
-
 
 def test_label_vocabulary_is_sorted_and_unknown_test_label_fails():
     vocab = fd.label_vocabulary(["world", "sports", "business", "scitech", "sports"])

@@ -7,9 +7,9 @@ import io
 
 import pytest
 
-from pipeline_tasks.ingest import newsformats as nf
 from pipeline_tasks.config import ConfigError, load_params, parse_params
-from pipeline_tasks.ingest.ingest_news import IngestNewsParams, NewsSourceParams
+from pipeline_tasks.ingest import newsformats as nf
+from pipeline_tasks.ingest.params import IngestNewsParams, NewsSourceParams
 
 UTC = dt.timezone.utc
 

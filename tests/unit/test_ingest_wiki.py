@@ -9,15 +9,19 @@ import bz2
 import io
 import json
 import lzma
+import random
 
 import pytest
 
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.ingest.ingest_wiki import CleanOptions, IngestWikiParams, WikiSourceParams, _prefilter, clean_batch
+from pipeline_tasks.ingest import bz2blocks
+from pipeline_tasks.ingest.bz2blocks import ParallelBz2Reader, decode_segment, iter_segments
+from pipeline_tasks.ingest.ingest_wiki import CleanOptions, _prefilter, clean_batch, worker_pool
+from pipeline_tasks.ingest.params import IngestWikiParams, WikiSourceParams
 from pipeline_tasks.ingest.wikidump import (RawPage, SiteInfo, TruncatedInputError, iter_jsonl, iter_mediawiki,
-                                     iter_wikiextractor, iter_wikitext_raw)
+                                             iter_wikiextractor, iter_wikitext_raw, open_decompressed)
 from pipeline_tasks.ingest.wikitext import (clean_wikitext, has_forbidden_markup, is_disambiguation, is_redirect,
-                                     namespace_aliases, normalize_plain)
+                                             namespace_aliases, normalize_plain)
 
 CLEANERS = ["fast", "mwparserfromhell"]
 FORBIDDEN = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref")
@@ -334,9 +338,11 @@ def test_iter_jsonl_reads_records_and_names_a_bad_line():
     good = json.dumps({"id": "9", "url": "u", "title": "数学", "text": "数学是研究数量的学科。"}, ensure_ascii=False)
     pages = list(iter_jsonl(io.BytesIO(f"{good}\n\n{good}\n".encode()), "wiki.jsonl"))
     assert len(pages) == 2 and pages[0].title == "数学" and pages[0].url == "u"
-    with pytest.raises(DataError, match=r"wiki\.jsonl: line 2: invalid JSON"):
+    with pytest.raises(DataError, match=r"wiki\.jsonl:2: invalid JSON"):
         list(iter_jsonl(io.BytesIO(f"{good}\n{{broken\n".encode()), "wiki.jsonl"))
-    with pytest.raises(DataError, match=r"line 1: expected an object with a string 'text'"):
+    with pytest.raises(DataError, match=r"wiki\.jsonl:1: expected a JSON object, got list"):
+        list(iter_jsonl(io.BytesIO(b'["not", "an object"]\n'), "wiki.jsonl"))
+    with pytest.raises(DataError, match=r"wiki\.jsonl:1: expected an object with a string 'text'"):
         list(iter_jsonl(io.BytesIO(b'{"title": "no text"}\n'), "wiki.jsonl"))
 
 
@@ -345,16 +351,12 @@ def test_iter_jsonl_reads_records_and_names_a_bad_line():
 
 @pytest.fixture(scope="module")
 def pool():
-    from pipeline_tasks.ingest.ingest_wiki import worker_pool
-
     with worker_pool(2) as workers:
         yield workers
 
 
 def _text(n_bytes: int) -> bytes:
     """Deterministic text that bzip2 cannot shrink to nothing (several 100 kB blocks at level 1)."""
-    import random
-
     rng = random.Random(7)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
     out, size = [], 0
@@ -373,8 +375,6 @@ def _read_all(reader) -> bytes:
 
 
 def test_bz2_blocks_split_and_decode_equal_bz2_module(tmp_path):
-    from pipeline_tasks.ingest.bz2blocks import decode_segment, iter_segments
-
     data = _text(450_000)
     for level, expected_blocks in ((1, 5), (9, 1)):
         path = tmp_path / f"l{level}.bz2"
@@ -386,8 +386,6 @@ def test_bz2_blocks_split_and_decode_equal_bz2_module(tmp_path):
 
 
 def test_parallel_bz2_reader_handles_multistream_and_truncation(tmp_path, pool):
-    from pipeline_tasks.ingest.bz2blocks import ParallelBz2Reader
-
     data = _text(700_000)
     multistream = b"".join(bz2.compress(data[i:i + 150_000], 1) for i in range(0, len(data), 150_000))
     (tmp_path / "m.bz2").write_bytes(multistream)
@@ -403,8 +401,6 @@ def test_parallel_bz2_reader_handles_multistream_and_truncation(tmp_path, pool):
 
 
 def test_parallel_bz2_reader_rejoins_a_block_split_by_a_false_magic(tmp_path, pool, monkeypatch):
-    from pipeline_tasks.ingest import bz2blocks
-
     data = _text(300_000)
     (tmp_path / "x.bz2").write_bytes(bz2.compress(data, 1))
     real = bz2blocks.iter_segments
@@ -428,8 +424,6 @@ def test_parallel_bz2_reader_rejoins_a_block_split_by_a_false_magic(tmp_path, po
     ("multi.xz", lambda d: lzma.compress(d[:1000]) + lzma.compress(d[1000:])),
 ])
 def test_open_decompressed_reads_concatenated_streams(tmp_path, name, make):
-    from pipeline_tasks.ingest.wikidump import open_decompressed
-
     data = bytes(range(256)) * 300 + "é wiki text ".encode() * 5000
     (tmp_path / name).write_bytes(make(data))
     with open_decompressed(tmp_path / name) as stream:
@@ -437,8 +431,6 @@ def test_open_decompressed_reads_concatenated_streams(tmp_path, name, make):
 
 
 def test_open_decompressed_cut_stream_raises_eof(tmp_path):
-    from pipeline_tasks.ingest.wikidump import open_decompressed
-
     whole = bz2.compress(bytes(range(256)) * 4000)
     (tmp_path / "cut.bz2").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(EOFError, match="end-of-stream marker"):

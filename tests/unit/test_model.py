@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from pipeline_tasks.errors import DataError
 from pipeline_tasks.train.model import (
     ModelConfig,
     ModelParams,
@@ -19,6 +20,8 @@ from pipeline_tasks.train.model import (
     build_lm,
     flops_per_token,
     generate,
+    load_classifier,
+    load_lm,
     mfu,
     num_parameters,
 )
@@ -119,6 +122,34 @@ def test_classifier_pooling_ignores_right_padding(arch, pooling):
 def test_classifier_rejects_bad_pooling():
     with pytest.raises(ValueError, match="pooling"):
         SequenceClassifier(build_lm(tiny_config("gpt")), 4, pooling="max")
+
+
+@pytest.mark.parametrize("prefix", ["", "_orig_mod."])
+def test_load_lm_and_load_classifier_read_eager_and_compiled_checkpoints(prefix, tmp_path):
+    config = tiny_config("gpt")
+    lm = build_lm(config)
+    torch.save({"model": {prefix + k: v for k, v in lm.state_dict().items()}, "model_config": config.to_dict()},
+               tmp_path / "lm.pt")
+    loaded, config_dict = load_lm(tmp_path / "lm.pt")
+    assert config_dict == config.to_dict() and not loaded.training
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    clf = SequenceClassifier(lm, num_classes=3, pooling="mean", pad_id=1)
+    classifier = {"labels": ["a", "b", "c"], "pooling": "mean", "pad_id": 1}
+    torch.save({"model": {prefix + k: v for k, v in clf.state_dict().items()}, "model_config": config.to_dict(),
+                "classifier": classifier}, tmp_path / "clf.pt")
+    loaded_clf, meta = load_classifier(tmp_path / "clf.pt")
+    assert meta["classifier"]["num_classes"] == 3 and meta["classifier"]["cls_id"] is None
+    assert meta["from_scratch"] is False and loaded_clf.pooling == "mean"
+    assert all(torch.equal(v, clf.state_dict()[k]) for k, v in loaded_clf.state_dict().items())
+
+
+def test_load_lm_explains_a_missing_or_foreign_checkpoint(tmp_path):
+    with pytest.raises(DataError, match="not found: run `lmpipe pretrain` first"):
+        load_lm(tmp_path / "missing.pt")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="not a finetune checkpoint"):
+        load_classifier(tmp_path / "other.pt")
 
 
 def test_model_config_roundtrips_through_dict_and_rejects_unknown_keys():

@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 
-from pipeline_tasks.dataset import dedup
-from pipeline_tasks.dataset import prepare
 from pipeline_tasks.config import ConfigError, parse_params
-from pipeline_tasks.errors import DataError
+from pipeline_tasks.dataset import dedup, prepare
+from pipeline_tasks.dataset.params import PrepareParams
+from pipeline_tasks.dataset.prepared import hash_split
 from pipeline_tasks.dataset.textstats import char_profile, normalize_key
+from pipeline_tasks.errors import DataError
 
 WIKITEXT = "wikitext2/DRAGNLabs_LLMHumanModeling/wiki.valid.raw"
 
@@ -32,7 +33,7 @@ def doc(doc_id: str, text: str, **fields) -> dict:
 def run_core(rows: list[dict], **overrides):
     import pandas as pd
 
-    params = dataclasses.replace(prepare.PrepareParams(min_chars=10), **overrides)
+    params = dataclasses.replace(PrepareParams(min_chars=10), **overrides)
     return prepare.prepare_documents(pd.DataFrame(rows), params, progress=False)
 
 
@@ -66,11 +67,11 @@ def test_char_profile_counts_scripts_and_nonletters():
 
 def test_hash_split_is_stable_and_close_to_the_fractions():
     ids = [f"src:{i}" for i in range(20000)]
-    splits = [prepare.hash_split(i, "salt", 0.1, 0.05) for i in ids]
-    assert splits == [prepare.hash_split(i, "salt", 0.1, 0.05) for i in ids]
+    splits = [hash_split(i, "salt", 0.1, 0.05) for i in ids]
+    assert splits == [hash_split(i, "salt", 0.1, 0.05) for i in ids]
     assert splits.count("val") / len(ids) == pytest.approx(0.10, abs=0.01)
     assert splits.count("test") / len(ids) == pytest.approx(0.05, abs=0.01)
-    assert splits != [prepare.hash_split(i, "other salt", 0.1, 0.05) for i in ids]
+    assert splits != [hash_split(i, "other salt", 0.1, 0.05) for i in ids]
 
 
 def test_prepare_adding_documents_never_moves_existing_ones(paragraphs):
@@ -169,7 +170,7 @@ def test_leakage_rule_drops_the_train_candidate_never_the_test_row(paragraphs):
     kept, dropped, stats = run_core(rows)
     assert kept["id"].tolist() == ["z:test"] and kept["split"].tolist() == ["test"]
     assert dropped["id"].tolist() == ["a:train"] and dropped["reason"].tolist() == ["near_duplicate"]
-    assert stats["dedup"]["near_cross_split"] == (prepare.hash_split("a:train", "lm-pipeline-split-v1",
+    assert stats["dedup"]["near_cross_split"] == (hash_split("a:train", "lm-pipeline-split-v1",
                                                                      0.05, 0.05) != "test")
 
 

@@ -14,9 +14,15 @@ import torch
 
 from pipeline_tasks.config import ConfigError, load_params
 from pipeline_tasks.train.model import ModelConfig, build_lm
-from pipeline_tasks.train.pretrain import PretrainParams, accumulation_steps
+from pipeline_tasks.train.params import PretrainParams
+from pipeline_tasks.train.pretrain import accumulation_steps
 from pipeline_tasks.train.training import (
-    CheckpointManager, capture_rng_state, configure_optimizer, cosine_lr, restore_rng_state,
+    CheckpointManager,
+    capture_rng_state,
+    configure_optimizer,
+    cosine_lr,
+    log_step,
+    restore_rng_state,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,3 +116,12 @@ def test_params_profiles_load_with_the_strict_loader(name):
     accumulation_steps(params.pretrain, config.block_size, world_size=1)  # the budget divides evenly
     if name == "params.gpu.yaml":
         assert params.pretrain.device == "cuda" and params.pretrain.compile
+
+
+def test_log_step_writes_one_line_with_eta(caplog):
+    log = logging.getLogger("pipeline_tasks.test_log_step")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log_step(log, 10, 70, 5.123456, 3e-4, throughput="20 ms/step | 51,200 tok/s", seconds_per_step=2.0)
+        log_step(log, 10, 20, 0.5, 1e-3, throughput="1428 ex/s", seconds_per_step=0.5, detail="epoch 2")
+    assert caplog.messages == ["step 10/70 | loss 5.1235 | lr 3.00e-04 | 20 ms/step | 51,200 tok/s | eta 2m00s",
+                               "step 10/20 | epoch 2 | loss 0.5000 | lr 1.00e-03 | 1428 ex/s | eta 0m05s"]

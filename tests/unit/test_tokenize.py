@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline_tasks.config import ConfigError, parse_params
+from pipeline_tasks.dataset.params import TokenizeParams
 from pipeline_tasks.dataset.shards import ShardWriter, eval_window_starts, open_shard, token_dtype, window_starts
-from pipeline_tasks.dataset.tokenize import TokenizeParams, encode_texts, strip_special_literals, train_tokenizer
+from pipeline_tasks.dataset.tokenize import encode_texts, strip_special_literals, train_tokenizer
 
 SPECIALS = ("<|endoftext|>", "<|pad|>", "<|cls|>")
 

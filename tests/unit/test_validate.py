@@ -6,22 +6,22 @@ import datetime as dt
 
 import pytest
 
-from pipeline_tasks.dataset import prepare
-from pipeline_tasks.dataset import validate
 from pipeline_tasks.config import ConfigError, parse_params
+from pipeline_tasks.dataset import prepared, validate
+from pipeline_tasks.dataset.params import PrepareParams
 
-PP = prepare.PrepareParams()
+PP = PrepareParams()
 
 
 def frame(rows):
     import pandas as pd
 
-    base = {c: None for c in prepare.COLUMNS}
+    base = {c: None for c in prepared.COLUMNS}
     return pd.DataFrame([{**base, **r} for r in rows])
 
 
 def split_of(doc_id: str) -> str:
-    return prepare.hash_split(doc_id, PP.salt, PP.val_fraction, PP.test_fraction)
+    return prepared.hash_split(doc_id, PP.salt, PP.val_fraction, PP.test_fraction)
 
 
 def test_add_computed_columns_derives_key_share_source_and_hash_split():
@@ -30,7 +30,7 @@ def test_add_computed_columns_derives_key_share_source_and_hash_split():
     assert row["_text_key"] == "hello world 42" and row["_id_source"] == "bbc"
     assert row["_nonletter"] == pytest.approx(4 / 14)  # ", 4 2 !" of 14 non-space characters
     assert row["_hash_split"] == split_of("bbc:tech/001")
-    assert list(out.columns) == [*prepare.COLUMNS, *validate.COMPUTED]
+    assert list(out.columns) == [*prepared.COLUMNS, *validate.COMPUTED]
 
 
 def test_cross_split_frame_classifies_hash_fixed_and_inconsistent_sources():
@@ -41,7 +41,7 @@ def test_cross_split_frame_classifies_hash_fixed_and_inconsistent_sources():
     moved = [{"id": i, "source": "m", "split": "val" if split_of(i) == "train" else "train"}
              for i in (f"m:{k}" for k in range(10))]
     frames = {}
-    for split in prepare.SPLITS:
+    for split in prepared.SPLITS:
         rows = [r for r in hashed + fixed + moved if r["split"] == split]
         frames[split] = validate.add_computed_columns(frame(rows), PP)
     cross = validate.cross_split_frame(frames)
@@ -55,9 +55,9 @@ def test_schema_frame_accepts_parquet_ms_timestamps_and_flags_wrong_types():
     import pyarrow as pa
 
     good = pa.schema([f if f.name != "date" else pa.field("date", pa.timestamp("ms", tz="UTC"))
-                      for f in prepare.prepared_schema()])
+                      for f in prepared.prepared_schema()])
     bad = pa.schema([f if f.name != "label" else pa.field("label", pa.int64())
-                     for f in prepare.prepared_schema() if f.name != "url"])
+                     for f in prepared.prepared_schema() if f.name != "url"])
     table = validate.schema_frame({"train": good, "val": bad})
     mismatched = table[table["arrow_type"] != table["expected_type"]]
     assert mismatched["arrow_type"].tolist() == ["val.label: int64", "val.url: <missing>"]
