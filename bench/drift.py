@@ -82,22 +82,36 @@ def throughput(bundle_dir: Path, corpus, n_texts: int, cores: int, seed: int, wo
     reference = corpus[(corpus["source"] == "huffpost_v3") & (corpus["date"] < pd.Timestamp("2019-01-01", tz="UTC"))]
     batch[["id", "text", "source"]].to_parquet(work / "batch.parquet")
     reference[["text", "source", "date"]].to_parquet(work / "reference.parquet")
-    params = parse_params({"seed": seed, "paths": {"bundle_dir": str(bundle_dir), "monitor_dir": str(work / "monitor")},
-                           "monitor": {"reference": {"path": str(work / "reference.parquet")},
-                                       "batch": {"path": str(work / "batch.parquet")},
-                                       "intra_op_threads": cores}})
+    params = parse_params(
+        {
+            "seed": seed,
+            "paths": {"bundle_dir": str(bundle_dir), "monitor_dir": str(work / "monitor")},
+            "monitor": {
+                "reference": {"path": str(work / "reference.parquet")},
+                "batch": {"path": str(work / "batch.parquet")},
+                "intra_op_threads": cores,
+            },
+        }
+    )
     started = time.perf_counter()
     result = monitor.run(params)
     wall = time.perf_counter() - started
     summary = json.loads((work / "monitor" / "drift_summary.json").read_text())
     timings = summary["timings"]
     model_rows = summary["batch"]["sampled"] + summary["reference"]["sampled"]
-    return {"texts": n_texts, "wall_s": round(wall, 2), "timings": timings,
-            "model_rows": model_rows, "reference_rows": summary["reference"]["rows"],
-            "embedding_texts_per_s": round(model_rows / max(timings.get("embedding_s", 1e-9), 1e-9), 1),
-            "descriptor_texts_per_s": round((n_texts + summary["reference"]["rows"]) /
-                                            max(timings.get("descriptors_s", 1e-9), 1e-9), 1),
-            "drift_detected": result["drift_detected"], "fired": result["fired"]}
+    return {
+        "texts": n_texts,
+        "wall_s": round(wall, 2),
+        "timings": timings,
+        "model_rows": model_rows,
+        "reference_rows": summary["reference"]["rows"],
+        "embedding_texts_per_s": round(model_rows / max(timings.get("embedding_s", 1e-9), 1e-9), 1),
+        "descriptor_texts_per_s": round(
+            (n_texts + summary["reference"]["rows"]) / max(timings.get("descriptors_s", 1e-9), 1e-9), 1
+        ),
+        "drift_detected": result["drift_detected"],
+        "fired": result["fired"],
+    }
 
 
 def false_positive_rate(bundle_dir: Path, corpus, resamples: int, seed: int) -> dict:
@@ -113,7 +127,9 @@ def false_positive_rate(bundle_dir: Path, corpus, resamples: int, seed: int) -> 
     bundle = load_bundle(bundle_dir)
     huff = corpus[corpus["source"] == "huffpost_v3"]
     pool_texts = huff[huff["date"] < pd.Timestamp("2019-01-01", tz="UTC")]["text"].tolist()
-    far_mask = (huff["date"] >= pd.Timestamp("2022-08-01", tz="UTC")) & (huff["date"] < pd.Timestamp("2022-09-01", tz="UTC"))
+    far_mask = (huff["date"] >= pd.Timestamp("2022-08-01", tz="UTC")) & (
+        huff["date"] < pd.Timestamp("2022-09-01", tz="UTC")
+    )
     far_texts = huff[far_mask]["text"].tolist()
     ag_texts = corpus[corpus["source"] == "ag_news_test"]["text"].sample(1000, random_state=seed).tolist()
 
@@ -121,27 +137,41 @@ def false_positive_rate(bundle_dir: Path, corpus, resamples: int, seed: int) -> 
         return drift.featurize(bundle, texts, None, np.arange(len(texts)))
 
     def subset(f, idx):
-        return drift.Features({k: v[idx] for k, v in f.descriptors.items()}, np.arange(len(idx)), f.embeddings[idx],
-                              f.predictions[idx], None, f.bpb[idx])
+        return drift.Features(
+            {k: v[idx] for k, v in f.descriptors.items()},
+            np.arange(len(idx)),
+            f.embeddings[idx],
+            f.predictions[idx],
+            None,
+            f.bpb[idx],
+        )
 
     pool, far, ag = feats(pool_texts), feats(far_texts), feats(ag_texts)
     rng = np.random.default_rng(seed)
     fired_counts, flagged = [], 0
     for _ in range(resamples):
         perm = rng.permutation(len(pool_texts))
-        cur, ref = perm[:200], perm[200: 200 + settings.reference_rows]
+        cur, ref = perm[:200], perm[200 : 200 + settings.reference_rows]
         values, _ = drift.compare(subset(pool, ref), subset(pool, cur), settings)
         decision = drift.decide_drift(values, thresholds, settings.min_signals)
         flagged += decision.drift_detected
         fired_counts.append(decision.fired)
     ref = subset(pool, rng.permutation(len(pool_texts))[: settings.reference_rows])
-    out = {"resamples": resamples, "month_rows": 200, "false_positive_rate": flagged / resamples,
-           "fired_per_resample": fired_counts}
+    out = {
+        "resamples": resamples,
+        "month_rows": 200,
+        "false_positive_rate": flagged / resamples,
+        "fired_per_resample": fired_counts,
+    }
     for name, cur in (("far_month_2022_08", far), ("ag_news_vs_huffpost", ag)):
         values, _ = drift.compare(ref, cur, settings)
         decision = drift.decide_drift(values, thresholds, settings.min_signals)
-        out[name] = {"rows": cur.rows, "drift_detected": decision.drift_detected, "fired": decision.fired,
-                     "values": {k: (None if v is None else round(float(v), 5)) for k, v in values.items()}}
+        out[name] = {
+            "rows": cur.rows,
+            "drift_detected": decision.drift_detected,
+            "fired": decision.fired,
+            "values": {k: (None if v is None else round(float(v), 5)) for k, v in values.items()},
+        }
     return out
 
 
@@ -156,8 +186,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--out", default=str(REPO / "bench/results/drift.json"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("matplotlib", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -174,27 +205,43 @@ def main() -> int:
     cores = pin_cores(args.cores)
     corpus = load_corpora(mirror)
     with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
-        result = {"machine": {"platform": platform.platform(), "cores": cores, "cpu_count": os.cpu_count()},
-                  "bundle": str(bundle_dir), "corpus_texts": len(corpus),
-                  "throughput": throughput(bundle_dir, corpus, args.texts, len(cores), args.seed, Path(tmp))}
+        result = {
+            "machine": {"platform": platform.platform(), "cores": cores, "cpu_count": os.cpu_count()},
+            "bundle": str(bundle_dir),
+            "corpus_texts": len(corpus),
+            "throughput": throughput(bundle_dir, corpus, args.texts, len(cores), args.seed, Path(tmp)),
+        }
     if not args.no_fpr:
         result["quality"] = false_positive_rate(bundle_dir, corpus, args.resamples, args.seed)
     t = result["throughput"]
-    rows = [("texts through the monitor", f"{t['texts']:,}"), ("cores", str(len(cores))),
-            ("descriptors (all texts)", f"{t['timings'].get('descriptors_s', 0):.2f} s"),
-            ("embeddings + predictions (sampled)", f"{t['timings'].get('embedding_s', 0):.2f} s ({t['model_rows']} texts, "
-                                                   f"{t['embedding_texts_per_s']:.0f} texts/s)"),
-            ("LM bits per byte (sampled)", f"{t['timings'].get('bpb_s', 0):.2f} s"),
-            ("evidently tests", f"{t['timings'].get('evidently_s', 0):.2f} s"),
-            ("evidently HTML report", f"{t['timings'].get('html_report_s', 0):.2f} s"),
-            ("stage total", f"{t['timings'].get('total_s', 0):.2f} s"), ("wall (incl. reading, writing)", f"{t['wall_s']:.2f} s")]
+    rows = [
+        ("texts through the monitor", f"{t['texts']:,}"),
+        ("cores", str(len(cores))),
+        ("descriptors (all texts)", f"{t['timings'].get('descriptors_s', 0):.2f} s"),
+        (
+            "embeddings + predictions (sampled)",
+            f"{t['timings'].get('embedding_s', 0):.2f} s ({t['model_rows']} texts, "
+            f"{t['embedding_texts_per_s']:.0f} texts/s)",
+        ),
+        ("LM bits per byte (sampled)", f"{t['timings'].get('bpb_s', 0):.2f} s"),
+        ("evidently tests", f"{t['timings'].get('evidently_s', 0):.2f} s"),
+        ("evidently HTML report", f"{t['timings'].get('html_report_s', 0):.2f} s"),
+        ("stage total", f"{t['timings'].get('total_s', 0):.2f} s"),
+        ("wall (incl. reading, writing)", f"{t['wall_s']:.2f} s"),
+    ]
     if "quality" in result:
         q = result["quality"]
-        rows += [(f"false-positive rate ({q['resamples']} resamples)", f"{q['false_positive_rate']:.2f}"),
-                 ("HuffPost 2022-08 vs 2018 flagged", f"{q['far_month_2022_08']['drift_detected']} "
-                                                      f"({', '.join(q['far_month_2022_08']['fired'])})"),
-                 ("AG News vs HuffPost 2018 flagged", f"{q['ag_news_vs_huffpost']['drift_detected']} "
-                                                      f"({', '.join(q['ag_news_vs_huffpost']['fired'])})")]
+        rows += [
+            (f"false-positive rate ({q['resamples']} resamples)", f"{q['false_positive_rate']:.2f}"),
+            (
+                "HuffPost 2022-08 vs 2018 flagged",
+                f"{q['far_month_2022_08']['drift_detected']} ({', '.join(q['far_month_2022_08']['fired'])})",
+            ),
+            (
+                "AG News vs HuffPost 2018 flagged",
+                f"{q['ag_news_vs_huffpost']['drift_detected']} ({', '.join(q['ag_news_vs_huffpost']['fired'])})",
+            ),
+        ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     out = Path(args.out)

@@ -97,9 +97,19 @@ def train_and_score(train: dict, test: dict, labels: list[str], args, seed: int)
         train_path = fh.name
     try:
         start = time.perf_counter()
-        model = fasttext.train_supervised(input=train_path, lr=args.lr, epoch=args.epoch, dim=args.dim,
-                                          wordNgrams=args.word_ngrams, minCount=1, bucket=args.bucket,
-                                          loss="softmax", thread=args.threads, seed=seed, verbose=0)
+        model = fasttext.train_supervised(
+            input=train_path,
+            lr=args.lr,
+            epoch=args.epoch,
+            dim=args.dim,
+            wordNgrams=args.word_ngrams,
+            minCount=1,
+            bucket=args.bucket,
+            loss="softmax",
+            thread=args.threads,
+            seed=seed,
+            verbose=0,
+        )
         train_s = time.perf_counter() - start
     finally:
         os.unlink(train_path)
@@ -110,9 +120,15 @@ def train_and_score(train: dict, test: dict, labels: list[str], args, seed: int)
     y = np.array([index[lab] for lab in test["label"]])
     pred = np.array([index[p[0].removeprefix("__label__")] for p in predicted])
     ci = mt.bootstrap_ci(y, pred, mt.accuracy, n_resamples=1000, seed=seed)
-    return {"seed": seed, "accuracy": mt.accuracy(y, pred), "macro_f1": mt.macro_f1(y, pred, len(labels)),
-            "accuracy_ci95": list(ci), "train_s": train_s, "predict_s": predict_s,
-            "test_per_s": len(y) / max(predict_s, 1e-9)}
+    return {
+        "seed": seed,
+        "accuracy": mt.accuracy(y, pred),
+        "macro_f1": mt.macro_f1(y, pred, len(labels)),
+        "accuracy_ci95": list(ci),
+        "train_s": train_s,
+        "predict_s": predict_s,
+        "test_per_s": len(y) / max(predict_s, 1e-9),
+    }
 
 
 def our_results(paths: list[Path]) -> dict[str, dict]:
@@ -123,9 +139,15 @@ def our_results(paths: list[Path]) -> dict[str, dict]:
             continue
         m = json.loads(path.read_text(encoding="utf-8"))
         key = "from_scratch" if m.get("from_scratch") else "pretrained"
-        found[key] = {"file": str(path), "accuracy": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
-                      "n": m["test"]["n"], "train_s": m.get("train", {}).get("seconds"),
-                      "arch": m.get("arch"), "accuracy_ci95": m["test"].get("accuracy_ci95")}
+        found[key] = {
+            "file": str(path),
+            "accuracy": m["test"]["accuracy"],
+            "macro_f1": m["test"]["macro_f1"],
+            "n": m["test"]["n"],
+            "train_s": m.get("train", {}).get("seconds"),
+            "arch": m.get("arch"),
+            "accuracy_ci95": m["test"].get("accuracy_ci95"),
+        }
     return found
 
 
@@ -139,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", type=int, default=2_000_000)
     parser.add_argument("--threads", type=int, default=1, help="fastText threads (>1 is faster but not reproducible)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--finetune-metrics", action="append", type=Path, default=[],
-                        help="extra finetune metrics.json files (e.g. a --from-scratch run's)")
+    parser.add_argument(
+        "--finetune-metrics",
+        action="append",
+        type=Path,
+        default=[],
+        help="extra finetune metrics.json files (e.g. a --from-scratch run's)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/fasttext_baseline.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -155,20 +182,35 @@ def main(argv: list[str] | None = None) -> int:
         mirror = Path(os.environ.get("LMPIPE_DATA_MIRROR") or REPO.parent / "shared/corpora")
         train, test, origin = load_corpora(mirror)
     labels = sorted(set(train["label"]))
-    logger.info("data: %s: %d train rows, %d test rows, labels %s", origin, len(train["label"]),
-                len(test["label"]), labels)
+    logger.info(
+        "data: %s: %d train rows, %d test rows, labels %s", origin, len(train["label"]), len(test["label"]), labels
+    )
 
     runs = [train_and_score(train, test, labels, args, seed) for seed in range(args.seeds)]
     acc = np.array([r["accuracy"] for r in runs])
     f1 = np.array([r["macro_f1"] for r in runs])
-    fasttext_summary = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),
-                        "macro_f1_mean": float(f1.mean()), "train_s_mean": float(np.mean([r["train_s"] for r in runs])),
-                        "runs": runs}
+    fasttext_summary = {
+        "accuracy_mean": float(acc.mean()),
+        "accuracy_std": float(acc.std()),
+        "macro_f1_mean": float(f1.mean()),
+        "train_s_mean": float(np.mean([r["train_s"] for r in runs])),
+        "runs": runs,
+    }
     ours = our_results([Path(params.paths.finetune_reports_dir) / "metrics.json", *args.finetune_metrics])
 
-    rows = [("fastText bigrams (mean of %d seeds)" % args.seeds, acc.mean(), f1.mean(),
-             fasttext_summary["train_s_mean"], len(test["label"]))]
-    for key, name in (("pretrained", "ours: finetuned from pretrained LM"), ("from_scratch", "ours: same model, from scratch")):
+    rows = [
+        (
+            f"fastText bigrams (mean of {args.seeds} seeds)",
+            acc.mean(),
+            f1.mean(),
+            fasttext_summary["train_s_mean"],
+            len(test["label"]),
+        )
+    ]
+    for key, name in (
+        ("pretrained", "ours: finetuned from pretrained LM"),
+        ("from_scratch", "ours: same model, from scratch"),
+    ):
         if key in ours:
             o = ours[key]
             rows.append((f"{name} ({o['arch']})", o["accuracy"], o["macro_f1"], o["train_s"], o["n"]))
@@ -181,11 +223,24 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "fasttext_baseline",
-        "data": {"origin": origin, "train_rows": len(train["label"]), "test_rows": len(test["label"]),
-                 "labels": labels},
-        "fasttext": {"params": {"lr": args.lr, "epoch": args.epoch, "dim": args.dim, "wordNgrams": args.word_ngrams,
-                                "bucket": args.bucket, "threads": args.threads, "minCount": 1},
-                     **fasttext_summary},
+        "data": {
+            "origin": origin,
+            "train_rows": len(train["label"]),
+            "test_rows": len(test["label"]),
+            "labels": labels,
+        },
+        "fasttext": {
+            "params": {
+                "lr": args.lr,
+                "epoch": args.epoch,
+                "dim": args.dim,
+                "wordNgrams": args.word_ngrams,
+                "bucket": args.bucket,
+                "threads": args.threads,
+                "minCount": 1,
+            },
+            **fasttext_summary,
+        },
         "ours": ours,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

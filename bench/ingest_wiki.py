@@ -78,9 +78,23 @@ def run_bzcat(dump: Path) -> None:
 
 def run_wikiextractor(dump: Path, processes: int, out: Path) -> int:
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "wikiextractor.WikiExtractor", str(dump), "-o", str(out),
-                    "--processes", str(processes), "--no-templates", "-q"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wikiextractor.WikiExtractor",
+            str(dump),
+            "-o",
+            str(out),
+            "--processes",
+            str(processes),
+            "--no-templates",
+            "-q",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return sum(p.read_text(encoding="utf-8").count("<doc ") for p in out.rglob("wiki_*"))
 
 
@@ -96,8 +110,9 @@ def main() -> int:
     parser.add_argument("--dump", type=Path, default=None)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-reference-cleaner", action="store_true",
-                        help="leave out the slow mwparserfromhell-only row")
+    parser.add_argument(
+        "--skip-reference-cleaner", action="store_true", help="leave out the slow mwparserfromhell-only row"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest_wiki.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -116,14 +131,18 @@ def main() -> int:
         run_bzcat(dump)
         stats = run_ours(dump, 1, work)
         docs = run_wikiextractor(dump, n, work / "we")
-        startup = min(timed(lambda: subprocess.run([sys.executable, "-c", "import wikiextractor.WikiExtractor"],
-                                                     check=True)) for _ in range(args.repeats))
+        startup = min(
+            timed(lambda: subprocess.run([sys.executable, "-c", "import wikiextractor.WikiExtractor"], check=True))
+            for _ in range(args.repeats)
+        )
         pages = stats["pages_seen"]
-        jobs = {"bzcat": lambda: run_bzcat(dump),
-                "wikiextractor": lambda: run_wikiextractor(dump, n, work / "we"),
-                f"ours (workers={n})": lambda: run_ours(dump, n, work),
-                "ours (workers=1)": lambda: run_ours(dump, 1, work),
-                f"ours (workers={n}, bz2 blocks in the pool)": lambda: run_ours(dump, n, work, bz2_decoder="pool")}
+        jobs = {
+            "bzcat": lambda: run_bzcat(dump),
+            "wikiextractor": lambda: run_wikiextractor(dump, n, work / "we"),
+            f"ours (workers={n})": lambda: run_ours(dump, n, work),
+            "ours (workers=1)": lambda: run_ours(dump, 1, work),
+            f"ours (workers={n}, bz2 blocks in the pool)": lambda: run_ours(dump, n, work, bz2_decoder="pool"),
+        }
         if not args.skip_reference_cleaner:
             jobs[f"ours, mwparserfromhell cleaner (workers={n})"] = lambda: run_ours(dump, n, work, "mwparserfromhell")
         rows = {name: [] for name in jobs}
@@ -135,21 +154,35 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    processes = {"bzcat": 1, "wikiextractor": n, f"ours (workers={n})": n, "ours (workers=1)": 1,
-                 f"ours (workers={n}, bz2 blocks in the pool)": n, f"ours, mwparserfromhell cleaner (workers={n})": n}
+    processes = {
+        "bzcat": 1,
+        "wikiextractor": n,
+        f"ours (workers={n})": n,
+        "ours (workers=1)": 1,
+        f"ours (workers={n}, bz2 blocks in the pool)": n,
+        f"ours, mwparserfromhell cleaner (workers={n})": n,
+    }
     results = {}
     for name, times in rows.items():
         best = min(times)
-        results[name] = {"seconds_best": round(best, 4), "seconds_median": round(statistics.median(times), 4),
-                         "processes": processes[name], "mb_per_s": round(size / 1e6 / best, 3),
-                         "pages_per_s": round(pages / best, 1),
-                         "mb_per_s_per_process": round(size / 1e6 / best / processes[name], 3),
-                         "cpu_seconds_best": round(min(cpu[name]), 4)}
+        results[name] = {
+            "seconds_best": round(best, 4),
+            "seconds_median": round(statistics.median(times), 4),
+            "processes": processes[name],
+            "mb_per_s": round(size / 1e6 / best, 3),
+            "pages_per_s": round(pages / best, 1),
+            "mb_per_s_per_process": round(size / 1e6 / best / processes[name], 3),
+            "cpu_seconds_best": round(min(cpu[name]), 4),
+        }
     we_best = min(rows["wikiextractor"])
     we_no_start = max(we_best - startup, 1e-9)
     results["wikiextractor (without interpreter start)"] = {
-        "seconds_best": round(we_no_start, 4), "processes": n, "mb_per_s": round(size / 1e6 / we_no_start, 3),
-        "pages_per_s": round(pages / we_no_start, 1), "mb_per_s_per_process": round(size / 1e6 / we_no_start / n, 3)}
+        "seconds_best": round(we_no_start, 4),
+        "processes": n,
+        "mb_per_s": round(size / 1e6 / we_no_start, 3),
+        "pages_per_s": round(pages / we_no_start, 1),
+        "mb_per_s_per_process": round(size / 1e6 / we_no_start / n, 3),
+    }
     ours = results[f"ours (workers={n})"]
     ratios = {
         "ours_vs_wikiextractor": round(we_best / ours["seconds_best"], 2),
@@ -159,35 +192,59 @@ def main() -> int:
         # CPU seconds are robust to other load on the machine: bzcat's CPU over ours = rate per core
         # ratio on an otherwise idle machine with perfect parallelism.
         "cpu_bzcat_over_ours": round(results["bzcat"]["cpu_seconds_best"] / ours["cpu_seconds_best"], 2),
-        "cpu_bzcat_over_ours_workers1": round(results["bzcat"]["cpu_seconds_best"]
-                                              / results["ours (workers=1)"]["cpu_seconds_best"], 2),
-        "cpu_wikiextractor_over_ours": round(results["wikiextractor"]["cpu_seconds_best"] / ours["cpu_seconds_best"], 2),
+        "cpu_bzcat_over_ours_workers1": round(
+            results["bzcat"]["cpu_seconds_best"] / results["ours (workers=1)"]["cpu_seconds_best"], 2
+        ),
+        "cpu_wikiextractor_over_ours": round(
+            results["wikiextractor"]["cpu_seconds_best"] / ours["cpu_seconds_best"], 2
+        ),
     }
     targets = {
-        f"ours >= {TARGET_VS_WIKIEXTRACTOR}x wikiextractor":
-            min(ratios["ours_vs_wikiextractor"], ratios["ours_vs_wikiextractor_without_start"]) >= TARGET_VS_WIKIEXTRACTOR,
-        f"ours per process >= {TARGET_PER_CORE_VS_BZCAT}x bzcat":
-            max(ratios["ours_per_process_vs_bzcat"], ratios["ours_workers1_vs_bzcat"]) >= TARGET_PER_CORE_VS_BZCAT,
+        f"ours >= {TARGET_VS_WIKIEXTRACTOR}x wikiextractor": min(
+            ratios["ours_vs_wikiextractor"], ratios["ours_vs_wikiextractor_without_start"]
+        )
+        >= TARGET_VS_WIKIEXTRACTOR,
+        f"ours per process >= {TARGET_PER_CORE_VS_BZCAT}x bzcat": max(
+            ratios["ours_per_process_vs_bzcat"], ratios["ours_workers1_vs_bzcat"]
+        )
+        >= TARGET_PER_CORE_VS_BZCAT,
     }
-    report = {"dump": str(dump), "dump_bytes": size, "pages_in_dump": pages, "articles_kept_ours": kept,
-              "docs_written_wikiextractor": docs, "processes": n, "repeats": args.repeats,
-              "interpreter_start_s": round(startup, 4), "results": results, "ratios": ratios, "targets": targets,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version(), "load_avg_1m": round(os.getloadavg()[0], 2)}}
+    report = {
+        "dump": str(dump),
+        "dump_bytes": size,
+        "pages_in_dump": pages,
+        "articles_kept_ours": kept,
+        "docs_written_wikiextractor": docs,
+        "processes": n,
+        "repeats": args.repeats,
+        "interpreter_start_s": round(startup, 4),
+        "results": results,
+        "ratios": ratios,
+        "targets": targets,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
+    }
 
     print(f"dump {dump.name}: {size / 1e6:.2f} MB compressed, {pages} pages; {n} processes; best of {args.repeats}")
-    print(f"{'tool':46s} {'s (best)':>9s} {'s (med)':>8s} {'MB/s':>7s} {'MB/s/proc':>9s} {'pages/s':>8s} "
-          f"{'CPU s':>6s}")
+    print(f"{'tool':46s} {'s (best)':>9s} {'s (med)':>8s} {'MB/s':>7s} {'MB/s/proc':>9s} {'pages/s':>8s} {'CPU s':>6s}")
     for name, r in results.items():
         median = f"{r['seconds_median']:8.3f}" if "seconds_median" in r else f"{'':8s}"
         cpu_s = f"{r['cpu_seconds_best']:6.3f}" if "cpu_seconds_best" in r else ""
-        print(f"{name:46s} {r['seconds_best']:9.3f} {median} {r['mb_per_s']:7.2f} {r['mb_per_s_per_process']:9.2f} "
-              f"{r['pages_per_s']:8.0f} {cpu_s}")
+        print(
+            f"{name:46s} {r['seconds_best']:9.3f} {median} {r['mb_per_s']:7.2f} {r['mb_per_s_per_process']:9.2f} "
+            f"{r['pages_per_s']:8.0f} {cpu_s}"
+        )
     for key, value in ratios.items():
         print(f"{key:46s} {value:.2f}")
     for key, ok in targets.items():
         print(f"target: {key:38s} {'MET' if ok else 'NOT MET'}")
-    print(f"articles kept by ours: {kept}; docs written by wikiextractor: {docs}; load avg {report['machine']['load_avg_1m']}")
+    print(
+        f"articles kept by ours: {kept}; docs written by wikiextractor: {docs}; load avg {report['machine']['load_avg_1m']}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

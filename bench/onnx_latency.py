@@ -51,8 +51,11 @@ TARGETS = {"int8_vs_torch_b1": 3.0, "int8_vs_onnx_fp32_b1": 1.5, "int8_size_rati
 
 def ensure_inputs(params, build: bool) -> None:
     paths = params.paths
-    needed = [Path(paths.bundle_dir) / "manifest.json", Path(paths.finetune_dir) / "model.pt",
-              Path(paths.prepared_dir) / "test.parquet"]
+    needed = [
+        Path(paths.bundle_dir) / "manifest.json",
+        Path(paths.finetune_dir) / "model.pt",
+        Path(paths.prepared_dir) / "test.parquet",
+    ]
     missing = [str(p) for p in needed if not p.is_file()]
     if not missing:
         return
@@ -69,8 +72,12 @@ def measure(name: str, fn, singles, batches, args) -> dict:
     rows = [int(b[0].shape[0]) for b in batches]
     tput = throughput(fn, batches, rows, max(2, args.warmup // 5), args.batch_runs)
     print(f"  {name:<16} p50 {lat['p50_ms']:8.3f} ms  p95 {lat['p95_ms']:8.3f} ms  {tput:10.1f} rows/s", flush=True)
-    return {"latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"], "latency_mean_ms": lat["mean_ms"],
-            "throughput_rows_per_s": tput}
+    return {
+        "latency_p50_ms": lat["p50_ms"],
+        "latency_p95_ms": lat["p95_ms"],
+        "latency_mean_ms": lat["mean_ms"],
+        "throughput_rows_per_s": tput,
+    }
 
 
 def torch_runner(model, device: str, fp16: bool = False):
@@ -134,14 +141,18 @@ def main(argv=None) -> int:
     bundle = load_bundle(paths.bundle_dir, intra_op_threads=args.threads)
     model_pt = Path(paths.finetune_dir) / "model.pt"
     model, meta = load_classifier(model_pt)
-    test = read_labelled_split(paths.prepared_dir, "test", labels=bundle.labels, kinds=("news",),
-                               max_rows=args.max_rows, seed=params.seed).to_pandas()
+    test = read_labelled_split(
+        paths.prepared_dir, "test", labels=bundle.labels, kinds=("news",), max_rows=args.max_rows, seed=params.seed
+    ).to_pandas()
     texts, y = test["text"].tolist(), test["label_idx"].to_numpy()
     singles = [bundle.encode([t]) for t in texts[:256]]
-    batches = [bundle.encode(texts[i: i + args.batch]) for i in range(0, min(len(texts), 8 * args.batch), args.batch)]
-    scoring = [bundle.encode(texts[i: i + 64]) for i in range(0, len(texts), 64)]
-    print(f"{meta['model_config']['arch']} classifier, {len(texts)} test rows, threads={args.threads}, "
-          f"device={args.device}", flush=True)
+    batches = [bundle.encode(texts[i : i + args.batch]) for i in range(0, min(len(texts), 8 * args.batch), args.batch)]
+    scoring = [bundle.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)]
+    print(
+        f"{meta['model_config']['arch']} classifier, {len(texts)} test rows, threads={args.threads}, "
+        f"device={args.device}",
+        flush=True,
+    )
 
     results: dict[str, dict] = {}
     engines = []
@@ -160,12 +171,24 @@ def main(argv=None) -> int:
             session = make_session(bundle.variant_path(variant), "cuda", args.threads)  # raises on CPU fallback
             engines.append((f"onnx_cuda_{variant}", ort_runner(session), bundle.variant_path(variant)))
     for name, fn, path in engines:
-        results[name] = {**measure(name, fn, singles, batches, args), "size_mb": Path(path).stat().st_size / 1e6,
-                         "accuracy": accuracy(fn, scoring, y)}
+        results[name] = {
+            **measure(name, fn, singles, batches, args),
+            "size_mb": Path(path).stat().st_size / 1e6,
+            "accuracy": accuracy(fn, scoring, y),
+        }
 
     rows = [("engine", "p50 ms b=1", "p95 ms b=1", "rows/s b=32", "size MB", "accuracy")]
-    rows += [(n, f"{r['latency_p50_ms']:.3f}", f"{r['latency_p95_ms']:.3f}", f"{r['throughput_rows_per_s']:.1f}",
-              f"{r['size_mb']:.2f}", f"{r['accuracy']:.4f}") for n, r in results.items()]
+    rows += [
+        (
+            n,
+            f"{r['latency_p50_ms']:.3f}",
+            f"{r['latency_p95_ms']:.3f}",
+            f"{r['throughput_rows_per_s']:.1f}",
+            f"{r['size_mb']:.2f}",
+            f"{r['accuracy']:.4f}",
+        )
+        for n, r in results.items()
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
@@ -174,18 +197,23 @@ def main(argv=None) -> int:
     ratios, targets_met = {}, {}
     if args.device == "cpu":
         t, f, q = results["torch_eager_fp32"], results["onnx_fp32"], results["onnx_int8_dynamic"]
-        ratios = {"int8_vs_torch_b1": t["latency_p50_ms"] / q["latency_p50_ms"],
-                  "int8_vs_onnx_fp32_b1": f["latency_p50_ms"] / q["latency_p50_ms"],
-                  "int8_vs_torch_b32_throughput": q["throughput_rows_per_s"] / t["throughput_rows_per_s"],
-                  "onnx_fp32_vs_torch_b1": t["latency_p50_ms"] / f["latency_p50_ms"],
-                  "int8_size_ratio": q["size_mb"] / f["size_mb"],
-                  "int8_accuracy_drop_pts": 100 * (f["accuracy"] - q["accuracy"]),
-                  "int8_static_accuracy_drop_pts": 100 * (f["accuracy"] - results["onnx_int8_static"]["accuracy"])}
+        ratios = {
+            "int8_vs_torch_b1": t["latency_p50_ms"] / q["latency_p50_ms"],
+            "int8_vs_onnx_fp32_b1": f["latency_p50_ms"] / q["latency_p50_ms"],
+            "int8_vs_torch_b32_throughput": q["throughput_rows_per_s"] / t["throughput_rows_per_s"],
+            "onnx_fp32_vs_torch_b1": t["latency_p50_ms"] / f["latency_p50_ms"],
+            "int8_size_ratio": q["size_mb"] / f["size_mb"],
+            "int8_accuracy_drop_pts": 100 * (f["accuracy"] - q["accuracy"]),
+            "int8_static_accuracy_drop_pts": 100 * (f["accuracy"] - results["onnx_int8_static"]["accuracy"]),
+        }
         targets_met = {k: (ratios[k] >= v if k.startswith("int8_vs") else ratios[k] <= v) for k, v in TARGETS.items()}
     else:
         t = results["torch_eager_fp32"]
-        ratios = {f"{n}_vs_torch_fp32_b1": t["latency_p50_ms"] / r["latency_p50_ms"] for n, r in results.items()
-                  if n != "torch_eager_fp32"}
+        ratios = {
+            f"{n}_vs_torch_fp32_b1": t["latency_p50_ms"] / r["latency_p50_ms"]
+            for n, r in results.items()
+            if n != "torch_eager_fp32"
+        }
     print()
     for key, value in ratios.items():
         mark = "" if key not in targets_met else ("  target met" if targets_met[key] else "  TARGET MISSED")
@@ -195,20 +223,31 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     import onnxruntime
 
-    payload = {"created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "device": args.device, "threads": args.threads, "runs": args.runs, "batch": args.batch,
-               "test_rows": len(texts), "model_config": meta["model_config"], "serving_variant": bundle.default_variant,
-               "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpu_count": os.cpu_count(),
-                           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None},
-               "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                            "numpy": np.__version__},
-               "results": results, "ratios": ratios, "targets": TARGETS, "targets_met": targets_met}
+    payload = {
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": args.device,
+        "threads": args.threads,
+        "runs": args.runs,
+        "batch": args.batch,
+        "test_rows": len(texts),
+        "model_config": meta["model_config"],
+        "serving_variant": bundle.default_variant,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        },
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+        "results": results,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "targets_met": targets_met,
+    }
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, out)
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
-          f"({time.strftime('%H:%M:%S')})")
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} ({time.strftime('%H:%M:%S')})")
     return 0
 
 

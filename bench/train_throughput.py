@@ -39,7 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline_tasks.train.model import (  # noqa: E402  (after the sys.path tweak for a bare checkout)
-    H100_BF16_PEAK_FLOPS, ModelConfig, ModelParams, build_lm, flops_per_token, num_parameters,
+    H100_BF16_PEAK_FLOPS,
+    ModelConfig,
+    ModelParams,
+    build_lm,
+    flops_per_token,
+    num_parameters,
 )
 from pipeline_tasks.train.training import autocast_context, autocast_dtype, configure_optimizer  # noqa: E402
 
@@ -65,8 +70,15 @@ def params_preset(params_path: Path) -> tuple[ModelConfig, int]:
     return ModelConfig.from_params(model, vocab), micro_batch
 
 
-def measure(config: ModelConfig, micro_batch: int, device: torch.device, dtype: torch.dtype, compile_model: bool,
-            steps: int, warmup: int) -> dict:
+def measure(
+    config: ModelConfig,
+    micro_batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile_model: bool,
+    steps: int,
+    warmup: int,
+) -> dict:
     torch.manual_seed(0)
     model = build_lm(config).to(device)
     optimizer = configure_optimizer(model, 3e-4, 0.1, (0.9, 0.95), device)
@@ -75,8 +87,7 @@ def measure(config: ModelConfig, micro_batch: int, device: torch.device, dtype: 
         model = torch.compile(model)
     autocast = autocast_context(device, dtype)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (micro_batch, config.block_size + 1), generator=g)
-               for _ in range(4)]
+    batches = [torch.randint(0, config.vocab_size, (micro_batch, config.block_size + 1), generator=g) for _ in range(4)]
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)].to(device, non_blocking=True)
@@ -104,12 +115,23 @@ def measure(config: ModelConfig, micro_batch: int, device: torch.device, dtype: 
     sync()
     elapsed = time.perf_counter() - t0
     tokens_per_s = steps * micro_batch * config.block_size / elapsed
-    row = {"arch": config.arch, "params_m": round(n_params / 1e6, 2), "n_layer": config.n_layer,
-           "n_head": config.n_head, "n_embd": config.n_embd, "block_size": config.block_size,
-           "vocab_size": config.vocab_size, "micro_batch": micro_batch, "device": str(device),
-           "dtype": str(dtype).replace("torch.", ""), "compile": compile_model,
-           "ms_per_step": round(1000 * elapsed / steps, 2), "tokens_per_s": round(tokens_per_s, 1),
-           "warmup_s": round(warmup_s, 2), "flops_per_token": flops_per_token(config)}
+    row = {
+        "arch": config.arch,
+        "params_m": round(n_params / 1e6, 2),
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_embd": config.n_embd,
+        "block_size": config.block_size,
+        "vocab_size": config.vocab_size,
+        "micro_batch": micro_batch,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "compile": compile_model,
+        "ms_per_step": round(1000 * elapsed / steps, 2),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "warmup_s": round(warmup_s, 2),
+        "flops_per_token": flops_per_token(config),
+    }
     if device.type == "cuda":
         row["mfu"] = round(tokens_per_s * flops_per_token(config) / H100_BF16_PEAK_FLOPS, 4)
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
@@ -124,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     parser.add_argument("--micro-batch", type=int, nargs="+", default=None, help="one or more (a sweep)")
-    parser.add_argument("--compile", choices=["auto", "off", "on", "both"], default="auto",
-                        help="auto: both on CUDA, off on CPU (inductor's CPU compile takes minutes on 2 cores)")
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "off", "on", "both"],
+        default="auto",
+        help="auto: both on CUDA, off on CPU (inductor's CPU compile takes minutes on 2 cores)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 CUDA, 2 CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
@@ -134,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls outside autocast
     dtype = autocast_dtype(device, args.dtype)
@@ -146,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         config = ModelConfig(**fields)
     if args.arch:
         config = dataclasses.replace(config, arch=args.arch)
-    compile_modes = {"off": [False], "on": [True], "both": [False, True],
-                     "auto": [False, True] if device.type == "cuda" else [False]}[args.compile]
+    compile_modes = {
+        "off": [False],
+        "on": [True],
+        "both": [False, True],
+        "auto": [False, True] if device.type == "cuda" else [False],
+    }[args.compile]
     steps = args.steps or (20 if device.type == "cuda" else 5)
     warmup = args.warmup or (5 if device.type == "cuda" else 2)
 
@@ -160,12 +191,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"micro_batch": micro_batch, "compile": compile_model, "error": "CUDA out of memory"})
                 torch.cuda.empty_cache()
             except Exception as exc:  # e.g. no C++ compiler for inductor: report, keep the other rows
-                rows.append({"micro_batch": micro_batch, "compile": compile_model,
-                             "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                rows.append(
+                    {
+                        "micro_batch": micro_batch,
+                        "compile": compile_model,
+                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                    }
+                )
 
-    print(f"\ntrain throughput: preset {args.preset}, {config.arch} {config.n_layer}L/{config.n_head}H/"
-          f"{config.n_embd}, ctx {config.block_size}, vocab {config.vocab_size}, {device} "
-          f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} CPU threads, {steps} timed steps")
+    print(
+        f"\ntrain throughput: preset {args.preset}, {config.arch} {config.n_layer}L/{config.n_head}H/"
+        f"{config.n_embd}, ctx {config.block_size}, vocab {config.vocab_size}, {device} "
+        f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} CPU threads, {steps} timed steps"
+    )
     header = f"{'micro_batch':>11} {'compile':>7} {'ms/step':>9} {'tokens/s':>12} {'mfu':>6} {'peak GB':>8}"
     print(header + "\n" + "-" * len(header))
     for r in rows:
@@ -173,17 +211,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['micro_batch']:>11} {str(r['compile']):>7}  {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['micro_batch']:>11} {str(r['compile']):>7} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>12,.0f} "
-              f"{mfu:>6} {r.get('peak_mem_gb', '-'):>8}")
+        print(
+            f"{r['micro_batch']:>11} {str(r['compile']):>7} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>12,.0f} "
+            f"{mfu:>6} {r.get('peak_mem_gb', '-'):>8}"
+        )
 
-    result = {"bench": "train_throughput", "preset": args.preset,
-              "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "cpu_threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
-              "flops_formula": "6*N + 12*L*H*Q*T per token; N = matmul weights incl. tied lm_head",
-              "peak_flops": H100_BF16_PEAK_FLOPS if device.type == "cuda" else None,
-              "model_config": config.to_dict(), "rows": rows}
+    result = {
+        "bench": "train_throughput",
+        "preset": args.preset,
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "steps": steps,
+        "warmup": warmup,
+        "flops_formula": "6*N + 12*L*H*Q*T per token; N = matmul weights incl. tied lm_head",
+        "peak_flops": H100_BF16_PEAK_FLOPS if device.type == "cuda" else None,
+        "model_config": config.to_dict(),
+        "rows": rows,
+    }
     out = args.out or ROOT / "bench" / "results" / f"train_throughput_{args.preset}_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

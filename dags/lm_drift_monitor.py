@@ -53,9 +53,11 @@ BATCH_STAGES = ("ingest_news",)  # refreshed before the monitor: today's batch
 
 def drift_overrides(logical_date, params: dict) -> str:
     """The run's params overrides as JSON: the batch window from the logical date, then conf."""
-    end = (logical_date or dt.datetime.now(dt.timezone.utc)).date()
-    window = {"monitor.window_start": params.get("window_start") or str(end - dt.timedelta(days=PARAMS.drift_window_days)),
-              "monitor.window_end": params.get("window_end") or str(end)}
+    end = (logical_date or dt.datetime.now(dt.UTC)).date()
+    window = {
+        "monitor.window_start": params.get("window_start") or str(end - dt.timedelta(days=PARAMS.drift_window_days)),
+        "monitor.window_end": params.get("window_end") or str(end),
+    }
     return json.dumps({**window, **(params.get("params_overrides") or {})})
 
 
@@ -78,8 +80,11 @@ with DAG(
     user_defined_macros={"drift_overrides": drift_overrides},
     on_failure_callback=run_notifier("failure"),
 ) as dag:
-    workspace = init_node(DAG_ID, "{{ drift_overrides(dag_run.logical_date, params) }}",
-                          LMPIPE_REFERENCE_LOCK=reference_lock("lm_retraining"))
+    workspace = init_node(
+        DAG_ID,
+        "{{ drift_overrides(dag_run.logical_date, params) }}",
+        LMPIPE_REFERENCE_LOCK=reference_lock("lm_retraining"),
+    )
     nodes = [stage_node(DAG_ID, name) for name in BATCH_STAGES]
     lineage = lineage_node(DAG_ID, trigger_rule="none_failed")
     monitor = stage_node(DAG_ID, MONITOR_STAGE, "--upstream-if-missing")
@@ -99,8 +104,7 @@ with DAG(
         context = get_current_context()
         path, _ = metrics_file(monitor_summary, "drift_summary.json")
         result = (monitor_summary or {}).get("result") or {} if isinstance(monitor_summary, dict) else {}
-        extra = {"dag_id": DAG_ID, "run_id": context["run_id"], "drift_summary": path,
-                 "fired": result.get("fired")}
+        extra = {"dag_id": DAG_ID, "run_id": context["run_id"], "drift_summary": path, "fired": result.get("fired")}
         context["outlet_events"][DRIFT_ASSET].extra = extra
         return extra
 

@@ -25,8 +25,6 @@ import logging
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import DAG, Param, chain, get_current_context, task
-from pipeline_tasks.orchestration.settings import driver_argv
-
 from lmpipe_common import (
     EVALUATION_PASSED_ASSET,
     FILTERS,
@@ -40,12 +38,22 @@ from lmpipe_common import (
     run_notifier,
 )
 
+from pipeline_tasks.orchestration.settings import driver_argv
+
 log = logging.getLogger(__name__)
 DAG_ID = "lm_promote"
 ACTIONS = {
     "promote": ["python", "-m", "pipeline_tasks", "promote", "--reason", "$LMPIPE_REASON"],
-    "promote_version": ["python", "-m", "pipeline_tasks", "promote", "--version", "$LMPIPE_VERSION",
-                        "--reason", "$LMPIPE_REASON"],
+    "promote_version": [
+        "python",
+        "-m",
+        "pipeline_tasks",
+        "promote",
+        "--version",
+        "$LMPIPE_VERSION",
+        "--reason",
+        "$LMPIPE_REASON",
+    ],
     "rollback": ["python", "-m", "pipeline_tasks", "rollback", "--reason", "$LMPIPE_REASON"],
 }
 # Jinja prefix that binds the resolved request once, so the templates below read as plain text
@@ -78,14 +86,21 @@ with DAG(
         """What to do: from the params, or the registration carried by the triggering Asset event."""
         context = get_current_context()
         params = context["params"]
-        request = {"action": "rollback" if params["rollback"] else "promote", "version": None,
-                   "registration": None, "trigger": "manual"}
+        request = {
+            "action": "rollback" if params["rollback"] else "promote",
+            "version": None,
+            "registration": None,
+            "trigger": "manual",
+        }
         for events in (context.get("triggering_asset_events") or {}).values():
             for event in events:
                 registration = (event.extra or {}).get("registration")
                 if registration:
-                    request.update(registration=registration, trigger="asset",
-                                   version=str(registration.get("version") or "") or None)
+                    request.update(
+                        registration=registration,
+                        trigger="asset",
+                        version=str(registration.get("version") or "") or None,
+                    )
         version = str(params["version"]).strip()
         if request["version"] is None and version not in ("", "challenger"):
             if not version.isdigit():
@@ -98,10 +113,14 @@ with DAG(
     def check_gates(request: dict) -> bool:
         """Refuse early a registration whose recorded gates failed (promote re-checks the registry)."""
         registration = request.get("registration") or {}
-        if request["action"] == "promote" and registration and (
-                registration.get("gates_passed") is False or registration.get("status") == "rejected"):
-            LmpipeNotifier("gate-rejection", f"[lm-pipeline] {DAG_ID}: version not promotable",
-                           f"registration: {registration}").notify(get_current_context())
+        if (
+            request["action"] == "promote"
+            and registration
+            and (registration.get("gates_passed") is False or registration.get("status") == "rejected")
+        ):
+            LmpipeNotifier(
+                "gate-rejection", f"[lm-pipeline] {DAG_ID}: version not promotable", f"registration: {registration}"
+            ).notify(get_current_context())
             return False
         return True
 
@@ -113,8 +132,8 @@ with DAG(
         task_id="approve",
         subject=REQUEST + "lm-pipeline: {{ request.action }} version {{ request.version or 'challenger' }}?",
         body=REQUEST + "Run `{{ run_id }}` asks to **{{ request.action }}** "
-                       "(version: {{ request.version or '@challenger' }}).\n\n"
-                       "Registration: `{{ request.registration }}`",
+        "(version: {{ request.version or '@challenger' }}).\n\n"
+        "Registration: `{{ request.registration }}`",
         ignore_downstream_trigger_rules=True,
         response_timeout=dt.timedelta(days=3),
         execution_timeout=None,
@@ -128,20 +147,34 @@ with DAG(
             return "rollback"
         return "promote_version" if request["version"] else "promote"
 
-    env = node_env(DAG_ID, LMPIPE_VERSION=REQUEST + "{{ request.version or '' }}",
-                   LMPIPE_REASON="{{ params.reason or ('airflow ' ~ dag.dag_id ~ ' ' ~ run_id) }}",
-                   LMPIPE_ACTOR="airflow:{{ dag.dag_id }}/{{ run_id }}")
-    actions = [make_node(name, driver_argv("exec", "--", *argv), env, retries=0,
-                         pool=PARAMS.promote_pool or "default_pool", execution_timeout=dt.timedelta(minutes=15))
-               for name, argv in ACTIONS.items()]
+    env = node_env(
+        DAG_ID,
+        LMPIPE_VERSION=REQUEST + "{{ request.version or '' }}",
+        LMPIPE_REASON="{{ params.reason or ('airflow ' ~ dag.dag_id ~ ' ' ~ run_id) }}",
+        LMPIPE_ACTOR="airflow:{{ dag.dag_id }}/{{ run_id }}",
+    )
+    actions = [
+        make_node(
+            name,
+            driver_argv("exec", "--", *argv),
+            env,
+            retries=0,
+            pool=PARAMS.promote_pool or "default_pool",
+            execution_timeout=dt.timedelta(minutes=15),
+        )
+        for name, argv in ACTIONS.items()
+    ]
 
     @task(trigger_rule="none_failed_min_one_success")
     def notify_result() -> dict:
         context = get_current_context()
         results = {a: context["ti"].xcom_pull(task_ids=a) for a in ACTIONS}
         result = next((r for r in results.values() if r), {})
-        LmpipeNotifier("promotion", f"[lm-pipeline] {DAG_ID}: {(result.get('result') or {}).get('status', 'done')}",
-                       str(result.get("result"))).notify(context)
+        LmpipeNotifier(
+            "promotion",
+            f"[lm-pipeline] {DAG_ID}: {(result.get('result') or {}).get('status', 'done')}",
+            str(result.get("result")),
+        ).notify(context)
         return result
 
     request = resolve_request()

@@ -34,12 +34,12 @@ import logging
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, chain, get_current_context, task
 from lmpipe_common import (
-    STAGES,
     DRIFT_ASSET,
     EVALUATION_PASSED_ASSET,
     FILTERS,
     PARAMS,
     RETRAIN_CRON,
+    STAGES,
     START_DATE,
     LmpipeNotifier,
     default_args,
@@ -57,8 +57,11 @@ GATE_STAGE, PROMOTION_STAGE = "evaluate", "register"
 with DAG(
     dag_id=DAG_ID,
     description="Retrain, evaluate and register the LM: one containerized node per dvc.yaml stage",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone=PARAMS.timezone),
-                                 assets=[DRIFT_ASSET]) if RETRAIN_CRON else [DRIFT_ASSET],
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(RETRAIN_CRON, timezone=PARAMS.timezone), assets=[DRIFT_ASSET]
+    )
+    if RETRAIN_CRON
+    else [DRIFT_ASSET],
     start_date=START_DATE,
     catchup=False,
     max_active_runs=PARAMS.max_active_runs,
@@ -92,9 +95,11 @@ with DAG(
         failed = [g.get("name") for g in gates.get("gates", []) if isinstance(g, dict) and not g.get("passed")]
         log.info("gates %s (%s): failed %s", "PASSED" if gates["passed"] else "FAILED", path, failed)
         if not gates["passed"]:
-            LmpipeNotifier("gate-rejection", f"[lm-pipeline] {DAG_ID}: model rejected by its gates",
-                           f"failed gates: {', '.join(map(str, failed))}; decision: {path}").notify(
-                get_current_context())
+            LmpipeNotifier(
+                "gate-rejection",
+                f"[lm-pipeline] {DAG_ID}: model rejected by its gates",
+                f"failed gates: {', '.join(map(str, failed))}; decision: {path}",
+            ).notify(get_current_context())
         return bool(gates["passed"])
 
     @task(outlets=[EVALUATION_PASSED_ASSET])

@@ -43,13 +43,14 @@ from pipeline_tasks.orchestration.settings import (
     stage_timeout_min,
     workspace_name,
 )
-from pipeline_tasks.stages import GPU_STAGES, STAGES, stage_command
+from pipeline_tasks.stages import GPU_STAGES, stage_command
 
 log = logging.getLogger(__name__)
 
 REPO = Path(os.environ.get("LMPIPE_REPO") or Path(__file__).resolve().parents[1])
 PARAMS: OrchestrationParams = load_orchestration_params(
-    os.environ.get("LMPIPE_ORCHESTRATION_PARAMS") or REPO / "params.yaml")
+    os.environ.get("LMPIPE_ORCHESTRATION_PARAMS") or REPO / "params.yaml"
+)
 
 
 def _setting(env: str, default: str) -> str:
@@ -72,8 +73,11 @@ RETRAIN_CRON = _cron("LMPIPE_RETRAIN_CRON", PARAMS.retrain_schedule)
 DRIFT_CRON = _cron("LMPIPE_DRIFT_CRON", PARAMS.drift_schedule)
 START_DATE = pendulum.parse(PARAMS.start_date, tz=PARAMS.timezone)
 TASK_PYTHON = os.environ.get("LMPIPE_TASK_PYTHON") or str(REPO / PARAMS.task_python)
-DATA_ROOT = (os.environ.get("LMPIPE_DATA_ROOT") or str(Path(PARAMS.data_root).expanduser())) \
-    if RUNNER == "local" else PARAMS.container_data_root
+DATA_ROOT = (
+    (os.environ.get("LMPIPE_DATA_ROOT") or str(Path(PARAMS.data_root).expanduser()))
+    if RUNNER == "local"
+    else PARAMS.container_data_root
+)
 SOURCE = str(REPO) if RUNNER == "local" else "/opt/lm-pipeline"  # the image's project snapshot
 
 # Data-aware scheduling: monitor -> retraining, evaluation passed -> promotion.
@@ -81,8 +85,12 @@ DRIFT_ASSET = Asset(name="lmpipe_drift_detected", uri="lmpipe://monitor/drift_de
 EVALUATION_PASSED_ASSET = Asset(name="lmpipe_evaluation_passed", uri="lmpipe://evaluate/passed")
 
 FILTERS = {"lmpipe_ws": workspace_name}
-TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true"}
+TELEMETRY_OFF = {
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 
 
 def workspace_template(dag_id: str) -> str:
@@ -91,8 +99,15 @@ def workspace_template(dag_id: str) -> str:
 
 
 def node_env(dag_id: str, **extra: str) -> dict[str, str]:
-    env = {**TELEMETRY_OFF, "LMPIPE_WORKSPACE": workspace_template(dag_id), "LMPIPE_SOURCE": SOURCE,
-           "LMPIPE_DATA_ROOT": DATA_ROOT, "LMPIPE_DAG_ID": dag_id, "LMPIPE_RUN_ID": "{{ run_id }}", **extra}
+    env = {
+        **TELEMETRY_OFF,
+        "LMPIPE_WORKSPACE": workspace_template(dag_id),
+        "LMPIPE_SOURCE": SOURCE,
+        "LMPIPE_DATA_ROOT": DATA_ROOT,
+        "LMPIPE_DAG_ID": dag_id,
+        "LMPIPE_RUN_ID": "{{ run_id }}",
+        **extra,
+    }
     if RUNNER != "local":  # containers see only what is passed; local nodes inherit Airflow's env
         env.setdefault("LMPIPE_DATA_MIRROR", f"{PARAMS.container_data_root}/mirror")
         env.update({name: os.environ[name] for name in PARAMS.pass_env if os.environ.get(name)})
@@ -129,8 +144,14 @@ def _local_node(task_id: str, argv: list[str], env: dict[str, str], **kwargs: An
     # imported per runner: the Airflow image of one runner need not ship the other providers
     from airflow.providers.standard.operators.bash import BashOperator
 
-    return BashOperator(task_id=task_id, bash_command=local_command(argv), env=env,
-                        append_env=True, output_processor=parse_summary, **kwargs)
+    return BashOperator(
+        task_id=task_id,
+        bash_command=local_command(argv),
+        env=env,
+        append_env=True,
+        output_processor=parse_summary,
+        **kwargs,
+    )
 
 
 def _docker_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: bool, **kwargs: Any):
@@ -138,13 +159,27 @@ def _docker_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: boo
     from docker.types import DeviceRequest, Mount
 
     d = PARAMS.docker
-    volume = Mount(target=PARAMS.container_data_root, source=d.data_volume,
-                   type="bind" if d.data_volume.startswith("/") else "volume")
+    volume = Mount(
+        target=PARAMS.container_data_root,
+        source=d.data_volume,
+        type="bind" if d.data_volume.startswith("/") else "volume",
+    )
     return DockerOperator(
-        task_id=task_id, image=PARAMS.gpu_image if gpu else PARAMS.image, command=argv, environment=env,
-        docker_url=d.url, network_mode=d.network_mode, mounts=[volume], mount_tmp_dir=False,
-        auto_remove=d.auto_remove, shm_size=d.shm_size_mb * 2**20, xcom_all=False, tty=False,
-        device_requests=[DeviceRequest(count=d.gpus, capabilities=[["gpu"]])] if gpu else None, **kwargs)
+        task_id=task_id,
+        image=PARAMS.gpu_image if gpu else PARAMS.image,
+        command=argv,
+        environment=env,
+        docker_url=d.url,
+        network_mode=d.network_mode,
+        mounts=[volume],
+        mount_tmp_dir=False,
+        auto_remove=d.auto_remove,
+        shm_size=d.shm_size_mb * 2**20,
+        xcom_all=False,
+        tty=False,
+        device_requests=[DeviceRequest(count=d.gpus, capabilities=[["gpu"]])] if gpu else None,
+        **kwargs,
+    )
 
 
 def _kubernetes_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: bool, **kwargs: Any):
@@ -158,22 +193,40 @@ def _kubernetes_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu:
     if res.gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus)
     return KubernetesPodOperator(
-        task_id=task_id, name=f"lmpipe-{task_id.replace('_', '-')}", namespace=k.namespace,
-        image=PARAMS.gpu_image if gpu else PARAMS.image, arguments=argv, env_vars=env,
+        task_id=task_id,
+        name=f"lmpipe-{task_id.replace('_', '-')}",
+        namespace=k.namespace,
+        image=PARAMS.gpu_image if gpu else PARAMS.image,
+        arguments=argv,
+        env_vars=env,
         container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits or None),
-        volumes=[k8s.V1Volume(name="lmpipe-data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=k.data_pvc))],
+        volumes=[
+            k8s.V1Volume(
+                name="lmpipe-data",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=k.data_pvc),
+            )
+        ],
         volume_mounts=[k8s.V1VolumeMount(name="lmpipe-data", mount_path=PARAMS.container_data_root)],
         node_selector=dict(k.gpu_node_selector) if gpu else None,
-        tolerations=[k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value or None, effect=t.effect)
-                     for t in k.gpu_tolerations] if gpu else None,
+        tolerations=[
+            k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value or None, effect=t.effect)
+            for t in k.gpu_tolerations
+        ]
+        if gpu
+        else None,
         security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000),
         image_pull_policy=k.image_pull_policy,
         image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in k.image_pull_secrets] or None,
-        service_account_name=k.service_account or None, kubernetes_conn_id=k.kubernetes_conn_id or None,
-        in_cluster=not k.kubernetes_conn_id, startup_timeout_seconds=k.startup_timeout_s,
-        termination_grace_period=k.termination_grace_s, do_xcom_push=True, get_logs=True,
-        on_finish_action="delete_succeeded_pod", **kwargs)
+        service_account_name=k.service_account or None,
+        kubernetes_conn_id=k.kubernetes_conn_id or None,
+        in_cluster=not k.kubernetes_conn_id,
+        startup_timeout_seconds=k.startup_timeout_s,
+        termination_grace_period=k.termination_grace_s,
+        do_xcom_push=True,
+        get_logs=True,
+        on_finish_action="delete_succeeded_pod",
+        **kwargs,
+    )
 
 
 def stage_node(dag_id: str, stage: str, *flags: str, env: dict[str, str] | None = None, **kwargs: Any):
@@ -183,25 +236,40 @@ def stage_node(dag_id: str, stage: str, *flags: str, env: dict[str, str] | None 
     if gpu and PARAMS.gpu_pool:
         kwargs.setdefault("pool", PARAMS.gpu_pool)
     return make_node(
-        stage, node_argv(stage_command(stage), *flags),
+        stage,
+        node_argv(stage_command(stage), *flags),
         node_env(dag_id, LMPIPE_FORCE="{{ params.force | default(false) | string | lower }}", **(env or {})),
-        gpu=gpu, retries=policy["retries"], retry_exponential_backoff=policy["retry_exponential_backoff"],
+        gpu=gpu,
+        retries=policy["retries"],
+        retry_exponential_backoff=policy["retry_exponential_backoff"],
         retry_delay=dt.timedelta(seconds=policy["retry_delay"]),
         max_retry_delay=dt.timedelta(seconds=policy["max_retry_delay"]) if policy["max_retry_delay"] else None,
-        execution_timeout=dt.timedelta(minutes=stage_timeout_min(stage, PARAMS)), **kwargs)
+        execution_timeout=dt.timedelta(minutes=stage_timeout_min(stage, PARAMS)),
+        **kwargs,
+    )
 
 
 def init_node(dag_id: str, overrides_template: str = "{{ params.params_overrides | tojson }}", **env: str):
     """First node of a run: create (or reuse on retry) the run's workspace."""
-    return make_node("prepare_workspace", driver_argv("init"),
-                     node_env(dag_id, LMPIPE_OVERRIDES_JSON=overrides_template, **env), retries=2,
-                     retry_delay=dt.timedelta(seconds=30), execution_timeout=dt.timedelta(minutes=15))
+    return make_node(
+        "prepare_workspace",
+        driver_argv("init"),
+        node_env(dag_id, LMPIPE_OVERRIDES_JSON=overrides_template, **env),
+        retries=2,
+        retry_delay=dt.timedelta(seconds=30),
+        execution_timeout=dt.timedelta(minutes=15),
+    )
 
 
 def lineage_node(dag_id: str, env: dict[str, str] | None = None, **kwargs: Any):
     """Last node: lineage.json (git sha, dvc.lock hash, output hashes) in the workspace + XCom."""
-    return make_node("record_lineage", driver_argv("lineage"), node_env(dag_id, **(env or {})),
-                     execution_timeout=dt.timedelta(minutes=10), **kwargs)
+    return make_node(
+        "record_lineage",
+        driver_argv("lineage"),
+        node_env(dag_id, **(env or {})),
+        execution_timeout=dt.timedelta(minutes=10),
+        **kwargs,
+    )
 
 
 def reference_lock(dag_id: str) -> str:
@@ -210,9 +278,13 @@ def reference_lock(dag_id: str) -> str:
 
 
 def default_args(**extra: Any) -> dict[str, Any]:
-    return {"owner": "ml-platform", "retries": PARAMS.retries,
-            "retry_delay": dt.timedelta(seconds=PARAMS.retry_delay_s),
-            "execution_timeout": dt.timedelta(minutes=PARAMS.timeout_min), **extra}
+    return {
+        "owner": "ml-platform",
+        "retries": PARAMS.retries,
+        "retry_delay": dt.timedelta(seconds=PARAMS.retry_delay_s),
+        "execution_timeout": dt.timedelta(minutes=PARAMS.timeout_min),
+        **extra,
+    }
 
 
 def metrics_file(summary: Any, name: str) -> tuple[str | None, Any]:
@@ -263,16 +335,23 @@ class LmpipeNotifier(BaseNotifier):
             try:
                 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
-                SmtpNotifier(to=list(cfg.email_to), subject=subject, html_content=f"<pre>{message}</pre>",
-                             smtp_conn_id=cfg.smtp_conn_id).notify(context)
+                SmtpNotifier(
+                    to=list(cfg.email_to),
+                    subject=subject,
+                    html_content=f"<pre>{message}</pre>",
+                    smtp_conn_id=cfg.smtp_conn_id,
+                ).notify(context)
             except Exception:
                 log.exception("SMTP notification via %r failed (run continues)", cfg.smtp_conn_id)
         if cfg.http_conn_id:
             try:
                 from airflow.providers.http.notifications.http import HttpNotifier
 
-                HttpNotifier(http_conn_id=cfg.http_conn_id, endpoint=cfg.webhook_endpoint or None,
-                             json={"kind": self.kind, "subject": subject, "text": message}).notify(context)
+                HttpNotifier(
+                    http_conn_id=cfg.http_conn_id,
+                    endpoint=cfg.webhook_endpoint or None,
+                    json={"kind": self.kind, "subject": subject, "text": message},
+                ).notify(context)
             except Exception:
                 log.exception("webhook notification via %r failed (run continues)", cfg.http_conn_id)
 

@@ -29,8 +29,20 @@ from pipeline_tasks.config import to_plain
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-DEFAULT_LIBRARIES = ("numpy", "pandas", "pyarrow", "torch", "tokenizers", "onnx", "onnxruntime-gpu",
-                     "onnxruntime", "great-expectations", "evidently", "mlflow", "dvc")
+DEFAULT_LIBRARIES = (
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "torch",
+    "tokenizers",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "great-expectations",
+    "evidently",
+    "mlflow",
+    "dvc",
+)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -154,10 +166,17 @@ def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Pa
 def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
     """Current commit (with ``-dirty`` when the work tree has changes), or None outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("LMPIPE_GIT_SHA")
     return f"{sha}-dirty" if dirty else sha
@@ -173,13 +192,18 @@ def library_versions(names: Iterable[str] = DEFAULT_LIBRARIES) -> dict[str, str]
     return versions
 
 
-def build_manifest(stage: str, params_section: Any, inputs: dict[str, str] | None = None,
-                   outputs_dir: str | os.PathLike | None = None, extra: dict[str, Any] | None = None,
-                   libraries: Iterable[str] = DEFAULT_LIBRARIES) -> dict[str, Any]:
+def build_manifest(
+    stage: str,
+    params_section: Any,
+    inputs: dict[str, str] | None = None,
+    outputs_dir: str | os.PathLike | None = None,
+    extra: dict[str, Any] | None = None,
+    libraries: Iterable[str] = DEFAULT_LIBRARIES,
+) -> dict[str, Any]:
     plain = to_plain(params_section)
     manifest = {
         "stage": stage,
-        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "params": plain,
         "params_sha256": sha256_json(plain),
         "inputs": dict(inputs or {}),
@@ -193,8 +217,13 @@ def build_manifest(stage: str, params_section: Any, inputs: dict[str, str] | Non
     return manifest
 
 
-def write_manifest(directory: str | os.PathLike, stage: str, params_section: Any,
-                   inputs: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> Path:
+def write_manifest(
+    directory: str | os.PathLike,
+    stage: str,
+    params_section: Any,
+    inputs: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write ``manifest.json`` into ``directory`` (hashing everything already in it)."""
     directory = Path(directory)
     manifest = build_manifest(stage, params_section, inputs, directory, extra)

@@ -81,8 +81,15 @@ def _module(name: str):
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None, help="params file (default: params.yaml or $LMPIPE_PARAMS)")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param for this run, e.g. -S pretrain.max_steps=10")
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param for this run, e.g. -S pretrain.max_steps=10",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LMPIPE_LOG_LEVEL", "INFO"))
 
 

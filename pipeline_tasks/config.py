@@ -41,11 +41,14 @@ class ParamsLoader(yaml.SafeLoader):
 
 ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -226,9 +229,7 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{key}.{unknown[0]}: unknown key (known keys of {key!r}: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known keys of {key!r}: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, field in fields.items():
         if name in data:

@@ -43,8 +43,7 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int | None = None) -
     t, p = _as_labels(y_true, y_pred)
     k = _infer_num_classes(t, p, num_classes)
     if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= k):
-        raise ValueError(f"labels must lie in [0, {k}); got range [{min(t.min(), p.min())}, "
-                         f"{max(t.max(), p.max())}]")
+        raise ValueError(f"labels must lie in [0, {k}); got range [{min(t.min(), p.min())}, {max(t.max(), p.max())}]")
     # one bincount over the flattened (true, pred) index is O(n) and exact
     return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
 
@@ -60,15 +59,15 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def precision_recall_f1(y_true: Any, y_pred: Any, num_classes: int | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_f1(
+    y_true: Any, y_pred: Any, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-class ``(precision, recall, f1, support)``, each of shape ``(num_classes,)``."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     return precision_recall_f1_from_confusion(cm)
 
 
-def precision_recall_f1_from_confusion(cm: np.ndarray
-                                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_f1_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     cm = np.asarray(cm)
     tp = np.diag(cm).astype(np.float64)
     predicted = cm.sum(axis=0)
@@ -101,15 +100,25 @@ def classification_report(y_true: Any, y_pred: Any, labels: Sequence[str]) -> di
         "macro_precision": float(precision.mean()) if precision.size else 0.0,
         "macro_recall": float(recall.mean()) if recall.size else 0.0,
         "per_class": {
-            label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                    "support": int(support[i])}
+            label: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, label in enumerate(labels)
         },
     }
 
 
-def bootstrap_ci(y_true: Any, y_pred: Any, metric: MetricFn = accuracy, n_resamples: int = 1000,
-                 confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    y_true: Any,
+    y_pred: Any,
+    metric: MetricFn = accuracy,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of ``metric(y_true, y_pred)``.
 
     Resamples examples with replacement ``n_resamples`` times using ``numpy.random.default_rng

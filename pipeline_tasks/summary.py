@@ -42,29 +42,38 @@ def _validate(d: dict, report_dir: Path) -> str:
 
 def _tokenize(d: dict) -> str:
     tokens = d.get("tokens", {})
-    return (f"vocab {d.get('vocab_size')}, {tokens.get('train', 0):,} train tokens, "
-            f"{d.get('tokens_per_byte', {}).get('all', float('nan')):.3f} tokens/byte")
+    return (
+        f"vocab {d.get('vocab_size')}, {tokens.get('train', 0):,} train tokens, "
+        f"{d.get('tokens_per_byte', {}).get('all', float('nan')):.3f} tokens/byte"
+    )
 
 
 def _pretrain(d: dict) -> str:
-    return (f"{d.get('train/steps')} steps, {d.get('train/tokens', 0):,} tokens at {d.get('train/tokens_per_s', 0):,.0f} tok/s; "
-            f"val loss {d.get('val/loss', float('nan')):.3f}, bits/byte {d.get('val/bpb', float('nan')):.3f}")
+    return (
+        f"{d.get('train/steps')} steps, {d.get('train/tokens', 0):,} tokens at {d.get('train/tokens_per_s', 0):,.0f} tok/s; "
+        f"val loss {d.get('val/loss', float('nan')):.3f}, bits/byte {d.get('val/bpb', float('nan')):.3f}"
+    )
 
 
 def _finetune(d: dict) -> str:
     test = d.get("test", {})
     base = "from scratch" if d.get("from_scratch") else "pretrained"
-    return (f"{base}: test accuracy {test.get('accuracy', float('nan')):.4f}, macro-F1 "
-            f"{test.get('macro_f1', float('nan')):.4f} on {test.get('n')} rows ({d.get('train', {}).get('seconds', 0):.0f} s)")
+    return (
+        f"{base}: test accuracy {test.get('accuracy', float('nan')):.4f}, macro-F1 "
+        f"{test.get('macro_f1', float('nan')):.4f} on {test.get('n')} rows ({d.get('train', {}).get('seconds', 0):.0f} s)"
+    )
 
 
 def _evaluate(d: dict) -> str:
     by_source = d.get("slices", {}).get("source", {})
     sources = ", ".join(f"{name} {s['accuracy']:.4f}" for name, s in sorted(by_source.items()) if "accuracy" in s)
-    return (f"{d.get('serving_variant')}: accuracy {d.get('accuracy', float('nan')):.4f} "
-            f"[{d.get('accuracy_ci_low', float('nan')):.4f}, {d.get('accuracy_ci_high', float('nan')):.4f}] "
-            f"on {d.get('n_test')} test rows" + (f" ({sources})" if sources else "")
-            + f", p95 {d.get('latency_p95_ms', float('nan')):.2f} ms, {d.get('size_mb', float('nan')):.1f} MB")
+    return (
+        f"{d.get('serving_variant')}: accuracy {d.get('accuracy', float('nan')):.4f} "
+        f"[{d.get('accuracy_ci_low', float('nan')):.4f}, {d.get('accuracy_ci_high', float('nan')):.4f}] "
+        f"on {d.get('n_test')} test rows"
+        + (f" ({sources})" if sources else "")
+        + f", p95 {d.get('latency_p95_ms', float('nan')):.2f} ms, {d.get('size_mb', float('nan')):.1f} MB"
+    )
 
 
 def _gates(d: dict) -> str:

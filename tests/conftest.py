@@ -11,8 +11,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPORA = Path(os.environ.get("LMPIPE_DATA_MIRROR") or REPO_ROOT.parent / "shared" / "corpora")
 
 # Tests never phone home.
-for _name, _value in {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false",
-                      "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+for _name, _value in {
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
     os.environ.setdefault(_name, _value)
 
 

@@ -94,7 +94,7 @@ def shingle_hashes(key: str, word_ngram: int = 5, char_ngram: int = 5, cjk: bool
     m = tokens.size - n + 1
     combined = np.full(m, n, dtype=np.uint64)  # the length is part of the hash
     for j in range(n):
-        combined += tokens[j:j + m] * _COEF[j]  # wraps mod 2**64 by design
+        combined += tokens[j : j + m] * _COEF[j]  # wraps mod 2**64 by design
     return _mix64(combined) >> np.uint64(32)
 
 
@@ -103,17 +103,17 @@ def shingles(key: str, word_ngram: int = 5, char_ngram: int = 5, cjk: bool = Fal
     if cjk:
         chars = key.replace(" ", "")
         n = min(char_ngram, len(chars))
-        return {chars[i:i + n] for i in range(len(chars) - n + 1)} if chars else set()
+        return {chars[i : i + n] for i in range(len(chars) - n + 1)} if chars else set()
     words = key.split()
     n = min(word_ngram, len(words))
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)} if words else set()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)} if words else set()
 
 
 def permutations(num_perm: int, seed: int):
     """``(a, b)`` uint64 vectors of the multiply-add-shift permutations (``a`` odd)."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(0, 2 ** 64, size=num_perm, dtype=np.uint64, endpoint=False) | np.uint64(1)
-    b = rng.integers(0, 2 ** 64, size=num_perm, dtype=np.uint64, endpoint=False)
+    a = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64, endpoint=False) | np.uint64(1)
+    b = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64, endpoint=False)
     return a, b
 
 
@@ -145,7 +145,7 @@ def minhash_signatures(hash_arrays: Sequence, num_perm: int, seed: int, progress
             if len(hashes) > _BATCH_ROWS // 2:  # a long document: running minimum over slices
                 low = np.full(num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
                 for start in range(0, len(hashes), _BATCH_ROWS):
-                    np.minimum(low, permuted(hashes[start:start + _BATCH_ROWS]).min(axis=0), out=low)
+                    np.minimum(low, permuted(hashes[start : start + _BATCH_ROWS]).min(axis=0), out=low)
                 signatures[i] = low >> np.uint64(32)
             elif len(hashes):
                 if pending_rows + len(hashes) > _BATCH_ROWS:
@@ -166,8 +166,9 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def find_near_duplicates(hash_arrays: Sequence, threshold: float, num_perm: int, seed: int,
-                         progress: bool | None = None) -> list[NearDuplicate]:
+def find_near_duplicates(
+    hash_arrays: Sequence, threshold: float, num_perm: int, seed: int, progress: bool | None = None
+) -> list[NearDuplicate]:
     """Greedy near-duplicate removal over documents given in priority order (earlier wins).
 
     ``hash_arrays`` are :func:`shingle_hashes` per document. Returns one :class:`NearDuplicate`
@@ -179,7 +180,7 @@ def find_near_duplicates(hash_arrays: Sequence, threshold: float, num_perm: int,
     band_keys = np.empty((len(hash_arrays), bands), dtype=np.uint64)
     coef = _coefficients()
     for band in range(bands):
-        block = signatures[:, band * rows:(band + 1) * rows].astype(np.uint64)
+        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
         band_keys[:, band] = _mix64((block * coef[:rows]).sum(axis=1, dtype=np.uint64) + np.uint64(band))
     tables: list[dict[int, list[int]]] = [{} for _ in range(bands)]
     keys = band_keys.tolist()
@@ -201,6 +202,7 @@ def find_near_duplicates(hash_arrays: Sequence, threshold: float, num_perm: int,
                 continue
         for band, key in enumerate(keys[index]):
             tables[band].setdefault(key, []).append(index)
-    logger.info("minhash lsh: %d docs, %d bands x %d rows, %d near duplicates", len(hash_arrays), bands, rows,
-                len(dropped))
+    logger.info(
+        "minhash lsh: %d docs, %d bands x %d rows, %d near duplicates", len(hash_arrays), bands, rows, len(dropped)
+    )
     return dropped

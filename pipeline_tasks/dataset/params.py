@@ -12,8 +12,17 @@ import types
 from typing import Literal
 
 Script = Literal["latin", "cyrillic", "cjk", "other"]
-DEFAULT_LANG_SCRIPTS = {"en": "latin", "de": "latin", "fr": "latin", "bg": "cyrillic", "ru": "cyrillic",
-                        "uk": "cyrillic", "zh": "cjk", "ja": "cjk", "ko": "cjk"}
+DEFAULT_LANG_SCRIPTS = {
+    "en": "latin",
+    "de": "latin",
+    "fr": "latin",
+    "bg": "cyrillic",
+    "ru": "cyrillic",
+    "uk": "cyrillic",
+    "zh": "cjk",
+    "ja": "cjk",
+    "ko": "cjk",
+}
 BYTE_ALPHABET = 256  # byte-level BPE: every byte is a base token
 
 
@@ -35,7 +44,8 @@ class PrepareParams:
     minhash_seed: int = 1
     cjk_min_share: float = 0.5  # share of CJK letters above which a text is shingled by characters
     lang_scripts: dict[str, Script] = dataclasses.field(
-        default_factory=lambda: types.MappingProxyType(dict(DEFAULT_LANG_SCRIPTS)))
+        default_factory=lambda: types.MappingProxyType(dict(DEFAULT_LANG_SCRIPTS))
+    )
 
     def __post_init__(self):
         if not 0 < self.min_chars <= self.max_chars:
@@ -43,8 +53,10 @@ class PrepareParams:
         if self.max_nonletter_share is not None and not 0 < self.max_nonletter_share <= 1:
             raise ValueError(f"max_nonletter_share must be in (0, 1] or null, got {self.max_nonletter_share}")
         if min(self.val_fraction, self.test_fraction) < 0 or self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction and test_fraction must be >= 0 and sum to < 1 "
-                             f"(got {self.val_fraction} + {self.test_fraction})")
+            raise ValueError(
+                "val_fraction and test_fraction must be >= 0 and sum to < 1 "
+                f"(got {self.val_fraction} + {self.test_fraction})"
+            )
         if not 0 < self.near_dup_threshold <= 1:
             raise ValueError(f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
         if self.num_perm < 16 or self.shingle_words < 1 or self.shingle_chars < 1:
@@ -77,15 +89,17 @@ class ValidateParams:
             try:
                 dt.date.fromisoformat(getattr(self, name))
             except ValueError as exc:
-                raise ValueError(f"{name}: expected an ISO date like '2004-01-31' "
-                                 f"(quote it in params.yaml), got {getattr(self, name)!r}") from exc
+                raise ValueError(
+                    f"{name}: expected an ISO date like '2004-01-31' "
+                    f"(quote it in params.yaml), got {getattr(self, name)!r}"
+                ) from exc
         if not 0 <= self.max_duplicate_rate < 1:
             raise ValueError("max_duplicate_rate must be in [0, 1)")
         if self.split_share_tolerance < 0 or self.split_share_z < 0 or self.min_rows < 0:
             raise ValueError("split_share_tolerance, split_share_z and min_rows must be >= 0")
 
     def date_bound(self, name: str) -> dt.datetime:
-        return dt.datetime.combine(dt.date.fromisoformat(getattr(self, name)), dt.time(), dt.timezone.utc)
+        return dt.datetime.combine(dt.date.fromisoformat(getattr(self, name)), dt.time(), dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +120,10 @@ class TokenizeParams:
         if len(set(specials)) != len(specials) or not all(specials):
             raise ValueError(f"eot_token, pad_token and cls_token must be distinct and non-empty, got {specials}")
         if self.vocab_size < BYTE_ALPHABET + len(specials) + 1:
-            raise ValueError(f"vocab_size must be > {BYTE_ALPHABET + len(specials)} "
-                             f"(256 byte tokens + {len(specials)} special tokens), got {self.vocab_size}")
+            raise ValueError(
+                f"vocab_size must be > {BYTE_ALPHABET + len(specials)} "
+                f"(256 byte tokens + {len(specials)} special tokens), got {self.vocab_size}"
+            )
         if self.vocab_size > 1 << 32:
             raise ValueError(f"vocab_size must fit in uint32, got {self.vocab_size}")
         if self.min_frequency < 1 or self.batch_size < 1 or self.train_max_bytes < 0:

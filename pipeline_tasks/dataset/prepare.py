@@ -52,8 +52,16 @@ from pipeline_tasks.errors import DataError
 logger = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
-DROP_REASONS = ("missing_id", "empty_text", "duplicate_id", "too_short", "too_long", "nonletter",
-                "exact_duplicate", "near_duplicate")
+DROP_REASONS = (
+    "missing_id",
+    "empty_text",
+    "duplicate_id",
+    "too_short",
+    "too_long",
+    "nonletter",
+    "exact_duplicate",
+    "near_duplicate",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,8 +78,10 @@ def read_raw(dirs: list[Path]):
     tables, inputs = [], {}
     for directory in dirs:
         if not directory.is_dir():
-            raise DataError(f"{directory}: raw data folder not found; run the ingest stages first "
-                            "(python -m pipeline_tasks ingest_wiki / ingest_news)")
+            raise DataError(
+                f"{directory}: raw data folder not found; run the ingest stages first "
+                "(python -m pipeline_tasks ingest_wiki / ingest_news)"
+            )
         files = sorted(directory.glob("*.parquet"))
         if not files:
             logger.warning("%s: no *.parquet files", directory)
@@ -79,8 +89,9 @@ def read_raw(dirs: list[Path]):
             table = pq.read_table(path)
             missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
             if missing:
-                raise DataError(f"{path}: missing column(s) {missing}; expected the ingest schema in "
-                                "docs/ARCHITECTURE.md")
+                raise DataError(
+                    f"{path}: missing column(s) {missing}; expected the ingest schema in docs/ARCHITECTURE.md"
+                )
             extra = sorted(set(table.column_names) - set(COLUMNS))
             if extra:
                 logger.warning("%s: ignoring unknown column(s) %s", path, extra)
@@ -96,8 +107,9 @@ def read_raw(dirs: list[Path]):
                     # safe=False: Parquet stores second timestamps as ms; truncation is intended
                     columns.append(column.cast(field.type, safe=False))
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise DataError(f"{path}: column {field.name!r} of type {column.type} cannot be read "
-                                    f"as {field.type}: {exc}") from exc
+                    raise DataError(
+                        f"{path}: column {field.name!r} of type {column.type} cannot be read as {field.type}: {exc}"
+                    ) from exc
             read = pa.Table.from_arrays(columns, schema=reading_schema)
             tables.append(read.append_column("_file", pa.array([str(path)] * table.num_rows, pa.string())))
             inputs[str(path)] = sha256_file(path)
@@ -116,8 +128,10 @@ def _fixed_splits(df):
     bad = mapped == "?"
     if bad.any():
         row = df.loc[bad].iloc[0]
-        raise DataError(f"{row['_file']}: record {row['id']!r}: split {row['split']!r} is not one of "
-                        f"{sorted(SPLIT_ALIASES)} ({int(bad.sum())} such rows); fix the source's `split`")
+        raise DataError(
+            f"{row['_file']}: record {row['id']!r}: split {row['split']!r} is not one of "
+            f"{sorted(SPLIT_ALIASES)} ({int(bad.sum())} such rows); fix the source's `split`"
+        )
     return mapped
 
 
@@ -184,8 +198,9 @@ def prepare_documents(frame, params: PrepareParams, progress: bool | None = None
     if params.near_dup and len(df):
         cjk = (df["_cjk"] / df["_letters"].clip(lower=1)) >= params.cjk_min_share
         hashes = [shingle_hashes(k, params.shingle_words, params.shingle_chars, c) for k, c in zip(df["_key"], cjk)]
-        found = find_near_duplicates(hashes, params.near_dup_threshold, params.num_perm, params.minhash_seed,
-                                     progress=progress)
+        found = find_near_duplicates(
+            hashes, params.near_dup_threshold, params.num_perm, params.minhash_seed, progress=progress
+        )
         ids = df["id"].to_numpy()
         mask = pd.Series(False, index=df.index)
         kept_id = pd.Series(None, index=df.index, dtype=object)
@@ -196,8 +211,11 @@ def prepare_documents(frame, params: PrepareParams, progress: bool | None = None
         drop(mask, "near_duplicate", duplicate_of=kept_id, similarity=similarity)
 
     kept = df.sort_values("id", kind="mergesort").reset_index(drop=True)
-    dropped = (pd.concat(drops, ignore_index=True) if drops else pd.DataFrame(
-        columns=["id", "source", "split", "reason", "duplicate_of", "similarity"]))
+    dropped = (
+        pd.concat(drops, ignore_index=True)
+        if drops
+        else pd.DataFrame(columns=["id", "source", "split", "reason", "duplicate_of", "similarity"])
+    )
     dropped = dropped.sort_values(["reason", "id"], kind="mergesort").reset_index(drop=True)
     stats = compute_stats(kept, dropped, counts_in, params, SCRIPTS)
     return kept[list(COLUMNS)], dropped, stats
@@ -207,12 +225,18 @@ def _quantiles(values) -> dict[str, float]:
     if len(values) == 0:
         return {"p5": 0.0, "p50": 0.0, "p95": 0.0, "mean": 0.0, "max": 0.0}
     p5, p50, p95 = np.percentile(values, [5, 50, 95])
-    return {"p5": round(float(p5), 1), "p50": round(float(p50), 1), "p95": round(float(p95), 1),
-            "mean": round(float(np.mean(values)), 1), "max": float(np.max(values))}
+    return {
+        "p5": round(float(p5), 1),
+        "p50": round(float(p50), 1),
+        "p95": round(float(p95), 1),
+        "mean": round(float(np.mean(values)), 1),
+        "max": float(np.max(values)),
+    }
 
 
-def compute_stats(kept, dropped, counts_in: Mapping[str, int], params: PrepareParams,
-                  scripts: tuple[str, ...]) -> dict[str, Any]:
+def compute_stats(
+    kept, dropped, counts_in: Mapping[str, int], params: PrepareParams, scripts: tuple[str, ...]
+) -> dict[str, Any]:
     """Numbers-only statistics (nested dicts) for ``stats.json`` / ``dvc metrics show``."""
     n_out = len(kept)
     by_id_split = dict(zip(kept["id"], kept["split"]))
@@ -229,8 +253,11 @@ def compute_stats(kept, dropped, counts_in: Mapping[str, int], params: PreparePa
     sources = {}
     for source in sorted(counts_in):
         gone = dropped[dropped["source"] == source]["reason"].value_counts()
-        sources[source] = {"in": int(counts_in[source]), "out": int((kept["source"] == source).sum()),
-                           "dropped": {r: int(gone.get(r, 0)) for r in DROP_REASONS}}
+        sources[source] = {
+            "in": int(counts_in[source]),
+            "out": int((kept["source"] == source).sum()),
+            "dropped": {r: int(gone.get(r, 0)) for r in DROP_REASONS},
+        }
 
     langs = {}
     for lang, group in kept.groupby(kept["lang"].fillna("<none>"), sort=True):
@@ -238,9 +265,12 @@ def compute_stats(kept, dropped, counts_in: Mapping[str, int], params: PreparePa
         expected = params.lang_scripts.get(lang)
         dominant = group[[f"_{s}" for s in scripts]].idxmax(axis=1).str[1:].where(group["_letters"] > 0)
         mismatch = int(((dominant != expected) & dominant.notna()).sum()) if expected else 0
-        langs[lang] = {"docs": len(group), "share": round(len(group) / max(n_out, 1), 4),
-                       "script_mismatch": mismatch,
-                       "script_share": {s: round(int(group[f"_{s}"].sum()) / letters, 4) for s in scripts}}
+        langs[lang] = {
+            "docs": len(group),
+            "share": round(len(group) / max(n_out, 1), 4),
+            "script_mismatch": mismatch,
+            "script_share": {s: round(int(group[f"_{s}"].sum()) / letters, 4) for s in scripts},
+        }
         if mismatch:
             examples = group.loc[(dominant != expected) & dominant.notna(), "id"].head(5).tolist()
             logger.warning("lang %s: %d docs are mostly not %s script (e.g. %s)", lang, mismatch, expected, examples)
@@ -252,18 +282,23 @@ def compute_stats(kept, dropped, counts_in: Mapping[str, int], params: PreparePa
         rows = kept[kept["split"] == split]
         counts = rows["label"].value_counts()
         hashed = int(rows["_fixed"].isna().sum())
-        splits[split] = {"docs": len(rows), "share": round(len(rows) / max(n_out, 1), 4),
-                         "fixed": len(rows) - hashed, "hashed": hashed,
-                         "hashed_share": round(hashed / hashed_total, 4),
-                         "labels": {**{lb: int(counts.get(lb, 0)) for lb in labels},
-                                    "unlabelled": int(rows["label"].isna().sum())}}
+        splits[split] = {
+            "docs": len(rows),
+            "share": round(len(rows) / max(n_out, 1), 4),
+            "fixed": len(rows) - hashed,
+            "hashed": hashed,
+            "hashed_share": round(hashed / hashed_total, 4),
+            "labels": {**{lb: int(counts.get(lb, 0)) for lb in labels}, "unlabelled": int(rows["label"].isna().sum())},
+        }
     return {
         "docs": {"in": int(sum(counts_in.values())), "out": n_out, "dropped": len(dropped)},
         "dropped": {r: int((dropped["reason"] == r).sum()) for r in DROP_REASONS},
         "dedup": dedup,
         "sources": sources,
-        "length_chars": {kind: _quantiles(group["_chars"].to_numpy())
-                         for kind, group in kept.groupby(kept["kind"].fillna("<none>"), sort=True)},
+        "length_chars": {
+            kind: _quantiles(group["_chars"].to_numpy())
+            for kind, group in kept.groupby(kept["kind"].fillna("<none>"), sort=True)
+        },
         "lang": langs,
         "splits": splits,
     }
@@ -280,8 +315,16 @@ def write_table(frame, schema, path: Path) -> None:
 
 
 def dropped_schema():
-    return pa.schema([("id", pa.string()), ("source", pa.string()), ("split", pa.string()),
-                      ("reason", pa.string()), ("duplicate_of", pa.string()), ("similarity", pa.float64())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("split", pa.string()),
+            ("reason", pa.string()),
+            ("duplicate_of", pa.string()),
+            ("similarity", pa.float64()),
+        ]
+    )
 
 
 def run(params, **_options) -> dict[str, Any]:
@@ -297,14 +340,24 @@ def run(params, **_options) -> dict[str, Any]:
         for split in SPLITS:
             write_table(kept[kept["split"] == split], schema, tmp / f"{split}.parquet")
         write_table(dropped, dropped_schema(), tmp / "dropped.parquet")
-        seconds = {"read": round(read_s, 2), "core": round(core_s, 2),
-                   "total": round(time.perf_counter() - started, 2)}
-        write_manifest(tmp, "prepare", p, inputs, extra={"rows": rows, "dropped": stats["dropped"],
-                                                         "seconds": seconds})
+        seconds = {"read": round(read_s, 2), "core": round(core_s, 2), "total": round(time.perf_counter() - started, 2)}
+        write_manifest(tmp, "prepare", p, inputs, extra={"rows": rows, "dropped": stats["dropped"], "seconds": seconds})
     stats_path = Path(paths.prepare_reports_dir) / "stats.json"
     atomic_write_json(stats_path, stats)
-    logger.info("prepare: %d docs in, %d out (%s); dropped %s; %.1f s", stats["docs"]["in"], stats["docs"]["out"],
-                rows, {k: v for k, v in stats["dropped"].items() if v}, seconds["total"])
-    return {"docs_in": stats["docs"]["in"], "docs_out": stats["docs"]["out"], "splits": rows,
-            "dropped": stats["docs"]["dropped"],
-            "prepared_dir": str(paths.prepared_dir), "stats": str(stats_path), "seconds": seconds}
+    logger.info(
+        "prepare: %d docs in, %d out (%s); dropped %s; %.1f s",
+        stats["docs"]["in"],
+        stats["docs"]["out"],
+        rows,
+        {k: v for k, v in stats["dropped"].items() if v},
+        seconds["total"],
+    )
+    return {
+        "docs_in": stats["docs"]["in"],
+        "docs_out": stats["docs"]["out"],
+        "splits": rows,
+        "dropped": stats["docs"]["dropped"],
+        "prepared_dir": str(paths.prepared_dir),
+        "stats": str(stats_path),
+        "seconds": seconds,
+    }

@@ -36,16 +36,17 @@ LABELLED_COLUMNS = ("id", "source", "text", "label")  # what every reader of lab
 
 def prepared_schema() -> pa.Schema:
     """Explicit Arrow schema of ``{train,val,test}.parquet`` (the union of the ingest schemas)."""
-    string_fields = [pa.field(name, pa.string(), nullable=name not in REQUIRED_COLUMNS + ("split",))
-                     for name in COLUMNS]
+    string_fields = [
+        pa.field(name, pa.string(), nullable=name not in REQUIRED_COLUMNS + ("split",)) for name in COLUMNS
+    ]
     fields = [f if f.name != "date" else pa.field("date", pa.timestamp("s", tz="UTC")) for f in string_fields]
     return pa.schema(fields)
 
 
 def hash_unit(doc_id: str, salt: str) -> float:
     """Stable uniform number in [0, 1) for a document id (first 64 bits of sha1)."""
-    digest = hashlib.sha1(f"{salt}:{doc_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    digest = hashlib.sha1(f"{salt}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def hash_split(doc_id: str, salt: str, val_fraction: float, test_fraction: float) -> str:
@@ -54,9 +55,16 @@ def hash_split(doc_id: str, salt: str, val_fraction: float, test_fraction: float
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def read_labelled_split(prepared_dir: str | os.PathLike, split: str, *, labels: Sequence[str] | None = None,
-                        sources: Sequence[str] | None = None, kinds: Sequence[str] | None = None,
-                        max_rows: int = 0, seed: int = 0) -> pa.Table:
+def read_labelled_split(
+    prepared_dir: str | os.PathLike,
+    split: str,
+    *,
+    labels: Sequence[str] | None = None,
+    sources: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    max_rows: int = 0,
+    seed: int = 0,
+) -> pa.Table:
     """Rows of ``prepared_dir/<split>.parquet`` with a non-null ``label``, in file order.
 
     Each filter that is given (``None`` or empty: all) keeps the rows whose ``label`` is one of
@@ -84,8 +92,10 @@ def read_labelled_split(prepared_dir: str | os.PathLike, split: str, *, labels: 
     schema_names = pq.read_schema(path).names
     missing = [c for c in (*LABELLED_COLUMNS, *(("kind",) if kinds else ())) if c not in schema_names]
     if missing:
-        raise DataError(f"{path}: columns {missing} missing (have {schema_names}); "
-                        "was it written by an older prepare? re-run prepare")
+        raise DataError(
+            f"{path}: columns {missing} missing (have {schema_names}); "
+            "was it written by an older prepare? re-run prepare"
+        )
     table = pq.read_table(path)
     keep = pc.is_valid(table["label"])
     for column, allowed in (("label", labels), ("source", sources), ("kind", kinds)):
@@ -95,14 +105,18 @@ def read_labelled_split(prepared_dir: str | os.PathLike, split: str, *, labels: 
     blank = [i for i, text in enumerate(table["text"].to_pylist()) if not text or not text.strip()]
     if blank:
         first = table["id"][blank[0]].as_py()
-        raise DataError(f"{path}: {len(blank)} labelled rows have empty text (first id {first!r}); "
-                        "prepare should have dropped them")
+        raise DataError(
+            f"{path}: {len(blank)} labelled rows have empty text (first id {first!r}); prepare should have dropped them"
+        )
     if not table.num_rows:
         kind = f" {'/'.join(kinds)}" if kinds else ""
-        where = (f" from sources {list(sources)}" if sources else "") + \
-            (f" with a label in {list(labels)}" if labels else "")
-        raise DataError(f"{path}: no labelled{kind} rows{where}; check the sources (finetune.dataset) and labels "
-                        "against ingest_news.sources (names and label maps)")
+        where = (f" from sources {list(sources)}" if sources else "") + (
+            f" with a label in {list(labels)}" if labels else ""
+        )
+        raise DataError(
+            f"{path}: no labelled{kind} rows{where}; check the sources (finetune.dataset) and labels "
+            "against ingest_news.sources (names and label maps)"
+        )
     if 0 < max_rows < table.num_rows:
         # RandomState, not default_rng: the draw of pandas' DataFrame.sample(random_state=seed), so
         # export and evaluate kept their sampled rows when this reader replaced the pandas one

@@ -63,8 +63,10 @@ def open_shard(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any]) 
     data = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
     expected = meta["splits"].get(split, {}).get("tokens")
     if expected is not None and len(data) != expected:
-        raise DataError(f"{path}: {len(data)} tokens on disk but meta.json says {expected}; "
-                        "the shard is truncated or stale, re-run the tokenize stage")
+        raise DataError(
+            f"{path}: {len(data)} tokens on disk but meta.json says {expected}; "
+            "the shard is truncated or stale, re-run the tokenize stage"
+        )
     return data
 
 
@@ -85,7 +87,7 @@ class ShardWriter:
         flat = np.empty(sum(lengths), dtype=self.dtype)
         pos = 0
         for ids, n in zip(docs_ids, lengths):
-            flat[pos: pos + n - 1] = ids
+            flat[pos : pos + n - 1] = ids
             flat[pos + n - 1] = self.eot_id
             pos += n
         flat.tofile(self._fh)
@@ -105,8 +107,9 @@ class ShardWriter:
         self.close()
 
 
-def window_starts(n_tokens: int, block_size: int, batch_size: int, *, seed: int, rank: int, step: int,
-                  micro_step: int) -> np.ndarray:
+def window_starts(
+    n_tokens: int, block_size: int, batch_size: int, *, seed: int, rank: int, step: int, micro_step: int
+) -> np.ndarray:
     """Start offsets of ``batch_size`` random windows of ``block_size + 1`` tokens.
 
     A pure function of its arguments (a fresh PCG64 stream per micro-batch from a SeedSequence),
@@ -114,8 +117,10 @@ def window_starts(n_tokens: int, block_size: int, batch_size: int, *, seed: int,
     """
     high = n_tokens - block_size - 1
     if high < 1:
-        raise DataError(f"the split has {n_tokens} tokens, fewer than block_size + 2 = {block_size + 2}; "
-                        "use more data or a smaller model.block_size")
+        raise DataError(
+            f"the split has {n_tokens} tokens, fewer than block_size + 2 = {block_size + 2}; "
+            "use more data or a smaller model.block_size"
+        )
     rng = np.random.default_rng(np.random.SeedSequence([seed, rank, step, micro_step]))
     return rng.integers(0, high, size=batch_size)
 
@@ -124,8 +129,10 @@ def eval_window_starts(n_tokens: int, block_size: int, n_windows: int) -> np.nda
     """``n_windows`` evenly spaced windows over the whole split: the same set at every evaluation."""
     high = n_tokens - block_size - 1
     if high < 1:
-        raise DataError(f"the validation split has {n_tokens} tokens, fewer than block_size + 2 = "
-                        f"{block_size + 2}; use more data or a smaller model.block_size")
+        raise DataError(
+            f"the validation split has {n_tokens} tokens, fewer than block_size + 2 = "
+            f"{block_size + 2}; use more data or a smaller model.block_size"
+        )
     return np.unique(np.linspace(0, high - 1, num=n_windows).astype(np.int64))
 
 
@@ -133,7 +140,7 @@ def windows_to_tensors(data: np.ndarray, starts: np.ndarray, block_size: int, de
     """Inputs ``x`` and next-token targets ``y``, both ``(B, T)`` int64 tensors on ``device``."""
     import torch  # why: only pretrain needs torch here; tokenize writes shards without importing it
 
-    batch = np.stack([data[s: s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+    batch = np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
     batch = torch.from_numpy(batch)
     x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each: y is x shifted left by one
     device = torch.device(device)

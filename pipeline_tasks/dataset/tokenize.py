@@ -52,24 +52,31 @@ TOKENIZER_NAME = "tokenizer.json"
 # Core: tokenizer training and encoding (no paths)
 # ---------------------------------------------------------------------------------------------
 
-def train_tokenizer(texts: Iterator[list[str]], vocab_size: int, min_frequency: int,
-                    special_tokens: tuple[str, ...]):
+
+def train_tokenizer(texts: Iterator[list[str]], vocab_size: int, min_frequency: int, special_tokens: tuple[str, ...]):
     """Byte-level BPE trained on batches of texts; the special tokens get the first ids."""
     tokenizer = Tokenizer(models.BPE())
     # GPT-2 pre-tokenization (regex split, bytes mapped to printable unicode), no prefix space so
     # decode(encode(x)) == x exactly
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(special_tokens), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
 
 def special_token_ids(tokenizer, params: TokenizeParams) -> dict[str, int]:
-    ids = {"eot": tokenizer.token_to_id(params.eot_token), "pad": tokenizer.token_to_id(params.pad_token),
-           "cls": tokenizer.token_to_id(params.cls_token)}
+    ids = {
+        "eot": tokenizer.token_to_id(params.eot_token),
+        "pad": tokenizer.token_to_id(params.pad_token),
+        "cls": tokenizer.token_to_id(params.cls_token),
+    }
     missing = [k for k, v in ids.items() if v is None]
     if missing:
         raise DataError(f"trained tokenizer lacks special tokens {missing}; this is a bug")
@@ -99,8 +106,10 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 # Reading the prepared splits
 # ---------------------------------------------------------------------------------------------
 
-def iter_documents(path: Path, kinds: tuple[str, ...],
-                   batch_size: int) -> Iterator[tuple[list[str], list[str], list[int]]]:
+
+def iter_documents(
+    path: Path, kinds: tuple[str, ...], batch_size: int
+) -> Iterator[tuple[list[str], list[str], list[int]]]:
     """Batches of (texts, sources, utf8 byte lengths) of non-empty documents of the chosen kinds."""
     try:
         parquet = pq.ParquetFile(path)
@@ -108,11 +117,14 @@ def iter_documents(path: Path, kinds: tuple[str, ...],
         raise DataError(f"{path}: cannot read Parquet ({exc}); re-run the prepare stage") from exc
     missing = {"text", "kind", "source"} - set(parquet.schema_arrow.names)
     if missing:
-        raise DataError(f"{path}: missing column(s) {sorted(missing)}; expected the prepared schema "
-                        "(docs/ARCHITECTURE.md, prepare)")
+        raise DataError(
+            f"{path}: missing column(s) {sorted(missing)}; expected the prepared schema (docs/ARCHITECTURE.md, prepare)"
+        )
     for batch in parquet.iter_batches(batch_size=batch_size, columns=["text", "kind", "source"]):
-        keep = pc.and_(pc.is_in(batch.column("kind"), value_set=pa.array(list(kinds))),
-                       pc.greater(pc.fill_null(pc.utf8_length(batch.column("text")), 0), 0))
+        keep = pc.and_(
+            pc.is_in(batch.column("kind"), value_set=pa.array(list(kinds))),
+            pc.greater(pc.fill_null(pc.utf8_length(batch.column("text")), 0), 0),
+        )
         batch = batch.filter(keep)
         if batch.num_rows:
             texts = batch.column("text").to_pylist()
@@ -133,13 +145,16 @@ def training_sample(path: Path, params: TokenizeParams, seed: int) -> Iterator[l
         yield strip_special_literals(texts, params.special_tokens)[0]
 
 
-def encode_split(tokenizer, path: Path, out_path: Path, params: TokenizeParams, dtype: str,
-                 eot_id: int) -> dict[str, Any]:
+def encode_split(
+    tokenizer, path: Path, out_path: Path, params: TokenizeParams, dtype: str, eot_id: int
+) -> dict[str, Any]:
     """Encode one split into a shard; returns its tokens/bytes/docs totals and per source."""
     per_source: dict[str, dict[str, int]] = {}
     removed = 0
-    with ShardWriter(out_path, dtype, eot_id) as writer, \
-            tqdm(desc=f"tokenize {path.stem}", unit="doc", disable=None) as bar:
+    with (
+        ShardWriter(out_path, dtype, eot_id) as writer,
+        tqdm(desc=f"tokenize {path.stem}", unit="doc", disable=None) as bar,
+    ):
         for texts, sources, byte_lengths in iter_documents(path, params.kinds, params.batch_size):
             texts, n_removed = strip_special_literals(texts, params.special_tokens)
             removed += n_removed
@@ -155,9 +170,13 @@ def encode_split(tokenizer, path: Path, out_path: Path, params: TokenizeParams, 
             bar.update(len(texts))
     if removed:
         logger.warning("%s: removed %d special-token literal(s) from the text", path, removed)
-    return {"tokens": writer.tokens, "docs": writer.docs,
-            "bytes": sum(s["bytes"] for s in per_source.values()),
-            "special_literals_removed": removed, "sources": dict(sorted(per_source.items()))}
+    return {
+        "tokens": writer.tokens,
+        "docs": writer.docs,
+        "bytes": sum(s["bytes"] for s in per_source.values()),
+        "special_literals_removed": removed,
+        "sources": dict(sorted(per_source.items())),
+    }
 
 
 def compression_metrics(meta: dict[str, Any]) -> dict[str, Any]:
@@ -174,15 +193,17 @@ def compression_metrics(meta: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": meta["vocab_size"],
         "tokens": {name: split["tokens"] for name, split in meta["splits"].items()},
         "docs": {name: split["docs"] for name, split in meta["splits"].items()},
-        "tokens_per_byte": {"all": round(all_tokens / max(all_bytes, 1), 4),
-                            **{src: round(s["tokens"] / max(s["bytes"], 1), 4)
-                               for src, s in sorted(pooled.items())}},
+        "tokens_per_byte": {
+            "all": round(all_tokens / max(all_bytes, 1), 4),
+            **{src: round(s["tokens"] / max(s["bytes"], 1), 4) for src, s in sorted(pooled.items())},
+        },
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # Runner
 # ---------------------------------------------------------------------------------------------
+
 
 def run(params, **_options) -> dict[str, Any]:
     cfg: TokenizeParams = params.tokenize
@@ -194,19 +215,26 @@ def run(params, **_options) -> dict[str, Any]:
             raise DataError(f"{path} not found: run the prepare stage first (python -m pipeline_tasks prepare)")
 
     logger.info("training byte-level BPE (vocab %d) on %s", cfg.vocab_size, inputs["train"])
-    tokenizer = train_tokenizer(training_sample(inputs["train"], cfg, params.seed), cfg.vocab_size,
-                                cfg.min_frequency, cfg.special_tokens)
+    tokenizer = train_tokenizer(
+        training_sample(inputs["train"], cfg, params.seed), cfg.vocab_size, cfg.min_frequency, cfg.special_tokens
+    )
     vocab_size = tokenizer.get_vocab_size()
     if vocab_size < cfg.vocab_size:
-        logger.warning("the training text supports only %d of %d requested tokens (min_frequency=%d)",
-                       vocab_size, cfg.vocab_size, cfg.min_frequency)
+        logger.warning(
+            "the training text supports only %d of %d requested tokens (min_frequency=%d)",
+            vocab_size,
+            cfg.vocab_size,
+            cfg.min_frequency,
+        )
     special = special_token_ids(tokenizer, cfg)
     dtype = token_dtype(vocab_size)
 
     with atomic_dir(tokens_dir) as tmp:
         tokenizer.save(str(tmp / TOKENIZER_NAME))
-        splits = {split: encode_split(tokenizer, path, tmp / f"{split}.bin", cfg, dtype, special["eot"])
-                  for split, path in inputs.items()}
+        splits = {
+            split: encode_split(tokenizer, path, tmp / f"{split}.bin", cfg, dtype, special["eot"])
+            for split, path in inputs.items()
+        }
         meta = {
             "vocab_size": vocab_size,
             "dtype": dtype,
@@ -216,12 +244,23 @@ def run(params, **_options) -> dict[str, Any]:
             "splits": splits,
         }
         atomic_write_json(tmp / META_NAME, meta)
-        write_manifest(tmp, "tokenize", cfg, inputs={str(p): sha256_file(p) for p in inputs.values()},
-                       extra={"seed": params.seed})
+        write_manifest(
+            tmp, "tokenize", cfg, inputs={str(p): sha256_file(p) for p in inputs.values()}, extra={"seed": params.seed}
+        )
     metrics = compression_metrics(meta)
     atomic_write_json(reports_dir / "metrics.json", metrics)
     for split, stats in splits.items():
-        logger.info("%s: %d docs, %d tokens, %.3f tokens/byte", split, stats["docs"], stats["tokens"],
-                    stats["tokens"] / max(stats["bytes"], 1))
-    return {"vocab_size": vocab_size, "dtype": dtype, "tokens": metrics["tokens"],
-            "tokens_per_byte": metrics["tokens_per_byte"]["all"], "tokens_dir": str(tokens_dir)}
+        logger.info(
+            "%s: %d docs, %d tokens, %.3f tokens/byte",
+            split,
+            stats["docs"],
+            stats["tokens"],
+            stats["tokens"] / max(stats["bytes"], 1),
+        )
+    return {
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "tokens": metrics["tokens"],
+        "tokens_per_byte": metrics["tokens_per_byte"]["all"],
+        "tokens_dir": str(tokens_dir),
+    }

@@ -81,8 +81,12 @@ def add_computed_columns(frame, prepare_params):
     frame["_text_key"] = [normalize_key(t) if isinstance(t, str) else None for t in text]
     frame["_nonletter"] = [char_profile(t).nonletter_share if isinstance(t, str) else None for t in text]
     frame["_id_source"] = [i.split(":", 1)[0] if isinstance(i, str) else None for i in ids]
-    frame["_hash_split"] = [hash_split(i, prepare_params.salt, prepare_params.val_fraction,
-                                       prepare_params.test_fraction) if isinstance(i, str) else None for i in ids]
+    frame["_hash_split"] = [
+        hash_split(i, prepare_params.salt, prepare_params.val_fraction, prepare_params.test_fraction)
+        if isinstance(i, str)
+        else None
+        for i in ids
+    ]
     return frame
 
 
@@ -118,9 +122,14 @@ def schema_frame(schemas: dict[str, Any]):
                     kind = pa.timestamp("s", tz="UTC")
                 observed = str(kind)
             # the column name is part of both values so that a failure's observed values name it
-            rows.append({"file": f"{split}.parquet", "column": field.name,
-                         "arrow_type": f"{split}.{field.name}: {observed}",
-                         "expected_type": f"{split}.{field.name}: {field.type}"})
+            rows.append(
+                {
+                    "file": f"{split}.parquet",
+                    "column": field.name,
+                    "arrow_type": f"{split}.{field.name}: {observed}",
+                    "expected_type": f"{split}.{field.name}: {field.type}",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -144,16 +153,21 @@ def split_suite(split: str, params: ValidateParams) -> list:
         E.ExpectColumnValuesToBeOfType(column="date", type_="Timestamp"),
         *[E.ExpectColumnValuesToNotBeNull(column=c) for c in ("id", "text", "kind", "source", "lang", "split")],
         E.ExpectColumnValuesToBeUnique(column="id"),
-        E.ExpectColumnValueLengthsToBeBetween(column="text", min_value=params.text_min_chars,
-                                              max_value=params.text_max_chars),
+        E.ExpectColumnValueLengthsToBeBetween(
+            column="text", min_value=params.text_min_chars, max_value=params.text_max_chars
+        ),
         E.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=[split]),
         E.ExpectColumnValuesToBeInSet(column="kind", value_set=list(params.kinds)),
         E.ExpectColumnValuesToBeInSet(column="label", value_set=list(params.labels)),  # nulls are allowed
         E.ExpectColumnPairValuesToBeEqual(column_A="_id_source", column_B="source"),
-        E.ExpectColumnValuesToBeBetween(column="date", min_value=params.date_bound("news_date_min"),
-                                        max_value=params.date_bound("news_date_max"),
-                                        row_condition='kind=="news"', condition_parser="pandas"),
+        E.ExpectColumnValuesToBeBetween(
+            column="date",
+            min_value=params.date_bound("news_date_min"),
+            max_value=params.date_bound("news_date_max"),
+            row_condition='kind=="news"',
+            condition_parser="pandas",
+        ),
         E.ExpectColumnValuesToBeUnique(column="_text_key", mostly=1.0 - params.max_duplicate_rate),
         E.ExpectColumnMeanToBeBetween(column="_nonletter", min_value=0.0, max_value=params.nonletter_share_mean_max),
         E.ExpectColumnMaxToBeBetween(column="_nonletter", min_value=0.0, max_value=params.nonletter_share_max),
@@ -171,18 +185,32 @@ def cross_split_suite(frame, params: ValidateParams, prepare_params) -> tuple[li
         E.ExpectColumnValuesToBeInSet(column="_split_mode", value_set=["hash", "fixed"]),
     ]
     hashed = int(frame["_hashed_source"].sum())
-    expected = {"train": 1.0 - prepare_params.val_fraction - prepare_params.test_fraction,
-                "val": prepare_params.val_fraction, "test": prepare_params.test_fraction}
+    expected = {
+        "train": 1.0 - prepare_params.val_fraction - prepare_params.test_fraction,
+        "val": prepare_params.val_fraction,
+        "test": prepare_params.test_fraction,
+    }
     shares: dict[str, Any] = {"checked": hashed > 0, "hashed_rows": hashed}
     if hashed == 0:
         logger.warning("validate: no hash-split source (every source has fixed splits); split shares not checked")
         return exps, shares
     for split in SPLITS:
         low, high = split_share_bounds(expected[split], hashed, params.split_share_tolerance, params.split_share_z)
-        shares[split] = {"expected": round(expected[split], 6), "min": round(low, 6), "max": round(high, 6),
-                         "observed": round(float(frame.loc[frame["_hashed_source"], f"_is_{split}"].mean()), 6)}
-        exps.append(E.ExpectColumnMeanToBeBetween(column=f"_is_{split}", min_value=low, max_value=high,
-                                                  row_condition="_hashed_source==True", condition_parser="pandas"))
+        shares[split] = {
+            "expected": round(expected[split], 6),
+            "min": round(low, 6),
+            "max": round(high, 6),
+            "observed": round(float(frame.loc[frame["_hashed_source"], f"_is_{split}"].mean()), 6),
+        }
+        exps.append(
+            E.ExpectColumnMeanToBeBetween(
+                column=f"_is_{split}",
+                min_value=low,
+                max_value=high,
+                row_condition="_hashed_source==True",
+                condition_parser="pandas",
+            )
+        )
     return exps, shares
 
 
@@ -203,11 +231,12 @@ def run_suites(datasets: dict[str, tuple[Any, list]], docs_dir: Path) -> dict[st
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    site = {"class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            # GX requires an absolute base_directory without a project root
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(Path(docs_dir).resolve())}}
+    site = {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        # GX requires an absolute base_directory without a project root
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+    }
     context.add_data_docs_site(site_name="lmpipe", site_config=site)
     source = context.data_sources.add_pandas(name="prepared")
     results = {}
@@ -217,15 +246,24 @@ def run_suites(datasets: dict[str, tuple[Any, list]], docs_dir: Path) -> dict[st
         for expectation in expectations:
             suite.add_expectation(expectation)
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"validate_{name}", validation_definitions=[definition],
-            actions=[],
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 10}))
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"validate_{name}",
+                validation_definitions=[definition],
+                actions=[],
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 10},
+            )
+        )
         started = time.perf_counter()
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         results[name] = next(iter(outcome.run_results.values()))
-        logger.info("suite %s: %s (%d rows, %.1f s)", name, "passed" if results[name].success else "FAILED",
-                    len(frame), time.perf_counter() - started)
+        logger.info(
+            "suite %s: %s (%d rows, %.1f s)",
+            name,
+            "passed" if results[name].success else "FAILED",
+            len(frame),
+            time.perf_counter() - started,
+        )
     started = time.perf_counter()
     context.build_data_docs(site_names=["lmpipe"])
     logger.info("data docs built in %.1f s", time.perf_counter() - started)
@@ -277,14 +315,22 @@ def failure_line(suite: str, failure: dict[str, Any]) -> str:
     elif "unexpected_count" in failure:
         examples = failure.get("partial_unexpected_list") or []
         examples = [_plain(e, 60) for e in examples[:3]]
-        observed = (f"{failure['unexpected_count']} unexpected of {failure.get('element_count')} "
-                    f"({failure.get('unexpected_percent') or 0:.2f}%), e.g. {examples!r}")
+        observed = (
+            f"{failure['unexpected_count']} unexpected of {failure.get('element_count')} "
+            f"({failure.get('unexpected_percent') or 0:.2f}%), e.g. {examples!r}"
+        )
     else:
         observed = f"observed {failure.get('observed_value')!r}"
-    bounds = {k: failure["kwargs"][k] for k in ("min_value", "max_value", "value_set", "column_list", "mostly")
-              if k in failure["kwargs"]}
-    return f"{suite}: {failure['expectation']}{where} {observed}; expected {bounds}" if bounds else \
-        f"{suite}: {failure['expectation']}{where} {observed}"
+    bounds = {
+        k: failure["kwargs"][k]
+        for k in ("min_value", "max_value", "value_set", "column_list", "mostly")
+        if k in failure["kwargs"]
+    }
+    return (
+        f"{suite}: {failure['expectation']}{where} {observed}; expected {bounds}"
+        if bounds
+        else f"{suite}: {failure['expectation']}{where} {observed}"
+    )
 
 
 def summarize(results: dict[str, Any], rows: dict[str, int], shares: dict[str, Any]) -> dict[str, Any]:
@@ -293,15 +339,25 @@ def summarize(results: dict[str, Any], rows: dict[str, int], shares: dict[str, A
     for name, result in results.items():
         stats = result.statistics
         failures = [describe_failure(r) for r in result.results if not r.success]
-        suites[name] = {"success": bool(result.success), "rows": rows.get(name, 0),
-                        "evaluated": int(stats["evaluated_expectations"]),
-                        "successful": int(stats["successful_expectations"]),
-                        "failed": int(stats["unsuccessful_expectations"]), "failures": failures}
+        suites[name] = {
+            "success": bool(result.success),
+            "rows": rows.get(name, 0),
+            "evaluated": int(stats["evaluated_expectations"]),
+            "successful": int(stats["successful_expectations"]),
+            "failed": int(stats["unsuccessful_expectations"]),
+            "failures": failures,
+        }
         evaluated += suites[name]["evaluated"]
         successful += suites[name]["successful"]
-    return {"success": all(s["success"] for s in suites.values()),
-            "evaluated": evaluated, "successful": successful, "failed": evaluated - successful,
-            "suites": suites, "split_shares": shares, "data_docs": f"{DOCS_DIR}/index.html"}
+    return {
+        "success": all(s["success"] for s in suites.values()),
+        "evaluated": evaluated,
+        "successful": successful,
+        "failed": evaluated - successful,
+        "suites": suites,
+        "split_shares": shares,
+        "data_docs": f"{DOCS_DIR}/index.html",
+    }
 
 
 def run(params, **_options) -> dict[str, Any]:
@@ -328,13 +384,24 @@ def run(params, **_options) -> dict[str, Any]:
         summary = summarize(results, rows, shares)
         seconds = round(time.perf_counter() - started, 2)  # manifest only: metrics must not churn
         atomic_write_json(tmp / SUMMARY_NAME, summary)
-        write_manifest(tmp, "validate", vp, inputs, extra={"success": summary["success"], "rows": rows,
-                                                           "seconds": seconds,
-                                                           "prepare_split": {"salt": pp.salt,
-                                                                             "val_fraction": pp.val_fraction,
-                                                                             "test_fraction": pp.test_fraction}})
-    logger.info("validate: %d/%d expectations passed; report %s", summary["successful"], summary["evaluated"],
-                out_dir / DOCS_DIR / "index.html")
+        write_manifest(
+            tmp,
+            "validate",
+            vp,
+            inputs,
+            extra={
+                "success": summary["success"],
+                "rows": rows,
+                "seconds": seconds,
+                "prepare_split": {"salt": pp.salt, "val_fraction": pp.val_fraction, "test_fraction": pp.test_fraction},
+            },
+        )
+    logger.info(
+        "validate: %d/%d expectations passed; report %s",
+        summary["successful"],
+        summary["evaluated"],
+        out_dir / DOCS_DIR / "index.html",
+    )
     if not summary["success"]:
         lines = [failure_line(name, f) for name, s in summary["suites"].items() for f in s["failures"]]
         for line in lines:
@@ -342,7 +409,13 @@ def run(params, **_options) -> dict[str, Any]:
         shown = "\n  - ".join(lines[:25]) + (f"\n  ... {len(lines) - 25} more" if len(lines) > 25 else "")
         raise ValidationFailedError(
             f"{summary['failed']} of {summary['evaluated']} expectations failed on {prepared} "
-            f"(report: {out_dir / DOCS_DIR / 'index.html'}, {out_dir / SUMMARY_NAME}):\n  - {shown}")
-    return {"success": True, "evaluated": summary["evaluated"], "rows": rows,
-            "summary": str(out_dir / SUMMARY_NAME), "data_docs": str(out_dir / DOCS_DIR / "index.html"),
-            "seconds": seconds}
+            f"(report: {out_dir / DOCS_DIR / 'index.html'}, {out_dir / SUMMARY_NAME}):\n  - {shown}"
+        )
+    return {
+        "success": True,
+        "evaluated": summary["evaluated"],
+        "rows": rows,
+        "summary": str(out_dir / SUMMARY_NAME),
+        "data_docs": str(out_dir / DOCS_DIR / "index.html"),
+        "seconds": seconds,
+    }

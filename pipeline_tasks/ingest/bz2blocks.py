@@ -49,7 +49,7 @@ def find_markers(data: bytes, start: int = 0, stop: int | None = None) -> list[t
         pos = data.find(pattern, start + 1)
         while pos != -1 and pos - 1 < stop:
             first = pos - 1
-            value = int.from_bytes(data[first:first + 7], "big")
+            value = int.from_bytes(data[first : first + 7], "big")
             if (value >> (8 - shift)) & 0xFFFFFFFFFFFF == magic:
                 found.append((first * 8 + shift, magic == EOS_MAGIC))
             pos = data.find(pattern, pos + 1)
@@ -80,7 +80,7 @@ def decode_segment(segment: Segment) -> bytes:
 
 def merge(a: Segment, b: Segment) -> Segment:
     """One segment from two adjacent ones (used when a false block magic split a real block)."""
-    return Segment(a.data[:b.base - a.base] + b.data, a.base, a.first, b.end)
+    return Segment(a.data[: b.base - a.base] + b.data, a.base, a.first, b.end)
 
 
 def iter_segments(fh, read_size: int = READ_SIZE) -> Iterator[Segment]:
@@ -104,7 +104,7 @@ def iter_segments(fh, read_size: int = READ_SIZE) -> Iterator[Segment]:
             if first_eos:
                 continue
             start = first // 8 - base
-            yield Segment(buf[start:(end + 7) // 8 - base], first // 8, first, end)
+            yield Segment(buf[start : (end + 7) // 8 - base], first // 8, first, end)
             keep = end // 8 - base
             buf, base, scanned = buf[keep:], base + keep, scanned - keep
         if eof:
@@ -141,13 +141,13 @@ class ChunkReader(io.RawIOBase):
             self._buffer, self._pos = chunk, 0
         if size is None or size < 0:
             size = len(self._buffer) - self._pos
-        data = self._buffer[self._pos:self._pos + size]
+        data = self._buffer[self._pos : self._pos + size]
         self._pos += len(data)
         return data
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
 

@@ -54,19 +54,21 @@ BATCH_ROWS = 10_000
 
 def news_schema():
     """The explicit Arrow schema of ``<source>.parquet`` (see docs/ARCHITECTURE.md)."""
-    return pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("lang", pa.string(), nullable=False),
-        pa.field("title", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("label", pa.string()),
-        pa.field("raw_label", pa.string()),
-        pa.field("date", pa.timestamp("s", tz="UTC")),
-        pa.field("url", pa.string()),
-        pa.field("split", pa.string()),
-    ])
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("lang", pa.string(), nullable=False),
+            pa.field("title", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("raw_label", pa.string()),
+            pa.field("date", pa.timestamp("s", tz="UTC")),
+            pa.field("url", pa.string()),
+            pa.field("split", pa.string()),
+        ]
+    )
 
 
 def read_news_table(path: str | Path):
@@ -87,8 +89,9 @@ def open_records(spec: NewsSourceParams, path: Path, raw_chars: int):
             raise DataError(f"{path}: source {spec.name!r} has format folder but this is not a folder")
         files, info["ignored_files"] = nf.list_folder_files(path, spec.file_glob)
         if not files:
-            raise DataError(f"{path}: no article files {spec.file_glob!r} in label sub-folders; is this the "
-                            f"{spec.name!r} folder?")
+            raise DataError(
+                f"{path}: no article files {spec.file_glob!r} in label sub-folders; is this the {spec.name!r} folder?"
+            )
         yield nf.read_folder_records(path, files, fallback_encoding=spec.fallback_encoding, raw_chars=raw_chars), info
         return
     if path.is_dir():
@@ -96,27 +99,43 @@ def open_records(spec: NewsSourceParams, path: Path, raw_chars: int):
     display = f"{path}!{spec.member}" if spec.member else str(path)
     with open_binary(path, spec.member, spec.member_sha256) as stream:
         if spec.format == "csv":
-            records = nf.read_csv_records(stream, display, columns=spec.columns, header=spec.header,
-                                          num_columns=spec.num_columns, fallback_encoding=spec.fallback_encoding,
-                                          raw_chars=raw_chars)
+            records = nf.read_csv_records(
+                stream,
+                display,
+                columns=spec.columns,
+                header=spec.header,
+                num_columns=spec.num_columns,
+                fallback_encoding=spec.fallback_encoding,
+                raw_chars=raw_chars,
+            )
         else:
-            records = nf.read_jsonl_records(stream, display, columns=spec.columns,
-                                            fallback_encoding=spec.fallback_encoding, raw_chars=raw_chars)
+            records = nf.read_jsonl_records(
+                stream, display, columns=spec.columns, fallback_encoding=spec.fallback_encoding, raw_chars=raw_chars
+            )
         yield records, info
 
 
 def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: IngestNewsParams) -> dict[str, Any]:
     """Read, clean and write one source; returns its stats. Raises DataError above the bad share."""
-    opts = nf.RowOptions(source=spec.name, lang=spec.lang, label_map=spec.label_map, split=spec.split,
-                         date_format=spec.date_format, id_fields=spec.id_fields,
-                         backslash_breaks=spec.backslash_breaks, repair_entities=spec.repair_entities)
+    opts = nf.RowOptions(
+        source=spec.name,
+        lang=spec.lang,
+        label_map=spec.label_map,
+        split=spec.split,
+        date_format=spec.date_format,
+        id_fields=spec.id_fields,
+        backslash_breaks=spec.backslash_breaks,
+        repair_entities=spec.repair_entities,
+    )
     stats = nf.SourceStats(spec.name, f"{path}!{spec.member}" if spec.member else str(path))
     (out_dir / "quarantine").mkdir(exist_ok=True)
     quarantine_path = out_dir / "quarantine" / f"{spec.name}.jsonl"
     try:
-        with open_records(spec, path, params.max_raw_chars) as (records, info), \
-                pq.ParquetWriter(out_dir / f"{spec.name}.parquet", news_schema(), compression="zstd") as writer, \
-                open(quarantine_path, "w", encoding="utf-8") as quarantine:
+        with (
+            open_records(spec, path, params.max_raw_chars) as (records, info),
+            pq.ParquetWriter(out_dir / f"{spec.name}.parquet", news_schema(), compression="zstd") as writer,
+            open(quarantine_path, "w", encoding="utf-8") as quarantine,
+        ):
             write_records(records, opts, stats, writer, quarantine, params.max_records_per_source)
             stats.ignored_files = info["ignored_files"]
         stats.check(spec.max_bad_share if spec.max_bad_share is not None else params.max_bad_share)
@@ -125,13 +144,19 @@ def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: Ing
     if quarantine_path.stat().st_size == 0:
         quarantine_path.unlink()
     if stats.fallback_decoded:
-        logger.warning("%s: %d record(s) decoded with fallback_encoding %s: %s", spec.name,
-                       len(stats.fallback_decoded), spec.fallback_encoding, stats.fallback_decoded[:5])
+        logger.warning(
+            "%s: %d record(s) decoded with fallback_encoding %s: %s",
+            spec.name,
+            len(stats.fallback_decoded),
+            spec.fallback_encoding,
+            stats.fallback_decoded[:5],
+        )
     return stats.to_dict()
 
 
-def write_records(records, opts: nf.RowOptions, stats: nf.SourceStats, writer, quarantine,
-                  limit: int | None = None) -> None:
+def write_records(
+    records, opts: nf.RowOptions, stats: nf.SourceStats, writer, quarantine, limit: int | None = None
+) -> None:
     """Clean each record into ``writer`` (in batches) or a quarantine line; counts go to ``stats``."""
     seen: set[str] = set()
     batch: list[dict[str, Any]] = []
@@ -142,8 +167,19 @@ def write_records(records, opts: nf.RowOptions, stats: nf.SourceStats, writer, q
                 raise nf.RecordError("duplicate_key", f"id {row['id']} already seen (same {', '.join(opts.id_fields)})")
         except nf.RecordError as exc:
             stats.add_bad(record, exc)
-            quarantine.write(json.dumps({"file": record.file, "record": record.record, "reason": exc.reason,
-                                         "detail": exc.detail, "raw": record.raw}, ensure_ascii=False) + "\n")
+            quarantine.write(
+                json.dumps(
+                    {
+                        "file": record.file,
+                        "record": record.record,
+                        "reason": exc.reason,
+                        "detail": exc.detail,
+                        "raw": record.raw,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             continue
         seen.add(row["id"])
         stats.add_good(row, record)
@@ -164,15 +200,21 @@ def run(params, **_options) -> dict[str, Any]:
     section: IngestNewsParams = params.ingest_news
     out = Path(params.paths.raw_news_dir)
     root = Path(params.source).resolve().parent if getattr(params, "source", None) else Path.cwd()
-    resolved = {spec.name: resolve_source(spec, params.paths.downloads_dir, root, section.download)
-                for spec in section.sources}
+    resolved = {
+        spec.name: resolve_source(spec, params.paths.downloads_dir, root, section.download) for spec in section.sources
+    }
     summary: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
         for spec in section.sources:
             logger.info("%s: reading %s (%s)", spec.name, resolved[spec.name], spec.format)
             summary[spec.name] = ingest_source(spec, resolved[spec.name], tmp, section)
-            logger.info("%s: kept %d, quarantined %d %s", spec.name, summary[spec.name]["kept"],
-                        summary[spec.name]["quarantined"], summary[spec.name]["reasons"] or "")
+            logger.info(
+                "%s: kept %d, quarantined %d %s",
+                spec.name,
+                summary[spec.name]["kept"],
+                summary[spec.name]["quarantined"],
+                summary[spec.name]["reasons"] or "",
+            )
         totals = {key: sum(s[key] for s in summary.values()) for key in ("records", "kept", "quarantined")}
         atomic_write_json(tmp / "stats.json", {"sources": summary, "totals": totals})
         inputs = {name: sha256_file(p) if p.is_file() else f"tree:{tree_digest(p)}" for name, p in resolved.items()}

@@ -53,8 +53,14 @@ from pipeline_tasks.errors import DataError
 from pipeline_tasks.ingest.params import IngestWikiParams, WikiSourceParams
 from pipeline_tasks.ingest.sources import resolve_source
 from pipeline_tasks.ingest.wikidump import RawPage, SiteInfo, TruncatedInputError, iter_source
-from pipeline_tasks.ingest.wikitext import (DEFAULT_DROP_NAMESPACES, clean_wikitext, is_disambiguation, is_redirect,
-                                             namespace_aliases, normalize_plain)
+from pipeline_tasks.ingest.wikitext import (
+    DEFAULT_DROP_NAMESPACES,
+    clean_wikitext,
+    is_disambiguation,
+    is_redirect,
+    namespace_aliases,
+    normalize_plain,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +155,7 @@ def _prefilter(page: RawPage, cfg: IngestWikiParams, markup: bool) -> tuple[str 
         if len(data) > cfg.max_page_bytes:
             if cfg.on_oversize == "skip":
                 return "too_large", page
-            return "truncated", page._replace(text=data[:cfg.max_page_bytes].decode("utf-8", "ignore"))
+            return "truncated", page._replace(text=data[: cfg.max_page_bytes].decode("utf-8", "ignore"))
     return None, page
 
 
@@ -165,16 +171,32 @@ class _ParquetSink:
 
     def __init__(self, path: Path, source: str):
         self.path, self.source, self.tmp = path, source, path.with_name(path.name + ".partial")
-        self.schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()),
-                                 ("lang", pa.string()), ("title", pa.string()), ("text", pa.string()),
-                                 ("date", pa.timestamp("s", tz="UTC")), ("url", pa.string())])
+        self.schema = pa.schema(
+            [
+                ("id", pa.string()),
+                ("kind", pa.string()),
+                ("source", pa.string()),
+                ("lang", pa.string()),
+                ("title", pa.string()),
+                ("text", pa.string()),
+                ("date", pa.timestamp("s", tz="UTC")),
+                ("url", pa.string()),
+            ]
+        )
         self.columns: dict[str, list] = {name: [] for name in self.schema.names}
         self.chars, self.writer = 0, None
 
     def add(self, page: RawPage, text: str, lang: str | None, url: str | None) -> None:
-        for name, value in (("id", f"{self.source}:{page.page_id}"), ("kind", "wiki"), ("source", self.source),
-                            ("lang", lang), ("title", page.title), ("text", text), ("date", page.timestamp),
-                            ("url", url)):
+        for name, value in (
+            ("id", f"{self.source}:{page.page_id}"),
+            ("kind", "wiki"),
+            ("source", self.source),
+            ("lang", lang),
+            ("title", page.title),
+            ("text", text),
+            ("date", page.timestamp),
+            ("url", url),
+        ):
             self.columns[name].append(value)
         self.chars += len(text)
         if len(self.columns["id"]) >= ROW_GROUP_ROWS or self.chars >= ROW_GROUP_CHARS:
@@ -182,8 +204,9 @@ class _ParquetSink:
 
     def flush(self) -> None:
         arrays = {name: pa.array(values, pa.string()) for name, values in self.columns.items() if name != "date"}
-        parsed = pc.strptime(pa.array(self.columns["date"], pa.string()), format="%Y-%m-%dT%H:%M:%SZ",
-                             unit="s", error_is_null=True)
+        parsed = pc.strptime(
+            pa.array(self.columns["date"], pa.string()), format="%Y-%m-%dT%H:%M:%SZ", unit="s", error_is_null=True
+        )
         arrays["date"] = parsed.cast(pa.timestamp("s", tz="UTC"))
         table = pa.table([arrays[name] for name in self.schema.names], schema=self.schema)
         if self.writer is None:
@@ -220,9 +243,11 @@ def _collect(entry, pool, hard_timeout_s: float, path: Path):
     except multiprocessing.TimeoutError:
         pool.terminate()
         first = next((page for reason, page in meta if reason is None), meta[0][1])
-        raise DataError(f"{path}: a cleaning worker was stuck for {hard_timeout_s:.0f} s on the batch starting at "
-                        f"page id {first.page_id} {first.title!r} (C code ignores the per-page alarm); "
-                        "lower ingest_wiki.max_page_bytes") from None
+        raise DataError(
+            f"{path}: a cleaning worker was stuck for {hard_timeout_s:.0f} s on the batch starting at "
+            f"page id {first.page_id} {first.title!r} (C code ignores the per-page alarm); "
+            "lower ingest_wiki.max_page_bytes"
+        ) from None
 
 
 def _read_pages(path: Path, source: WikiSourceParams, cfg: IngestWikiParams, pool, state: dict):
@@ -237,8 +262,14 @@ def _read_pages(path: Path, source: WikiSourceParams, cfg: IngestWikiParams, poo
             state["dbname"], state["drop"] = record.dbname, namespace_aliases(record.namespaces)
             if record.lang:
                 if source.lang and source.lang != record.lang:
-                    logger.warning("%s: <dbname>%s</dbname> means lang %r, params say %r; using %r",
-                                   path, record.dbname, record.lang, source.lang, record.lang)
+                    logger.warning(
+                        "%s: <dbname>%s</dbname> means lang %r, params say %r; using %r",
+                        path,
+                        record.dbname,
+                        record.lang,
+                        source.lang,
+                        record.lang,
+                    )
                 state["lang"] = record.lang
     except TruncatedInputError as exc:
         if cfg.on_truncated == "fail":
@@ -265,8 +296,9 @@ def _clean_options(cfg: IngestWikiParams, markup: bool, state: dict) -> CleanOpt
     return CleanOptions(markup, cfg.cleaner, state["drop"], cfg.min_chars, cfg.skip_disambiguation, cfg.page_timeout_s)
 
 
-def ingest_file(path: Path, out_path: Path, source: WikiSourceParams, cfg: IngestWikiParams,
-                pool=None, window: int = 4) -> dict[str, Any]:
+def ingest_file(
+    path: Path, out_path: Path, source: WikiSourceParams, cfg: IngestWikiParams, pool=None, window: int = 4
+) -> dict[str, Any]:
     """Core of the stage for one source: read, clean (in ``pool`` when given), write ``out_path``.
 
     Pages are counted in input order as their batch comes back, so the counts, the output and
@@ -281,16 +313,19 @@ def ingest_file(path: Path, out_path: Path, source: WikiSourceParams, cfg: Inges
     hard_timeout = cfg.page_timeout_s * cfg.batch_pages * 2 + 60 if cfg.page_timeout_s else 0
     sink = _ParquetSink(out_path, source.name)
     batches = _batches(_read_pages(path, source, cfg, pool, state), cfg, markup, state)
-    with contextlib.closing(_results(batches, pool, window, hard_timeout, path)) as results, \
-            tqdm(desc=source.name, unit=" pages", disable=None) as bar:
+    with (
+        contextlib.closing(_results(batches, pool, window, hard_timeout, path)) as results,
+        tqdm(desc=source.name, unit=" pages", disable=None) as bar,
+    ):
         for meta, outcomes in results:
             for (reason, page), outcome in zip(meta, outcomes):
                 seen += 1
                 truncated += reason == "truncated"  # cut to max_page_bytes, then cleaned like the rest
                 reason, text = outcome if outcome is not None else (reason, "")
                 if reason == "parse_error":
-                    logger.warning("%s: page id %s %r: cleaning failed (%s); skipped", path, page.page_id,
-                                   page.title, text)
+                    logger.warning(
+                        "%s: page id %s %r: cleaning failed (%s); skipped", path, page.page_id, page.title, text
+                    )
                 if reason is not None:
                     skipped[reason] += 1
                     continue
@@ -308,13 +343,32 @@ def ingest_file(path: Path, out_path: Path, source: WikiSourceParams, cfg: Inges
     sink.close()
     seconds = time.perf_counter() - started
     size = path.stat().st_size
-    stats = {"file": str(path), "format": source.format, "bytes": size, "lang": state["lang"],
-             "dbname": state["dbname"], "pages_seen": seen, "pages_kept": kept, "pages_truncated": truncated,
-             "skipped": dict(sorted(skipped.items())), "chars": chars, "seconds": round(seconds, 3),
-             "mb_per_s": round(size / 1e6 / seconds, 3), "pages_per_s": round(seen / seconds, 1),
-             "truncated_input": state["truncated_input"]}
-    logger.info("%s: %d/%d pages kept, %d chars, %.2f s (%.2f MB/s); skipped %s", source.name, kept, seen,
-                chars, seconds, stats["mb_per_s"], stats["skipped"])
+    stats = {
+        "file": str(path),
+        "format": source.format,
+        "bytes": size,
+        "lang": state["lang"],
+        "dbname": state["dbname"],
+        "pages_seen": seen,
+        "pages_kept": kept,
+        "pages_truncated": truncated,
+        "skipped": dict(sorted(skipped.items())),
+        "chars": chars,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(size / 1e6 / seconds, 3),
+        "pages_per_s": round(seen / seconds, 1),
+        "truncated_input": state["truncated_input"],
+    }
+    logger.info(
+        "%s: %d/%d pages kept, %d chars, %.2f s (%.2f MB/s); skipped %s",
+        source.name,
+        kept,
+        seen,
+        chars,
+        seconds,
+        stats["mb_per_s"],
+        stats["skipped"],
+    )
     return stats
 
 
@@ -350,13 +404,16 @@ def run(params, **options) -> dict[str, Any]:
     with atomic_dir(paths.raw_wiki_dir) as tmp, worker_pool(workers) as pool:
         for source, path in resolved:
             logger.info("%s: reading %s (%s)", source.name, path, source.format)
-            per_source[source.name] = ingest_file(path, tmp / f"{source.name}.parquet", source, cfg, pool,
-                                                  window=2 * workers)
-        totals = {key: sum(s[key] for s in per_source.values()) for key in ("pages_seen", "pages_kept", "chars",
-                                                                               "bytes")}
+            per_source[source.name] = ingest_file(
+                path, tmp / f"{source.name}.parquet", source, cfg, pool, window=2 * workers
+            )
+        totals = {
+            key: sum(s[key] for s in per_source.values()) for key in ("pages_seen", "pages_kept", "chars", "bytes")
+        }
         totals["seconds"] = round(time.perf_counter() - started, 3)
-        atomic_write_json(tmp / "stats.json", {"workers": workers, "cleaner": cfg.cleaner, "totals": totals,
-                                               "sources": per_source})
+        atomic_write_json(
+            tmp / "stats.json", {"workers": workers, "cleaner": cfg.cleaner, "totals": totals, "sources": per_source}
+        )
         inputs = {source.name: source.sha256 or sha256_file(path) for source, path in resolved}
         write_manifest(tmp, STAGE, cfg, inputs=inputs, extra={"totals": totals})
     return {"stage": STAGE, "out_dir": str(paths.raw_wiki_dir), "sources": len(per_source), **totals}

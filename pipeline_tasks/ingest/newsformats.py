@@ -47,11 +47,13 @@ FIELDS = ("title", "body", "label", "date", "url")
 # Entities whose "&" became a whitespace character (AG News): " #39;", "  amp;", " quot;".
 _DAMAGED_ENTITY = re.compile(r"(^|\s)(#\d{1,7};|#[xX][0-9a-fA-F]{1,6};|(?:quot|amp|lt|gt|apos|nbsp);)")
 # Only real HTML element names count as tags, so "<TXN.N>" (a Reuters ticker) and "a < b" stay.
-_TAG_NAMES = ("a|abbr|address|article|aside|b|big|blockquote|body|br|caption|center|cite|code|dd|del|div|dl|"
-              "dt|em|embed|figcaption|figure|font|footer|form|h[1-6]|head|header|hr|html|i|iframe|img|input|"
-              "ins|kbd|label|li|link|main|mark|marquee|meta|nav|nobr|noscript|object|ol|p|param|picture|pre|q|s|samp|"
-              "section|small|source|span|strike|strong|sub|sup|table|tbody|td|tfoot|th|thead|time|title|tr|"
-              "tt|u|ul|var|video|wbr")
+_TAG_NAMES = (
+    "a|abbr|address|article|aside|b|big|blockquote|body|br|caption|center|cite|code|dd|del|div|dl|"
+    "dt|em|embed|figcaption|figure|font|footer|form|h[1-6]|head|header|hr|html|i|iframe|img|input|"
+    "ins|kbd|label|li|link|main|mark|marquee|meta|nav|nobr|noscript|object|ol|p|param|picture|pre|q|s|samp|"
+    "section|small|source|span|strike|strong|sub|sup|table|tbody|td|tfoot|th|thead|time|title|tr|"
+    "tt|u|ul|var|video|wbr"
+)
 _TAG = re.compile(rf"</?(?:{_TAG_NAMES})(?:\s[^<>]*)?/?>", re.IGNORECASE)
 _SCRIPT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
@@ -110,8 +112,9 @@ def collapse_whitespace(text: str, multiline: bool = False) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def clean_text(text: str, *, multiline: bool = False, backslash_breaks: bool = False,
-               repair_entities: bool = False) -> str:
+def clean_text(
+    text: str, *, multiline: bool = False, backslash_breaks: bool = False, repair_entities: bool = False
+) -> str:
     """Entities unescaped, tags stripped, controls removed, NFKC, whitespace collapsed."""
     if repair_entities:
         text = repair_damaged_entities(text)
@@ -134,8 +137,8 @@ def parse_date(value: str, date_format: str | None = None) -> dt.datetime:
     value = value.strip()
     parsed = dt.datetime.strptime(value, date_format) if date_format else dt.datetime.fromisoformat(value)
     if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
+        return parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
 
 
 def map_label(raw: Any, label_map: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -192,9 +195,16 @@ def _undecodable(fallback_encoding: str | None) -> RecordError:
     return RecordError("undecodable", f"invalid bytes for {tried}")
 
 
-def read_csv_records(stream: IO[bytes], file: str, *, columns: Mapping[str, str | int], header: bool,
-                     num_columns: int | None = None, fallback_encoding: str | None = None,
-                     raw_chars: int = 1000) -> Iterator[RawRecord]:
+def read_csv_records(
+    stream: IO[bytes],
+    file: str,
+    *,
+    columns: Mapping[str, str | int],
+    header: bool,
+    num_columns: int | None = None,
+    fallback_encoding: str | None = None,
+    raw_chars: int = 1000,
+) -> Iterator[RawRecord]:
     """Yield the data records of a CSV stream with ``fields`` keyed by canonical field name.
 
     Raises :class:`FileFormatError` for file-level problems (a header lacking a mapped column).
@@ -204,7 +214,7 @@ def read_csv_records(stream: IO[bytes], file: str, *, columns: Mapping[str, str 
     def lines() -> Iterator[str]:
         for number, raw in enumerate(stream, 1):
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             text, status = decode_line(raw, fallback_encoding)
             pending.append((raw, status))
             yield text
@@ -219,8 +229,12 @@ def read_csv_records(stream: IO[bytes], file: str, *, columns: Mapping[str, str 
             row = next(reader)
         except StopIteration:
             if pending:  # the reader hit EOF inside a quoted field
-                yield RawRecord(file, consumed + 1, safe_raw(b"".join(r for r, _ in pending), raw_chars),
-                                error=RecordError("csv_error", "unexpected end of file inside a quoted field"))
+                yield RawRecord(
+                    file,
+                    consumed + 1,
+                    safe_raw(b"".join(r for r, _ in pending), raw_chars),
+                    error=RecordError("csv_error", "unexpected end of file inside a quoted field"),
+                )
             return
         except csv.Error as exc:
             row, error = None, RecordError("csv_error", str(exc))
@@ -232,8 +246,7 @@ def read_csv_records(stream: IO[bytes], file: str, *, columns: Mapping[str, str 
             continue
         if not index and header:  # first real row: the header
             if error is not None or "bad" in statuses:
-                raise FileFormatError(f"{file}: header line {start} is unreadable "
-                                 f"({error or 'invalid UTF-8'})")
+                raise FileFormatError(f"{file}: header line {start} is unreadable ({error or 'invalid UTF-8'})")
             names = [name.strip() for name in row]
             missing = [c for c in columns.values() if c not in names]
             if missing:
@@ -251,16 +264,23 @@ def read_csv_records(stream: IO[bytes], file: str, *, columns: Mapping[str, str 
         if error is not None:
             yield RawRecord(file, start, raw, error=error)
             continue
-        yield RawRecord(file, start, raw, fields={f: row[i] for f, i in index.items()},
-                        fallback_decoded="fallback" in statuses)
+        yield RawRecord(
+            file, start, raw, fields={f: row[i] for f, i in index.items()}, fallback_decoded="fallback" in statuses
+        )
 
 
-def read_jsonl_records(stream: IO[bytes], file: str, *, columns: Mapping[str, str],
-                       fallback_encoding: str | None = None, raw_chars: int = 1000) -> Iterator[RawRecord]:
+def read_jsonl_records(
+    stream: IO[bytes],
+    file: str,
+    *,
+    columns: Mapping[str, str],
+    fallback_encoding: str | None = None,
+    raw_chars: int = 1000,
+) -> Iterator[RawRecord]:
     """Yield one record per non-blank line, ``fields`` keyed by canonical field name."""
     for number, raw in enumerate(stream, 1):
         if number == 1 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8):]
+            raw = raw[len(codecs.BOM_UTF8) :]
         if not raw.strip():
             continue
         shown = safe_raw(raw.rstrip(b"\r\n"), raw_chars)
@@ -304,21 +324,28 @@ def list_folder_files(root: Path, file_glob: str) -> tuple[list[Path], list[str]
     return files, ignored
 
 
-def read_folder_records(root: Path, files: Iterable[Path], *, fallback_encoding: str | None = None,
-                        raw_chars: int = 1000) -> Iterator[RawRecord]:
+def read_folder_records(
+    root: Path, files: Iterable[Path], *, fallback_encoding: str | None = None, raw_chars: int = 1000
+) -> Iterator[RawRecord]:
     """One record per file: first line the title, the rest the body, the folder name the label."""
     for path in files:
         rel = path.relative_to(root).as_posix()
         data = path.read_bytes()
         if data.startswith(codecs.BOM_UTF8):
-            data = data[len(codecs.BOM_UTF8):]
+            data = data[len(codecs.BOM_UTF8) :]
         text, status = decode_line(data, fallback_encoding)
         if status == "bad":
             yield RawRecord(str(path), None, safe_raw(data, raw_chars), error=_undecodable(fallback_encoding), key=rel)
             continue
         title, _, body = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\n").partition("\n")
-        yield RawRecord(str(path), None, safe_raw(data, raw_chars), key=rel, fallback_decoded=status == "fallback",
-                        fields={"title": title, "body": body, "label": path.parent.name})
+        yield RawRecord(
+            str(path),
+            None,
+            safe_raw(data, raw_chars),
+            key=rel,
+            fallback_decoded=status == "fallback",
+            fields={"title": title, "body": body, "label": path.parent.name},
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +453,10 @@ class SourceStats:
     def check(self, max_bad_share: float) -> None:
         """Raise :class:`FileFormatError` (file, share, top reasons, first records) when over the limit."""
         if self.records == 0:
-            raise FileFormatError(f"{self.file}: no records (the file is empty, or holds only a header or blank "
-                                f"lines); source {self.source!r}")
+            raise FileFormatError(
+                f"{self.file}: no records (the file is empty, or holds only a header or blank "
+                f"lines); source {self.source!r}"
+            )
         share = self.bad_share()
         if share > max_bad_share:
             top = ", ".join(f"{reason} {count}" for reason, count in self.reasons.most_common(3))
@@ -439,13 +468,20 @@ class SourceStats:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        iso = (lambda d: d.isoformat() if d else None)
+        iso = lambda d: d.isoformat() if d else None
         return {
-            "file": self.file, "records": self.records, "kept": self.kept, "quarantined": self.quarantined,
-            "bad_share": round(self.bad_share(), 6), "reasons": dict(self.reasons.most_common()),
+            "file": self.file,
+            "records": self.records,
+            "kept": self.kept,
+            "quarantined": self.quarantined,
+            "bad_share": round(self.bad_share(), 6),
+            "reasons": dict(self.reasons.most_common()),
             "labels": dict(sorted(self.labels.items())),
             "unmapped_raw_labels": dict(self.unmapped_raw_labels.most_common(20)),
-            "dated": self.dated, "date_min": iso(self.date_min), "date_max": iso(self.date_max),
-            "fallback_decoded": self.fallback_decoded, "ignored_files": self.ignored_files,
+            "dated": self.dated,
+            "date_min": iso(self.date_min),
+            "date_max": iso(self.date_max),
+            "fallback_decoded": self.fallback_decoded,
+            "ignored_files": self.ignored_files,
             "truncated": self.truncated,
         }

@@ -29,8 +29,9 @@ class WikiSourceParams(SourceSpec):
 
     def __post_init__(self):
         if not _WIKI_SOURCE_NAME.fullmatch(self.name):
-            raise ValueError(f"source {self.name!r}: name must match {_WIKI_SOURCE_NAME.pattern} "
-                             "(it names the output file)")
+            raise ValueError(
+                f"source {self.name!r}: name must match {_WIKI_SOURCE_NAME.pattern} (it names the output file)"
+            )
         super().__post_init__()  # path/mirror/url and checksum checks
 
 
@@ -107,8 +108,9 @@ class NewsSourceParams(SourceSpec):
             raise ValueError(f"{where}: tree_sha256 is only for format: folder")
         unknown = sorted(set(self.columns) - set(FIELDS))
         if unknown or not ({"title", "body"} & set(self.columns)):
-            raise ValueError(f"{where}: columns must map some of {list(FIELDS)} including title or body "
-                             f"(unknown: {unknown})")
+            raise ValueError(
+                f"{where}: columns must map some of {list(FIELDS)} including title or body (unknown: {unknown})"
+            )
         by_index = self.format == "csv" and not self.header
         if any(isinstance(c, int) != by_index or (by_index and c < 0) for c in self.columns.values()):
             kind = "column indices (0, 1, ...)" if by_index else "column / key names"

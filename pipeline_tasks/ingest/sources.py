@@ -42,9 +42,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable
+from typing import IO
 
 from pipeline_tasks import __version__
 from pipeline_tasks.errors import SourceError
@@ -88,8 +88,9 @@ class SourceSpec:
             if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
                 raise ValueError(f"source {self.name!r}: url must be http(s), got {self.url!r}")
             if not self.checksums():
-                raise ValueError(f"source {self.name!r}: a url source needs sha256, sha1 or md5 so the "
-                                 "download can be verified")
+                raise ValueError(
+                    f"source {self.name!r}: a url source needs sha256, sha1 or md5 so the download can be verified"
+                )
             if self.tree_sha256:
                 raise ValueError(f"source {self.name!r}: tree_sha256 is for folders; a url downloads one file")
         if self.member_sha256 and not self.member:
@@ -154,8 +155,9 @@ def tree_digest(root: str | os.PathLike) -> str:
     Equals ``cd ROOT && find . -type f | sed 's|^./||' | LC_ALL=C sort | xargs sha256sum | sha256sum``.
     """
     root = Path(root)
-    files = sorted((p for p in root.rglob("*") if p.is_file()),
-                   key=lambda p: os.fsencode(p.relative_to(root).as_posix()))
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file()), key=lambda p: os.fsencode(p.relative_to(root).as_posix())
+    )
     outer = hashlib.sha256()
     for p in files:
         outer.update(_sha256sum_line(file_digests(p, ("sha256",))["sha256"], p.relative_to(root).as_posix()))
@@ -167,8 +169,10 @@ def verify_checksums(path: Path, expected: dict[str, str], origin: str) -> None:
     if not expected:
         return
     if path.is_dir():
-        raise SourceError(f"{path} ({origin}) is a folder, but {'/'.join(expected)} checksums are for files; "
-                          "use tree_sha256 for a folder source")
+        raise SourceError(
+            f"{path} ({origin}) is a folder, but {'/'.join(expected)} checksums are for files; "
+            "use tree_sha256 for a folder source"
+        )
     actual = file_digests(path, tuple(expected))
     for name, want in expected.items():
         if actual[name] != want.lower():
@@ -208,9 +212,13 @@ def download_target(spec: SourceSpec, downloads_dir: str | os.PathLike) -> Path:
     return Path(downloads_dir) / spec.name / name
 
 
-def resolve_source(spec: SourceSpec, downloads_dir: str | os.PathLike, project_root: Path | None = None,
-                   policy: DownloadPolicy = DownloadPolicy(),
-                   sleep: Callable[[float], None] = time.sleep) -> Path:
+def resolve_source(
+    spec: SourceSpec,
+    downloads_dir: str | os.PathLike,
+    project_root: Path | None = None,
+    policy: DownloadPolicy = DownloadPolicy(),
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
     """Return a verified local path for ``spec`` (see module docstring for the order)."""
     root = project_root or Path.cwd()
     tried = []
@@ -261,8 +269,9 @@ def open_binary(path: Path, member: str | None = None, member_sha256: str | None
         try:
             info = archive.getinfo(member)
         except KeyError:
-            raise SourceError(f"{path}: archive has no member {member!r} (members: "
-                              f"{', '.join(archive.namelist()[:20])})") from None
+            raise SourceError(
+                f"{path}: archive has no member {member!r} (members: {', '.join(archive.namelist()[:20])})"
+            ) from None
         if info.is_dir():
             raise SourceError(f"{path}: member {member!r} is a folder, not a file")
         try:
@@ -270,8 +279,10 @@ def open_binary(path: Path, member: str | None = None, member_sha256: str | None
                 with archive.open(info) as fh:
                     actual = stream_digests(fh, ("sha256",))["sha256"]
                 if actual != member_sha256.lower():
-                    raise SourceError(f"{path}!{member}: member sha256 mismatch: expected {member_sha256}, "
-                                      f"got {actual}; replace the archive or update member_sha256 in params.yaml")
+                    raise SourceError(
+                        f"{path}!{member}: member sha256 mismatch: expected {member_sha256}, "
+                        f"got {actual}; replace the archive or update member_sha256 in params.yaml"
+                    )
             stream = archive.open(info)
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError) as exc:  # CRC error, encrypted, method
             raise SourceError(f"{path}!{member}: cannot read member: {exc}") from exc
@@ -295,8 +306,13 @@ def _retry_after_s(exc: BaseException) -> float | None:
     return float(value) if value and value.strip().isdigit() else None
 
 
-def download(url: str, target: Path, checksums: dict[str, str], policy: DownloadPolicy = DownloadPolicy(),
-             sleep: Callable[[float], None] = time.sleep) -> Path:
+def download(
+    url: str,
+    target: Path,
+    checksums: dict[str, str],
+    policy: DownloadPolicy = DownloadPolicy(),
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
     """Resumable download of ``url`` to ``target``, verified; returns ``target``.
 
     The body goes to ``target.part`` (kept across attempts and runs for resume; its validator
@@ -353,8 +369,14 @@ def _transfer(url: str, part: Path, meta: Path, policy: DownloadPolicy, sleep: C
         if attempt:
             delay = min(policy.backoff_s * 2 ** (attempt - 1), policy.max_backoff_s)
             delay = max(delay, min(_retry_after_s(last_error) or 0.0, policy.max_backoff_s))
-            logger.warning("download %s: attempt %d/%d failed (%s); retrying in %.1f s",
-                           url, attempt, policy.retries + 1, last_error, delay)
+            logger.warning(
+                "download %s: attempt %d/%d failed (%s); retrying in %.1f s",
+                url,
+                attempt,
+                policy.retries + 1,
+                last_error,
+                delay,
+            )
             sleep(delay)
         try:
             resumed |= _fetch_into(url, part, meta, policy)
@@ -363,8 +385,9 @@ def _transfer(url: str, part: Path, meta: Path, policy: DownloadPolicy, sleep: C
             exc.close()  # an HTTPError holds the open error response
             if 400 <= exc.code < 500 and exc.code not in RETRYABLE_4XX:
                 _discard(part, meta)
-                raise SourceError(f"{url}: HTTP {exc.code} {exc.reason} "
-                                  "(not retried: fix the url in params.yaml)") from exc
+                raise SourceError(
+                    f"{url}: HTTP {exc.code} {exc.reason} (not retried: fix the url in params.yaml)"
+                ) from exc
             last_error = exc
         except TRANSIENT_ERRORS as exc:
             last_error = exc

@@ -201,8 +201,9 @@ def open_decompressed(path: Path, pool=None) -> io.RawIOBase:
 
 def _compression_error(path: Path, exc: BaseException) -> DataError:
     if isinstance(exc, EOFError):
-        return TruncatedInputError(f"{path}: the compressed stream is truncated ({exc}); "
-                                   "the file is incomplete: download it again")
+        return TruncatedInputError(
+            f"{path}: the compressed stream is truncated ({exc}); the file is incomplete: download it again"
+        )
     return DataError(f"{path}: corrupt compressed data ({exc}); the file is damaged: download it again")
 
 
@@ -210,7 +211,7 @@ def _compression_error(path: Path, exc: BaseException) -> DataError:
 
 
 def _local(tag: str) -> str:
-    return tag[tag.rfind("}") + 1:]
+    return tag[tag.rfind("}") + 1 :]
 
 
 def _siteinfo(elem) -> SiteInfo:
@@ -256,16 +257,19 @@ def _page(elem, namespaces: dict[int, str]) -> RawPage:
 def iter_mediawiki(stream, name: str | Path) -> Iterator[SiteInfo | RawPage]:
     """Yield the :class:`SiteInfo` (if the dump has one) then every page, streaming."""
     root, namespaces, last = None, {}, "none yet"
-    events = safe_et.iterparse(stream, events=("start", "end"), forbid_dtd=True,
-                               forbid_entities=True, forbid_external=True)
+    events = safe_et.iterparse(
+        stream, events=("start", "end"), forbid_dtd=True, forbid_entities=True, forbid_external=True
+    )
     try:
         for event, elem in events:
             if event == "start":
                 if root is None:
                     root = elem
                     if _local(elem.tag) != "mediawiki":
-                        raise DataError(f"{name}: root element is <{_local(elem.tag)}>, expected <mediawiki> "
-                                        "(a MediaWiki pages-articles XML export)")
+                        raise DataError(
+                            f"{name}: root element is <{_local(elem.tag)}>, expected <mediawiki> "
+                            "(a MediaWiki pages-articles XML export)"
+                        )
                 continue
             local = _local(elem.tag)
             if local == "page":
@@ -282,17 +286,21 @@ def iter_mediawiki(stream, name: str | Path) -> Iterator[SiteInfo | RawPage]:
         error = _compression_error(Path(name), exc)
         raise type(error)(f"{error} (last complete page: {last})") from exc
     except DefusedXmlException as exc:
-        raise DataError(f"{name}: refused to parse: {exc!r}. The XML declares a DTD or entities, which can "
-                        "expand without bound (billion laughs) or read local files; Wikipedia dumps never "
-                        "contain one, so this file is not a genuine dump") from exc
+        raise DataError(
+            f"{name}: refused to parse: {exc!r}. The XML declares a DTD or entities, which can "
+            "expand without bound (billion laughs) or read local files; Wikipedia dumps never "
+            "contain one, so this file is not a genuine dump"
+        ) from exc
     except ParseError as exc:
         line, column = exc.position
         if exc.code == 3 and root is None:
             raise DataError(f"{name}: no XML content (empty document)") from exc
         where = f"line {line}, column {column}; last complete page: {last}"
         if exc.code in TRUNCATION_CODES:
-            raise TruncatedInputError(f"{name}: XML ends early ({exc}) at {where}; the file is truncated: "
-                                      "download it again (or set on_truncated: keep_complete_pages)") from exc
+            raise TruncatedInputError(
+                f"{name}: XML ends early ({exc}) at {where}; the file is truncated: "
+                "download it again (or set on_truncated: keep_complete_pages)"
+            ) from exc
         raise DataError(f"{name}: malformed XML ({exc}) at {where}") from exc
     if root is None:
         raise DataError(f"{name}: no XML content (empty document)")
@@ -318,8 +326,9 @@ def _text_lines(stream, name) -> Iterator[tuple[int, str]]:
         for lineno, line in enumerate(text, 1):
             yield lineno, line.rstrip("\n")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{name}: line {lineno + 1} is not valid {encoding} ({exc.reason}); "
-                        "re-encode the file as UTF-8") from exc
+        raise DataError(
+            f"{name}: line {lineno + 1} is not valid {encoding} ({exc.reason}); re-encode the file as UTF-8"
+        ) from exc
 
 
 def iter_wikitext_raw(stream, name) -> Iterator[RawPage]:
@@ -367,8 +376,9 @@ def iter_wikiextractor(stream, name) -> Iterator[RawPage]:
         else:
             body.append(line)
     if attrs is not None:
-        raise TruncatedInputError(f"{name}: <doc> opened at line {start} (id {attrs.get('id')}) is never closed; "
-                                  "the file is truncated")
+        raise TruncatedInputError(
+            f"{name}: <doc> opened at line {start} (id {attrs.get('id')}) is never closed; the file is truncated"
+        )
 
 
 def iter_jsonl(stream, name) -> Iterator[RawPage]:
@@ -379,7 +389,7 @@ def iter_jsonl(stream, name) -> Iterator[RawPage]:
             raise DataError(f"{name}:{lineno}: expected an object with a string 'text'")
         title, text = str(record.get("title") or ""), record["text"]
         if title and text.startswith(title + "\n"):  # wiki_zh-style text repeats the title first
-            text = text[len(title) + 1:]
+            text = text[len(title) + 1 :]
         yield RawPage(str(record.get("id", lineno)), title, 0, False, None, text, record.get("url"))
 
 
@@ -392,8 +402,12 @@ def iter_source(path: Path, fmt: str, pool=None) -> Iterator[SiteInfo | RawPage]
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes); the download or copy failed: fetch it again")
-    reader = {"mediawiki_xml": iter_mediawiki, "wikitext_raw": iter_wikitext_raw,
-              "wikiextractor": iter_wikiextractor, "jsonl": iter_jsonl}[fmt]
+    reader = {
+        "mediawiki_xml": iter_mediawiki,
+        "wikitext_raw": iter_wikitext_raw,
+        "wikiextractor": iter_wikiextractor,
+        "jsonl": iter_jsonl,
+    }[fmt]
     stream = open_decompressed(path, pool)
     try:
         yield from reader(stream, path)

@@ -37,28 +37,166 @@ CLEANERS = ("fast", "mwparserfromhell")
 # localized names come from the dump's <siteinfo> (see namespace_aliases()).
 # <siteinfo> lists one name per namespace, not its aliases (lv "Attēls" for "Fails"), hence the
 # aliases of the larger wikis; a link with image options (|thumb, |250px) is a file link anyway.
-DEFAULT_DROP_NAMESPACES = frozenset({
-    "file", "image", "media", "category", "datei", "bild", "kategorie", "fichier", "catégorie", "archivo",
-    "imagen", "categoría", "immagine", "categoria", "bestand", "afbeelding", "categorie", "файл",
-    "изображение", "категория", "plik", "grafika", "kategoria", "ficheiro", "arquivo", "imagem", "ファイル",
-    "画像", "カテゴリ", "文件", "檔案", "图像", "圖像", "分类", "分類", "attēls", "fails", "kategorija",
-    "kategoreja", "tiedosto", "kuva", "luokka", "fil", "kategori", "soubor", "obrázek", "kategória", "fájl",
-    "kép", "dosya", "resim", "ملف", "صورة", "تصنيف", "קובץ", "תמונה", "קטגוריה"})
+DEFAULT_DROP_NAMESPACES = frozenset(
+    {
+        "file",
+        "image",
+        "media",
+        "category",
+        "datei",
+        "bild",
+        "kategorie",
+        "fichier",
+        "catégorie",
+        "archivo",
+        "imagen",
+        "categoría",
+        "immagine",
+        "categoria",
+        "bestand",
+        "afbeelding",
+        "categorie",
+        "файл",
+        "изображение",
+        "категория",
+        "plik",
+        "grafika",
+        "kategoria",
+        "ficheiro",
+        "arquivo",
+        "imagem",
+        "ファイル",
+        "画像",
+        "カテゴリ",
+        "文件",
+        "檔案",
+        "图像",
+        "圖像",
+        "分类",
+        "分類",
+        "attēls",
+        "fails",
+        "kategorija",
+        "kategoreja",
+        "tiedosto",
+        "kuva",
+        "luokka",
+        "fil",
+        "kategori",
+        "soubor",
+        "obrázek",
+        "kategória",
+        "fájl",
+        "kép",
+        "dosya",
+        "resim",
+        "ملف",
+        "صورة",
+        "تصنيف",
+        "קובץ",
+        "תמונה",
+        "קטגוריה",
+    }
+)
 DROP_NAMESPACE_KEYS = frozenset({-2, 6, 14})  # Media, File, Category
-IMAGE_OPTION_RE = re.compile(r"\|\s*(?:thumb|thumbnail|frame|frameless|miniatur|mini|upright|right|left|center|"
-                             r"\d+(?:x\d+)?px)\s*[|\]]", re.I)
+IMAGE_OPTION_RE = re.compile(
+    r"\|\s*(?:thumb|thumbnail|frame|frameless|miniatur|mini|upright|right|left|center|"
+    r"\d+(?:x\d+)?px)\s*[|\]]",
+    re.I,
+)
 
 # Tags whose content is not running prose: footnotes, galleries, formulas, code, extensions.
-DROP_TAGS = ("ref", "references", "gallery", "timeline", "imagemap", "math", "chem", "ce", "score",
-             "graph", "mapframe", "maplink", "templatedata", "templatestyles", "syntaxhighlight",
-             "source", "includeonly", "hiero", "inputbox", "categorytree", "indicator", "section")
+DROP_TAGS = (
+    "ref",
+    "references",
+    "gallery",
+    "timeline",
+    "imagemap",
+    "math",
+    "chem",
+    "ce",
+    "score",
+    "graph",
+    "mapframe",
+    "maplink",
+    "templatedata",
+    "templatestyles",
+    "syntaxhighlight",
+    "source",
+    "includeonly",
+    "hiero",
+    "inputbox",
+    "categorytree",
+    "indicator",
+    "section",
+)
 # Formatting tags: the tag goes, its content stays.
-KEEP_CONTENT_TAGS = ("b", "i", "u", "s", "em", "strong", "small", "big", "sub", "sup", "span", "div",
-                     "p", "font", "center", "blockquote", "poem", "code", "tt", "var", "abbr", "cite",
-                     "del", "ins", "mark", "q", "kbd", "samp", "nowiki", "pre", "strike", "bdi", "dfn",
-                     "time", "data", "ruby", "rb", "rt", "rp", "rbc", "rtc", "wbr", "hr", "li", "ul",
-                     "ol", "dl", "dt", "dd", "table", "tr", "td", "th", "caption", "h1", "h2", "h3",
-                     "h4", "h5", "h6", "noinclude", "onlyinclude", "br", "langconvert")
+KEEP_CONTENT_TAGS = (
+    "b",
+    "i",
+    "u",
+    "s",
+    "em",
+    "strong",
+    "small",
+    "big",
+    "sub",
+    "sup",
+    "span",
+    "div",
+    "p",
+    "font",
+    "center",
+    "blockquote",
+    "poem",
+    "code",
+    "tt",
+    "var",
+    "abbr",
+    "cite",
+    "del",
+    "ins",
+    "mark",
+    "q",
+    "kbd",
+    "samp",
+    "nowiki",
+    "pre",
+    "strike",
+    "bdi",
+    "dfn",
+    "time",
+    "data",
+    "ruby",
+    "rb",
+    "rt",
+    "rp",
+    "rbc",
+    "rtc",
+    "wbr",
+    "hr",
+    "li",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "table",
+    "tr",
+    "td",
+    "th",
+    "caption",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "noinclude",
+    "onlyinclude",
+    "br",
+    "langconvert",
+)
 
 _DROP = "|".join(DROP_TAGS)
 _KEEP = "|".join(KEEP_CONTENT_TAGS)
@@ -75,8 +213,7 @@ INTERLANGUAGE_RE = re.compile(r"\[\[[a-z]{2,3}(?:-[a-z]{2,8})*:[^\[\]|\n]*\]\]")
 PIPE_TRICK_RE = re.compile(r"\[\[:?([^\[\]|\n]*?)(?:[ \t]*\([^\[\]|\n]*\))?\|\]\]")
 PIPED_LINK_RE = re.compile(r"\[\[:?[^\[\]|\n]*\|([^\[\]]*)\]\]")
 LINK_RE = re.compile(r"\[\[:?([^\[\]|\n]*)\]\]")
-EXTERNAL_LINK_RE = re.compile(r"\[(?:https?:|ftp:|//|mailto:|news:|irc:)[^\s\[\]]*(?:[ \t]+([^\[\]\n]*))?\]",
-                              re.I)
+EXTERNAL_LINK_RE = re.compile(r"\[(?:https?:|ftp:|//|mailto:|news:|irc:)[^\s\[\]]*(?:[ \t]+([^\[\]\n]*))?\]", re.I)
 HEADING_RE = re.compile(r"(\n)[ \t]*={1,6}[ \t]*([^\n=][^\n]*?)[ \t]*=+[ \t]*(?=\n)")
 MAGIC_WORD_RE = re.compile(r"__[^\W\da-z_]+__")
 LIST_MARKER_RE = re.compile(r"\n[*#:;]+[ \t]*")
@@ -137,7 +274,7 @@ def _remove_drop_tags(text: str) -> str:
     """
     out, pos = [], 0
     while match := DROP_OPEN_RE.search(text, pos):
-        out.append(text[pos:match.start()])
+        out.append(text[pos : match.start()])
         pos = match.end()
         if match.group(2) is None:  # not self-closing: skip to the matching close tag
             close = DROP_CLOSE_RE[match.group(1).lower()].search(text, pos)
@@ -188,7 +325,7 @@ def _remove_tables(text: str) -> str:
         elif depth:
             depth -= 1
             if depth == 0:
-                out.append(text[last:start + 1])  # keep the newline that anchored the match
+                out.append(text[last : start + 1])  # keep the newline that anchored the match
                 last = match.end()
     if depth:  # never closed: MediaWiki closes it at the end of the page; drop its markup lines only
         out.append(text[last:start])
@@ -228,7 +365,7 @@ def _remove_namespace_links(text: str, drop: frozenset[str]) -> str:
             break
         if not known and not IMAGE_OPTION_RE.search(text, match.end(), end):
             continue
-        out.append(text[last:match.start()])
+        out.append(text[last : match.start()])
         last = end
     out.append(text[last:])
     return "".join(out)
@@ -290,6 +427,7 @@ def _unwrap_inline(text: str) -> str:
 
 def _mwparser_strip(text: str, drop_namespaces: frozenset[str]) -> str:
     """mwparserfromhell: drop non-prose tags, tables and file/category links, then strip_code."""
+
     def prune(code) -> None:
         kept = []
         for node in code.nodes:
@@ -352,8 +490,7 @@ def normalize_text(text: str) -> str:
     return text.strip()
 
 
-def clean_wikitext(text: str, drop_namespaces: Iterable[str] = DEFAULT_DROP_NAMESPACES,
-                   cleaner: str = "fast") -> str:
+def clean_wikitext(text: str, drop_namespaces: Iterable[str] = DEFAULT_DROP_NAMESPACES, cleaner: str = "fast") -> str:
     """Plain text of one article's wikitext (the two cleaners are described in the module docstring)."""
     drop = drop_namespaces if isinstance(drop_namespaces, frozenset) else frozenset(drop_namespaces)
     if cleaner == "mwparserfromhell":

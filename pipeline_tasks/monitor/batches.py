@@ -40,8 +40,17 @@ OVER_TIME_FIELDS = ("window", "start", "end", "rows", "sampled", "drift_detected
 
 def _records_frame(records: Iterable[tuple[str, dict]]):
     """``(where, record)`` pairs as the news table; ``where`` (``file:line``) names a record without text."""
-    rows = [{"id": rec.get("id"), "text": record_text(rec, where), "label": rec.get("label"),
-             "date": rec.get("date"), "source": rec.get("source"), "kind": rec.get("kind")} for where, rec in records]
+    rows = [
+        {
+            "id": rec.get("id"),
+            "text": record_text(rec, where),
+            "label": rec.get("label"),
+            "date": rec.get("date"),
+            "source": rec.get("source"),
+            "kind": rec.get("kind"),
+        }
+        for where, rec in records
+    ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -108,19 +117,34 @@ def evidently_report(reference, current, params):
     with_labels = "label" in cur_frame and "label" in ref_frame and (cur_frame["label"] != drift.UNLABELLED).any()
     categorical = ["prediction", *(["label"] if with_labels else [])]
     emb_cols = [c for c in cur_frame.columns if c.startswith("emb_")]
-    definition = DataDefinition(numerical_columns=[*drift.DESCRIPTORS, "bpb"], categorical_columns=categorical,
-                                embeddings={"pooled": emb_cols})
+    definition = DataDefinition(
+        numerical_columns=[*drift.DESCRIPTORS, "bpb"], categorical_columns=categorical, embeddings={"pooled": emb_cols}
+    )
     t = params.thresholds
-    metrics = [ValueDrift(column=name, method=params.descriptor_method, threshold=params.descriptor_threshold)
-               for name in drift.DESCRIPTORS]
+    metrics = [
+        ValueDrift(column=name, method=params.descriptor_method, threshold=params.descriptor_threshold)
+        for name in drift.DESCRIPTORS
+    ]
     metrics.append(ValueDrift(column="bpb", method="ks", threshold=0.05))
-    metrics.append(ValueDrift(column="prediction", method=params.category_method,
-                              threshold=t.prediction if t.prediction is not None else 0.1))
+    metrics.append(
+        ValueDrift(
+            column="prediction",
+            method=params.category_method,
+            threshold=t.prediction if t.prediction is not None else 0.1,
+        )
+    )
     if with_labels:
-        metrics.append(ValueDrift(column="label", method=params.category_method,
-                                  threshold=t.label if t.label is not None else 0.1))
-    metrics.append(EmbeddingsDrift(embeddings_name="pooled", drift_method=drift.embedding_drift_method(
-        params.embedding_method, t.embedding, params.embedding_pca_components)))
+        metrics.append(
+            ValueDrift(column="label", method=params.category_method, threshold=t.label if t.label is not None else 0.1)
+        )
+    metrics.append(
+        EmbeddingsDrift(
+            embeddings_name="pooled",
+            drift_method=drift.embedding_drift_method(
+                params.embedding_method, t.embedding, params.embedding_pca_components
+            ),
+        )
+    )
     columns = [*drift.DESCRIPTORS, "bpb", *categorical, *emb_cols]
     # evidently 0.7 draws a t-SNE of up to SAMPLE_CONSTANT (2,500) rows per side for the embedding
     # widget, two thirds of the report's time; the drift score itself always uses every sampled row
@@ -132,7 +156,8 @@ def evidently_report(reference, current, params):
     try:
         snapshot = Report(metrics, include_tests=True).run(
             Dataset.from_pandas(cur_frame[columns], data_definition=definition),  # current first, reference second
-            Dataset.from_pandas(ref_frame[columns], data_definition=definition))
+            Dataset.from_pandas(ref_frame[columns], data_definition=definition),
+        )
     finally:
         tsne_widget.SAMPLE_CONSTANT = saved
         limits.restore_original_limits()

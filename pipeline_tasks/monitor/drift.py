@@ -60,8 +60,9 @@ _SPACE = re.compile(r"\s+")
 # descriptors
 
 
-def compute_descriptors(texts: Sequence[str], tokenizer, oov_max_pieces: int = 2,
-                        batch_size: int = 8192) -> dict[str, Any]:
+def compute_descriptors(
+    texts: Sequence[str], tokenizer, oov_max_pieces: int = 2, batch_size: int = 8192
+) -> dict[str, Any]:
     """Descriptor columns (numpy float64 arrays, one value per text) for ``texts``.
 
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (the bundle's). Word fragmentation is cached per
@@ -79,16 +80,19 @@ def compute_descriptors(texts: Sequence[str], tokenizer, oov_max_pieces: int = 2
     vocab = sorted({w for ws in words for w in ws})
     pieces: dict[str, int] = {}
     for start in range(0, len(vocab), batch_size):
-        chunk = vocab[start: start + batch_size]
+        chunk = vocab[start : start + batch_size]
         # " word": byte-level BPE attaches the leading space, the form a word has mid-sentence
         for word, enc in zip(chunk, tokenizer.encode_batch([" " + w for w in chunk], add_special_tokens=False)):
             pieces[word] = len(enc.ids)
-    oov = np.fromiter((sum(pieces[w] > oov_max_pieces for w in ws) / len(ws) if ws else 0.0 for ws in words),
-                      dtype=np.float64, count=n)
+    oov = np.fromiter(
+        (sum(pieces[w] > oov_max_pieces for w in ws) / len(ws) if ws else 0.0 for ws in words),
+        dtype=np.float64,
+        count=n,
+    )
     n_tokens = np.zeros(n, dtype=np.float64)
     for start in range(0, n, batch_size):
-        encs = tokenizer.encode_batch(list(texts[start: start + batch_size]), add_special_tokens=False)
-        n_tokens[start: start + len(encs)] = [len(e.ids) for e in encs]
+        encs = tokenizer.encode_batch(list(texts[start : start + batch_size]), add_special_tokens=False)
+        n_tokens[start : start + len(encs)] = [len(e.ids) for e in encs]
     return {
         "chars": chars,
         "words": np.fromiter((len(ws) for ws in words), dtype=np.float64, count=n),
@@ -107,8 +111,12 @@ def describe(values: Mapping[str, Any], quantiles: Sequence[float] = (0.05, 0.5,
         if not col.size:
             out[name] = {"n": 0}
             continue
-        out[name] = {"n": int(col.size), "mean": float(col.mean()), "std": float(col.std()),
-                     **{f"q{int(q * 100):02d}": float(np.quantile(col, q)) for q in quantiles}}
+        out[name] = {
+            "n": int(col.size),
+            "mean": float(col.mean()),
+            "std": float(col.std()),
+            **{f"q{int(q * 100):02d}": float(np.quantile(col, q)) for q in quantiles},
+        }
     return out
 
 
@@ -137,8 +145,9 @@ def lm_windows(tokenizer, texts: Sequence[str], block_size: int, bos_id: int) ->
     return windows, nbytes
 
 
-def bits_per_byte(lm_logits, tokenizer, texts: Sequence[str], block_size: int, bos_id: int, pad_id: int,
-                  batch_size: int = 32):
+def bits_per_byte(
+    lm_logits, tokenizer, texts: Sequence[str], block_size: int, bos_id: int, pad_id: int, batch_size: int = 32
+):
     """Per-text bits per byte of a causal LM; ``lm_logits(ids [B, T]) -> logits [B, T, V]``.
 
     Texts with no tokens get NaN. Batches are built from length-sorted texts to limit padding;
@@ -148,7 +157,7 @@ def bits_per_byte(lm_logits, tokenizer, texts: Sequence[str], block_size: int, b
     result = np.full(len(texts), np.nan, dtype=np.float64)
     order = sorted((i for i, w in enumerate(windows) if len(w) > 1), key=lambda i: len(windows[i]))
     for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
+        rows = order[start : start + batch_size]
         width = max(len(windows[i]) for i in rows)
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         for r, i in enumerate(rows):
@@ -211,15 +220,23 @@ def model_outputs(bundle, texts: Sequence[str], variant: str = "fp32", batch_siz
     pooled = np.zeros((len(texts), hidden), dtype=np.float32)
     logits = np.zeros((len(texts), classes), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
-        idx = order[start: start + batch_size]
+        idx = order[start : start + batch_size]
         out = bundle.run(*bundle.encode([texts[i] for i in idx]), variant=variant)
         pooled[idx], logits[idx] = out["pooled"], out["logits"]
     return pooled, logits
 
 
-def featurize(bundle, texts: Sequence[str], labels: Sequence[str | None] | None, sample, *,
-              oov_max_pieces: int = 2, variant: str = "fp32", batch_size: int = 64,
-              timings: dict[str, float] | None = None) -> Features:
+def featurize(
+    bundle,
+    texts: Sequence[str],
+    labels: Sequence[str | None] | None,
+    sample,
+    *,
+    oov_max_pieces: int = 2,
+    variant: str = "fp32",
+    batch_size: int = 64,
+    timings: dict[str, float] | None = None,
+) -> Features:
     """Descriptors of every text, model outputs and bits per byte of the ``sample`` rows."""
     timings = timings if timings is not None else {}
     started = time.perf_counter()
@@ -233,8 +250,15 @@ def featurize(bundle, texts: Sequence[str], labels: Sequence[str | None] | None,
     started = time.perf_counter()
     lm = bundle.config.get("lm")
     if lm:
-        bpb = bits_per_byte(bundle.lm_logits, bundle.tokenizer, sampled, int(lm["model_config"]["block_size"]),
-                            int(bundle.config["eot_id"]), int(bundle.config["pad_id"]), batch_size=max(8, batch_size // 2))
+        bpb = bits_per_byte(
+            bundle.lm_logits,
+            bundle.tokenizer,
+            sampled,
+            int(lm["model_config"]["block_size"]),
+            int(bundle.config["eot_id"]),
+            int(bundle.config["pad_id"]),
+            batch_size=max(8, batch_size // 2),
+        )
     else:  # a bundle exported without its LM: the bpb signal is unavailable
         bpb = np.full(len(sampled), np.nan)
     timings["bpb_s"] = timings.get("bpb_s", 0.0) + time.perf_counter() - started
@@ -258,13 +282,22 @@ def column_drift(reference, current, kind: str, method: str, threshold: float) -
     """
     ref, cur = pd.Series(reference).dropna(), pd.Series(current).dropna()
     if ref.empty or cur.empty:
-        return {"score": None, "drifted": False, "method": method, "threshold": threshold,
-                "note": "no values on one side"}
+        return {
+            "score": None,
+            "drifted": False,
+            "method": method,
+            "threshold": threshold,
+            "note": "no values on one side",
+        }
     column_type = ColumnType.Numerical if kind == "num" else ColumnType.Categorical
     test = get_stattest(ref, cur, column_type, method)
     result = test(ref, cur, column_type, threshold)
-    return {"score": float(result.drift_score), "drifted": bool(result.drifted), "method": method,
-            "threshold": float(result.actual_threshold)}
+    return {
+        "score": float(result.drift_score),
+        "drifted": bool(result.drifted),
+        "method": method,
+        "threshold": float(result.actual_threshold),
+    }
 
 
 def embedding_drift_method(method: str, threshold: float | None, pca_components: int | None = None):
@@ -272,15 +305,20 @@ def embedding_drift_method(method: str, threshold: float | None, pca_components:
     kwargs: dict[str, Any] = {"pca_components": pca_components}
     if threshold is not None:
         kwargs["threshold"] = threshold
-    classes = {"mmd": MMDDriftMethod, "model": ModelDriftMethod, "ratio": RatioDriftMethod,
-               "distance": DistanceDriftMethod}
+    classes = {
+        "mmd": MMDDriftMethod,
+        "model": ModelDriftMethod,
+        "ratio": RatioDriftMethod,
+        "distance": DistanceDriftMethod,
+    }
     if method not in classes:
         raise ValueError(f"embedding method {method!r}: expected one of {sorted(classes)}")
     return classes[method](**kwargs)
 
 
-def embedding_drift(reference, current, method: str = "mmd", threshold: float | None = None,
-                    pca_components: int | None = None) -> dict[str, Any]:
+def embedding_drift(
+    reference, current, method: str = "mmd", threshold: float | None = None, pca_components: int | None = None
+) -> dict[str, Any]:
     """Embedding drift score of ``current`` [n, d] against ``reference`` [m, d] via evidently."""
     drift = embedding_drift_method(method, threshold, pca_components)
     cols = [f"emb_{i}" for i in range(reference.shape[1])]
@@ -298,32 +336,61 @@ def compare(reference: Features, current: Features, settings) -> tuple[dict[str,
     """
     thresholds = settings.thresholds
     details: dict[str, Any] = {}
-    columns = {name: column_drift(reference.descriptors[name][reference.sample],
-                                  current.descriptors[name][current.sample], "num",
-                                  settings.descriptor_method, settings.descriptor_threshold)
-               for name in DESCRIPTORS}
+    columns = {
+        name: column_drift(
+            reference.descriptors[name][reference.sample],
+            current.descriptors[name][current.sample],
+            "num",
+            settings.descriptor_method,
+            settings.descriptor_threshold,
+        )
+        for name in DESCRIPTORS
+    }
     tested = [c for c in columns.values() if c["score"] is not None]
-    details["descriptors"] = {"columns": columns, "drifted": sorted(n for n, c in columns.items() if c["drifted"]),
-                              "method": settings.descriptor_method}
+    details["descriptors"] = {
+        "columns": columns,
+        "drifted": sorted(n for n, c in columns.items() if c["drifted"]),
+        "method": settings.descriptor_method,
+    }
     values: dict[str, float | None] = {
-        "descriptors": sum(c["drifted"] for c in tested) / len(tested) if tested else None}
+        "descriptors": sum(c["drifted"] for c in tested) / len(tested) if tested else None
+    }
 
-    emb = embedding_drift(reference.embeddings, current.embeddings, settings.embedding_method,
-                          thresholds.embedding, settings.embedding_pca_components)
+    emb = embedding_drift(
+        reference.embeddings,
+        current.embeddings,
+        settings.embedding_method,
+        thresholds.embedding,
+        settings.embedding_pca_components,
+    )
     details["embedding"] = emb
     values["embedding"] = emb["score"]
 
-    pred = column_drift(reference.predictions, current.predictions, "cat", settings.category_method,
-                        thresholds.prediction if thresholds.prediction is not None else 0.1)
-    details["prediction"] = {**pred, "reference": distribution(reference.predictions),
-                             "current": distribution(current.predictions)}
+    pred = column_drift(
+        reference.predictions,
+        current.predictions,
+        "cat",
+        settings.category_method,
+        thresholds.prediction if thresholds.prediction is not None else 0.1,
+    )
+    details["prediction"] = {
+        **pred,
+        "reference": distribution(reference.predictions),
+        "current": distribution(current.predictions),
+    }
     values["prediction"] = pred["score"]
 
-    has_labels = (current.labels is not None and reference.labels is not None
-                  and bool(np.any(current.labels != UNLABELLED)))
+    has_labels = (
+        current.labels is not None and reference.labels is not None and bool(np.any(current.labels != UNLABELLED))
+    )
     if has_labels:
-        lab = column_drift(reference.labels, current.labels, "cat", settings.category_method,
-                           thresholds.label if thresholds.label is not None else 0.1)
+        lab = column_drift(
+            reference.labels,
+            current.labels,
+            "cat",
+            settings.category_method,
+            thresholds.label if thresholds.label is not None else 0.1,
+        )
         details["label"] = {**lab, "reference": distribution(reference.labels), "current": distribution(current.labels)}
         values["label"] = lab["score"]
     else:
@@ -377,13 +444,19 @@ class DriftDecision:
     def summary(self) -> str:
         verdict = "DRIFT" if self.drift_detected else "no drift"
         checked = sum(1 for s in self.signals if s.threshold is not None and s.value is not None)
-        return (f"{verdict}: {len(self.fired)} of {checked} signals fired ({', '.join(self.fired) or 'none'}; "
-                f"drift at >= {self.min_signals})")
+        return (
+            f"{verdict}: {len(self.fired)} of {checked} signals fired ({', '.join(self.fired) or 'none'}; "
+            f"drift at >= {self.min_signals})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"drift_detected": self.drift_detected, "min_signals": self.min_signals,
-                "fired": self.fired, "summary": self.summary(),
-                "signals": {s.name: dataclasses.asdict(s) for s in self.signals}}
+        return {
+            "drift_detected": self.drift_detected,
+            "min_signals": self.min_signals,
+            "fired": self.fired,
+            "summary": self.summary(),
+            "signals": {s.name: dataclasses.asdict(s) for s in self.signals},
+        }
 
 
 def _finite(value: Any) -> float | None:
@@ -393,8 +466,9 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def decide_drift(values: Mapping[str, float | None], thresholds: Mapping[str, float | None],
-                 min_signals: int) -> DriftDecision:
+def decide_drift(
+    values: Mapping[str, float | None], thresholds: Mapping[str, float | None], min_signals: int
+) -> DriftDecision:
     """Each signal against its threshold; drift when at least ``min_signals`` fire.
 
     ``values`` and ``thresholds`` are keyed by signal name (:data:`SIGNALS`, or any other name:
@@ -414,7 +488,10 @@ def decide_drift(values: Mapping[str, float | None], thresholds: Mapping[str, fl
             results.append(SignalResult(name, None, float(threshold), False, f"{name}: unavailable for this batch"))
         else:
             fired = value >= threshold
-            results.append(SignalResult(name, value, float(threshold), fired,
-                                        f"{name} {value:.4g} {'>=' if fired else '<'} {threshold:.4g}"))
+            results.append(
+                SignalResult(
+                    name, value, float(threshold), fired, f"{name} {value:.4g} {'>=' if fired else '<'} {threshold:.4g}"
+                )
+            )
     fired_count = sum(r.fired for r in results)
     return DriftDecision(fired_count >= min_signals, min_signals, tuple(results))

@@ -119,33 +119,47 @@ def load_inputs(p: MonitorParams, paths, seed: int):
     """``(batch, reference)``, both large enough; reference rows that are in the main window are dropped."""
     batch = load_slice(p.batch, paths, seed)
     reference = load_slice(p.reference, paths, seed)
-    main_rows = filter_window(batch, parse_iso_date(p.window_start, "window_start"),
-                              parse_iso_date(p.window_end, "window_end"))
+    main_rows = filter_window(
+        batch, parse_iso_date(p.window_start, "window_start"), parse_iso_date(p.window_end, "window_end")
+    )
     if len(main_rows) < p.min_window_rows:
-        raise DataError(f"batch {slice_path(p.batch, paths)} window [{p.window_start}, {p.window_end}) has "
-                        f"{len(main_rows)} rows (need >= {p.min_window_rows}); check monitor.batch / window_start / "
-                        "window_end")
+        raise DataError(
+            f"batch {slice_path(p.batch, paths)} window [{p.window_start}, {p.window_end}) has "
+            f"{len(main_rows)} rows (need >= {p.min_window_rows}); check monitor.batch / window_start / "
+            "window_end"
+        )
     if main_rows["id"].notna().any() and reference["id"].notna().any():
         overlap = reference["id"].isin(set(main_rows["id"].dropna()))
         if overlap.any():
             logger.info("reference: dropped %d rows that are also in the main batch window", int(overlap.sum()))
             reference = reference[~overlap].reset_index(drop=True)
     if len(reference) < p.min_window_rows:
-        raise DataError(f"reference {slice_path(p.reference, paths)} has {len(reference)} rows after filters "
-                        f"(need >= {p.min_window_rows}); widen monitor.reference")
+        raise DataError(
+            f"reference {slice_path(p.reference, paths)} has {len(reference)} rows after filters "
+            f"(need >= {p.min_window_rows}); widen monitor.reference"
+        )
     return batch, reference
 
 
 def batch_windows(params: MonitorParams) -> list[tuple[str, dt.datetime | None, dt.datetime | None]]:
     """(name, start, end) of the main window first, then the drift-over-time windows."""
-    main = ("main", parse_iso_date(params.window_start, "window_start"),
-            parse_iso_date(params.window_end, "window_end"))
-    extra = [(f"{w.start}..{w.end}", parse_iso_date(w.start, "start"), parse_iso_date(w.end, "end"))
-             for w in params.windows]
+    main = (
+        "main",
+        parse_iso_date(params.window_start, "window_start"),
+        parse_iso_date(params.window_end, "window_end"),
+    )
+    extra = [
+        (f"{w.start}..{w.end}", parse_iso_date(w.start, "start"), parse_iso_date(w.end, "end")) for w in params.windows
+    ]
     if params.timeline.start:
-        extra += [(f"{a.date()}..{b.date()}", a, b) for a, b in month_windows(
-            parse_iso_date(params.timeline.start, "start"), parse_iso_date(params.timeline.end, "end"),
-            params.timeline.step_months)]
+        extra += [
+            (f"{a.date()}..{b.date()}", a, b)
+            for a, b in month_windows(
+                parse_iso_date(params.timeline.start, "start"),
+                parse_iso_date(params.timeline.end, "end"),
+                params.timeline.step_months,
+            )
+        ]
     return [main, *extra]
 
 
@@ -172,8 +186,16 @@ def evaluate_window(bundle, reference, frame, params: MonitorParams, seed: int, 
     """Featurize one window of the batch and decide; ``reference`` is the reference's Features."""
     texts = frame["text"].tolist()
     sample = sample_indices(len(texts), params.sample_rows, seed)
-    current = drift.featurize(bundle, texts, _labels(frame), sample, oov_max_pieces=params.oov_max_pieces,
-                              variant=params.variant, batch_size=params.batch_size, timings=timings)
+    current = drift.featurize(
+        bundle,
+        texts,
+        _labels(frame),
+        sample,
+        oov_max_pieces=params.oov_max_pieces,
+        variant=params.variant,
+        batch_size=params.batch_size,
+        timings=timings,
+    )
     started = time.perf_counter()
     values, details = drift.compare(reference, current, params)
     timings["evidently_s"] = timings.get("evidently_s", 0.0) + time.perf_counter() - started
@@ -182,19 +204,27 @@ def evaluate_window(bundle, reference, frame, params: MonitorParams, seed: int, 
 
 
 def _window_row(name: str, start, end, rows: int, result: dict | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"window": name, "start": start.date().isoformat() if start else "",
-                           "end": end.date().isoformat() if end else "", "rows": rows}
+    row: dict[str, Any] = {
+        "window": name,
+        "start": start.date().isoformat() if start else "",
+        "end": end.date().isoformat() if end else "",
+        "rows": rows,
+    }
     if result is None:  # too few rows: reported, not evaluated
         return {**row, "sampled": 0, "drift_detected": "", "fired": "", **{s: "" for s in drift.SIGNALS}}
     decision = result["decision"]
-    return {**row, "sampled": len(result["features"].sample), "drift_detected": decision.drift_detected,
-            "fired": len(decision.fired),
-            **{s: ("" if result["values"].get(s) is None else round(float(result["values"][s]), 6))
-               for s in drift.SIGNALS}}
+    return {
+        **row,
+        "sampled": len(result["features"].sample),
+        "drift_detected": decision.drift_detected,
+        "fired": len(decision.fired),
+        **{s: ("" if result["values"].get(s) is None else round(float(result["values"][s]), 6)) for s in drift.SIGNALS},
+    }
 
 
-def evaluate_windows(bundle, reference, batch, params: MonitorParams, seed: int,
-                     timings: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def evaluate_windows(
+    bundle, reference, batch, params: MonitorParams, seed: int, timings: dict
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One drift-over-time row per window, and the main window's result (with its rows and bounds)."""
     rows, main = [], None
     for index, (name, start, end) in enumerate(tqdm(batch_windows(params), desc="monitor windows", disable=None)):
@@ -221,8 +251,10 @@ def reference_statistics(features, frame, spec: SliceParams) -> dict[str, Any]:
         "bpb": drift.describe({"bpb": features.bpb})["bpb"],
         "prediction": drift.distribution(features.predictions),
         "label": drift.distribution(features.labels) if features.labels is not None else None,
-        "embedding": {"dim": int(features.embeddings.shape[1]),
-                      "mean_norm": float(np.linalg.norm(features.embeddings, axis=1).mean())},
+        "embedding": {
+            "dim": int(features.embeddings.shape[1]),
+            "mean_norm": float(np.linalg.norm(features.embeddings, axis=1).mean()),
+        },
     }
 
 
@@ -238,18 +270,31 @@ def write_report(path: Path, reference, current, params: MonitorParams, timings:
     return scores
 
 
-def drift_summary(main: dict, rows: list[dict], params: MonitorParams, reference, ref_features,
-                  report_scores: dict | None, bundle_sha: str, timings: dict) -> dict[str, Any]:
+def drift_summary(
+    main: dict,
+    rows: list[dict],
+    params: MonitorParams,
+    reference,
+    ref_features,
+    report_scores: dict | None,
+    bundle_sha: str,
+    timings: dict,
+) -> dict[str, Any]:
     """``drift_summary.json``: the main window's decision, values and details, every window, timings."""
     return {
         **main["decision"].to_dict(),
         "values": main["values"],
         "details": main["details"],
-        "batch": {"spec": dataclasses.asdict(params.batch), "rows": main["rows"],
-                  "sampled": len(main["features"].sample),
-                  "window": [main["start"].isoformat() if main["start"] else None,
-                             main["end"].isoformat() if main["end"] else None],
-                  "descriptors": drift.describe(main["features"].descriptors)},
+        "batch": {
+            "spec": dataclasses.asdict(params.batch),
+            "rows": main["rows"],
+            "sampled": len(main["features"].sample),
+            "window": [
+                main["start"].isoformat() if main["start"] else None,
+                main["end"].isoformat() if main["end"] else None,
+            ],
+            "descriptors": drift.describe(main["features"].descriptors),
+        },
         "reference": {"rows": int(len(reference)), "sampled": int(len(ref_features.sample))},
         "evidently_report": report_scores,
         "windows": rows,
@@ -271,12 +316,23 @@ def run(params, **_options) -> dict[str, Any]:
     started = time.perf_counter()
     bundle = load_bundle(paths.bundle_dir, intra_op_threads=p.intra_op_threads)
     batch, reference = load_inputs(p, paths, seed)
-    logger.info("reference: %d rows, batch: %d rows; model on <= %d / %d sampled rows", len(reference), len(batch),
-                p.reference_rows, p.sample_rows)
-    ref_features = drift.featurize(bundle, reference["text"].tolist(), _labels(reference),
-                                   sample_indices(len(reference), p.reference_rows, seed),
-                                   oov_max_pieces=p.oov_max_pieces, variant=p.variant, batch_size=p.batch_size,
-                                   timings=timings)
+    logger.info(
+        "reference: %d rows, batch: %d rows; model on <= %d / %d sampled rows",
+        len(reference),
+        len(batch),
+        p.reference_rows,
+        p.sample_rows,
+    )
+    ref_features = drift.featurize(
+        bundle,
+        reference["text"].tolist(),
+        _labels(reference),
+        sample_indices(len(reference), p.reference_rows, seed),
+        oov_max_pieces=p.oov_max_pieces,
+        variant=p.variant,
+        batch_size=p.batch_size,
+        timings=timings,
+    )
     rows, main = evaluate_windows(bundle, ref_features, batch, p, seed, timings)
     decision = main["decision"]
     bundle_sha = sha256_file(Path(paths.bundle_dir) / "manifest.json")
@@ -284,12 +340,20 @@ def run(params, **_options) -> dict[str, Any]:
     with atomic_dir(out_dir, keep=_unowned_entries(out_dir)) as out:
         report_scores = write_report(out / REPORT_NAME, ref_features, main["features"], p, timings)
         timings["total_s"] = time.perf_counter() - started
-        atomic_write_json(out / SUMMARY_NAME,
-                          drift_summary(main, rows, p, reference, ref_features, report_scores, bundle_sha, timings))
+        atomic_write_json(
+            out / SUMMARY_NAME,
+            drift_summary(main, rows, p, reference, ref_features, report_scores, bundle_sha, timings),
+        )
         atomic_write_json(out / REFERENCE_STATS_NAME, reference_statistics(ref_features, reference, p.reference))
         write_over_time(rows, out / OVER_TIME_CSV, out / OVER_TIME_PNG, threshold_table(p))
-        write_manifest(out, STAGE, p, inputs={"bundle_manifest": bundle_sha},
-                       extra={"drift_detected": decision.drift_detected})
+        write_manifest(
+            out, STAGE, p, inputs={"bundle_manifest": bundle_sha}, extra={"drift_detected": decision.drift_detected}
+        )
     logger.info("monitor: %s (report %s)", decision.summary(), out_dir / REPORT_NAME)
-    return {"drift_detected": decision.drift_detected, "fired": decision.fired, "rows": main["rows"],
-            "windows": len(rows), "summary": str(out_dir / SUMMARY_NAME)}
+    return {
+        "drift_detected": decision.drift_detected,
+        "fired": decision.fired,
+        "rows": main["rows"],
+        "windows": len(rows),
+        "summary": str(out_dir / SUMMARY_NAME),
+    }

@@ -11,8 +11,20 @@ import datetime as dt
 from typing import Literal
 
 # the evidently stat tests and embedding drift methods a param may name (evidently 0.7)
-NUMERIC_METHODS = ("ks", "wasserstein", "psi", "anderson", "cramer_von_mises", "mannw", "ed", "t_test",
-                   "kl_div", "jensenshannon", "hellinger", "emp")
+NUMERIC_METHODS = (
+    "ks",
+    "wasserstein",
+    "psi",
+    "anderson",
+    "cramer_von_mises",
+    "mannw",
+    "ed",
+    "t_test",
+    "kl_div",
+    "jensenshannon",
+    "hellinger",
+    "emp",
+)
 CATEGORICAL_METHODS = ("jensenshannon", "chisquare", "psi", "hellinger", "tvd", "kl_div", "z", "g_test")
 EMBEDDING_METHODS = ("mmd", "model", "ratio", "distance")
 

@@ -70,6 +70,7 @@ from pipeline_tasks.orchestration.settings import (
 
 logger = logging.getLogger(__name__)
 
+
 def _git(source: Path, *args: str) -> str | None:
     if not (source / ".git").exists() or shutil.which("git") is None:
         return None
@@ -84,15 +85,24 @@ def _source_files(source: Path) -> list[str]:
     files = []
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source).as_posix()
-        if path.is_file() and ".egg-info/" not in rel and not any(rel == ex or rel.startswith(ex + "/") or f"/{ex}/" in f"/{rel}"
-                                      for ex in COPY_EXCLUDES):
+        if (
+            path.is_file()
+            and ".egg-info/" not in rel
+            and not any(rel == ex or rel.startswith(ex + "/") or f"/{ex}/" in f"/{rel}" for ex in COPY_EXCLUDES)
+        ):
             files.append(rel)
     return files
 
 
-def init_workspace(workspace: Path, source: Path, data_root: Path, overrides: Mapping[str, Any],
-                   state_overrides: Mapping[str, str], dvc_remote: str = "",
-                   reference_lock: Path | None = None) -> dict[str, Any]:
+def init_workspace(
+    workspace: Path,
+    source: Path,
+    data_root: Path,
+    overrides: Mapping[str, Any],
+    state_overrides: Mapping[str, str],
+    dvc_remote: str = "",
+    reference_lock: Path | None = None,
+) -> dict[str, Any]:
     """Create (or reuse) a run workspace; returns its source record.
 
     ``reference_lock``: a ``dvc.lock`` published by another DAG's run (the last accepted
@@ -144,26 +154,38 @@ def init_workspace(workspace: Path, source: Path, data_root: Path, overrides: Ma
     status = _git(source, "status", "--porcelain")
     baked = source / META_DIR / "image_source.json"  # written into the task image at build time
     record = {
-        "workspace": str(workspace), "source": str(source), "files": len(files),
-        "tree_sha256": tree.hexdigest(), "overrides": applied,
+        "workspace": str(workspace),
+        "source": str(source),
+        "files": len(files),
+        "tree_sha256": tree.hexdigest(),
+        "overrides": applied,
         "git_sha": sha.strip() if sha else (read_json(baked).get("git_sha") if baked.is_file() else None),
         "git_dirty": bool(status.strip()) if status is not None else None,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if reference_lock is not None:
         if reference_lock.is_file():
             shutil.copy2(reference_lock, staging / "dvc.lock")
             code, _ = _stream([sys.executable, "-m", "dvc", "checkout", "--allow-missing"], staging)
-            record["reference_lock"] = {"path": str(reference_lock), "sha256": sha256_file(reference_lock),
-                                        "checkout_returncode": code}
+            record["reference_lock"] = {
+                "path": str(reference_lock),
+                "sha256": sha256_file(reference_lock),
+                "checkout_returncode": code,
+            }
         else:
             logger.warning("no reference %s yet: stages will build their upstream themselves", reference_lock)
             record["reference_lock"] = None
     atomic_write_json(staging / META_DIR / "source.json", record)
     workspace.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, workspace)  # a half-copied workspace is never visible
-    logger.info("workspace %s: %d files from %s (git %s%s)", workspace, len(files), source,
-                record["git_sha"] or "?", ", dirty" if record["git_dirty"] else "")
+    logger.info(
+        "workspace %s: %d files from %s (git %s%s)",
+        workspace,
+        len(files),
+        source,
+        record["git_sha"] or "?",
+        ", dirty" if record["git_dirty"] else "",
+    )
     return {**record, "reused": False}
 
 
@@ -179,8 +201,9 @@ def _task_env() -> dict[str, str]:
 def _stream(argv: list[str], cwd: Path) -> tuple[int, list[str]]:
     """Run ``argv``, echo its output to stderr (the task log) and keep the lines."""
     logger.info("$ %s", shlex.join(argv))
-    proc = subprocess.Popen(argv, cwd=cwd, env=_task_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=_task_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -196,13 +219,22 @@ def _small_json(path: Path) -> Any:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool, type(None)))} \
-        if isinstance(data, dict) else None
+    return (
+        {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        if isinstance(data, dict)
+        else None
+    )
 
 
-def run_stage_node(workspace: Path, cmd: list[str], with_upstream: bool = False, force: bool = False,
-                   direct: bool = False, copy_from: Path | None = None,
-                   upstream_if_missing: bool = False) -> tuple[int, dict]:
+def run_stage_node(
+    workspace: Path,
+    cmd: list[str],
+    with_upstream: bool = False,
+    force: bool = False,
+    direct: bool = False,
+    copy_from: Path | None = None,
+    upstream_if_missing: bool = False,
+) -> tuple[int, dict]:
     """``dvc repro`` the stage whose dvc.yaml cmd is ``cmd``; returns (exit code, summary).
 
     ``copy_from`` first copies a previous node's workspace (Kubeflow passes the workspace as an
@@ -214,8 +246,10 @@ def run_stage_node(workspace: Path, cmd: list[str], with_upstream: bool = False,
     stages = read_dvc_stages(workspace / "dvc.yaml")
     name = next((n for n, s in stages.items() if stage_command(s) == cmd), None)
     if name is None:
-        raise ValueError(f"{workspace / 'dvc.yaml'}: no stage has cmd {shlex.join(cmd)!r} "
-                         f"(stages: {', '.join(stages)}); the DAG was built from another dvc.yaml")
+        raise ValueError(
+            f"{workspace / 'dvc.yaml'}: no stage has cmd {shlex.join(cmd)!r} "
+            f"(stages: {', '.join(stages)}); the DAG was built from another dvc.yaml"
+        )
     variables = load_yaml((workspace / "params.yaml").read_text(encoding="utf-8"))
     if upstream_if_missing and not with_upstream:
         missing = [d for d in stage_paths(stages[name], variables, "deps") if not (workspace / d).exists()]
@@ -224,20 +258,33 @@ def run_stage_node(workspace: Path, cmd: list[str], with_upstream: bool = False,
             with_upstream = True
     local_config = workspace / ".dvc" / "config.local"
     remote = local_config.is_file() and "remote =" in local_config.read_text(encoding="utf-8")
-    argv = [sys.executable, "-m", "dvc", "repro", *([] if with_upstream else ["--single-item"]),
-            *(["--force"] if force else []), *(["--pull"] if remote else []), name]
+    argv = [
+        sys.executable,
+        "-m",
+        "dvc",
+        "repro",
+        *([] if with_upstream else ["--single-item"]),
+        *(["--force"] if force else []),
+        *(["--pull"] if remote else []),
+        name,
+    ]
     started = time.perf_counter()
     code, lines = _stream(cmd if direct else argv, workspace)
     if direct:
         lines.insert(0, f"Running stage '{name}' (direct)")
     if code == 0 and remote and not direct:
-        code, _ = _stream([sys.executable, "-m", "dvc", "push", *(["--with-deps"] if with_upstream else []), name],
-                          workspace)
+        code, _ = _stream(
+            [sys.executable, "-m", "dvc", "push", *(["--with-deps"] if with_upstream else []), name], workspace
+        )
     ran = any(line.startswith(f"Running stage '{name}'") for line in lines)
     summary = {
-        "stage": name, "workspace": str(workspace), "returncode": code, "ran": ran,
+        "stage": name,
+        "workspace": str(workspace),
+        "returncode": code,
+        "ran": ran,
         "cached": any(f"'{name}' is cached" in line or f"'{name}' didn't change" in line for line in lines),
-        "duration_s": round(time.perf_counter() - started, 2), "with_upstream": with_upstream,
+        "duration_s": round(time.perf_counter() - started, 2),
+        "with_upstream": with_upstream,
         "result": parse_summary("\n".join(lines)) if ran else None,
         "outs": stage_paths(stages[name], variables, "outs"),
         "metrics": {p: _small_json(workspace / p) for p in stage_paths(stages[name], variables, "metrics")},
@@ -250,8 +297,13 @@ def run_stage_node(workspace: Path, cmd: list[str], with_upstream: bool = False,
 def run_exec_node(workspace: Path, cmd: list[str]) -> tuple[int, dict]:
     code, lines = _stream(cmd, workspace)
     result = parse_summary("\n".join(lines))
-    return code, {"command": shlex.join(cmd), "workspace": str(workspace), "returncode": code,
-                  "result": None if "output" in result else result, "tail": lines[-5:]}
+    return code, {
+        "command": shlex.join(cmd),
+        "workspace": str(workspace),
+        "returncode": code,
+        "result": None if "output" in result else result,
+        "tail": lines[-5:],
+    }
 
 
 def record_lineage(workspace: Path, dag_id: str, run_id: str, publish_dir: Path | None = None) -> dict[str, Any]:
@@ -268,12 +320,14 @@ def record_lineage(workspace: Path, dag_id: str, run_id: str, publish_dir: Path 
         stages[name] = {o["path"]: o.get("md5") for o in entry.get("outs") or () if "path" in o}
     source_path = workspace / META_DIR / "source.json"
     lineage = {
-        "dag_id": dag_id, "run_id": run_id, "workspace": str(workspace),
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "workspace": str(workspace),
         "source": read_json(source_path) if source_path.is_file() else None,
         "dvc_lock_sha256": sha256_file(lock_path) if lock_path.is_file() else None,
         "params_sha256": sha256_bytes((workspace / "params.yaml").read_bytes()),
         "stages": stages,
-        "recorded": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "recorded": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if publish_dir is not None and lock_path.is_file():
         atomic_write_bytes(publish_dir / f"{dag_id}.dvc.lock", lock_path.read_bytes())
@@ -302,24 +356,42 @@ def _workspace(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline_tasks.orchestration", description=__doc__.split("\n")[0])
     parser.add_argument("--workspace", default=None, help="run workspace (default: $LMPIPE_WORKSPACE)")
-    parser.add_argument("--xcom-file", default=os.environ.get("LMPIPE_XCOM_FILE"),
-                        help="also write the summary here (/airflow/xcom/return.json on Kubernetes)")
+    parser.add_argument(
+        "--xcom-file",
+        default=os.environ.get("LMPIPE_XCOM_FILE"),
+        help="also write the summary here (/airflow/xcom/return.json on Kubernetes)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="create the run workspace")
     init.add_argument("--source", default=os.environ.get("LMPIPE_SOURCE", "."), help="project root to copy")
-    init.add_argument("--data-root", default=os.environ.get("LMPIPE_DATA_ROOT"),
-                      help="holds dvc-cache/ and state/ (default: the workspace's grandparent's parent)")
-    init.add_argument("--params", default=None, help="params file with the orchestration section (default: the source's)")
+    init.add_argument(
+        "--data-root",
+        default=os.environ.get("LMPIPE_DATA_ROOT"),
+        help="holds dvc-cache/ and state/ (default: the workspace's grandparent's parent)",
+    )
+    init.add_argument(
+        "--params", default=None, help="params file with the orchestration section (default: the source's)"
+    )
     init.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    init.add_argument("--reference-lock", type=Path, default=os.environ.get("LMPIPE_REFERENCE_LOCK") or None,
-                      help="start from the outputs of this published dvc.lock (if it exists)")
-    init.add_argument("--overrides-json", default=os.environ.get("LMPIPE_OVERRIDES_JSON") or "{}",
-                      help="JSON object of dotted params keys (default: $LMPIPE_OVERRIDES_JSON)")
+    init.add_argument(
+        "--reference-lock",
+        type=Path,
+        default=os.environ.get("LMPIPE_REFERENCE_LOCK") or None,
+        help="start from the outputs of this published dvc.lock (if it exists)",
+    )
+    init.add_argument(
+        "--overrides-json",
+        default=os.environ.get("LMPIPE_OVERRIDES_JSON") or "{}",
+        help="JSON object of dotted params keys (default: $LMPIPE_OVERRIDES_JSON)",
+    )
     stage = sub.add_parser("stage", help="dvc repro one stage, given its dvc.yaml cmd after --")
     stage.add_argument("--with-upstream", action="store_true", help="dvc repro STAGE (its upstream too)")
     stage.add_argument("--force", action="store_true", default=os.environ.get("LMPIPE_FORCE", "").lower() == "true")
-    stage.add_argument("--upstream-if-missing", action="store_true",
-                       help="dvc repro with upstream when an input of the stage is missing")
+    stage.add_argument(
+        "--upstream-if-missing",
+        action="store_true",
+        help="dvc repro with upstream when an input of the stage is missing",
+    )
     stage.add_argument("--direct", action="store_true", help="run the cmd itself, not through dvc repro")
     stage.add_argument("--copy-from", type=Path, default=None, help="start from a copy of this workspace")
     stage.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -328,8 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     lineage = sub.add_parser("lineage", help="write lineage.json")
     lineage.add_argument("--dag-id", default=os.environ.get("LMPIPE_DAG_ID", ""))
     lineage.add_argument("--run-id", default=os.environ.get("LMPIPE_RUN_ID", ""))
-    lineage.add_argument("--publish", default=os.environ.get("LMPIPE_PUBLISH", "").lower() == "true",
-                         action="store_true", help="publish dvc.lock as the reference under <data root>/state/references")
+    lineage.add_argument(
+        "--publish",
+        default=os.environ.get("LMPIPE_PUBLISH", "").lower() == "true",
+        action="store_true",
+        help="publish dvc.lock as the reference under <data root>/state/references",
+    )
     return parser
 
 
@@ -346,21 +422,24 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(overrides, dict):
             raise SystemExit("params overrides (LMPIPE_OVERRIDES_JSON) must be a JSON object of dotted params keys")
         overrides.update(parse_overrides(args.overrides))
-        summary = init_workspace(workspace, source, data_root, overrides, orch.state_overrides, orch.dvc_remote,
-                                 args.reference_lock)
+        summary = init_workspace(
+            workspace, source, data_root, overrides, orch.state_overrides, orch.dvc_remote, args.reference_lock
+        )
     elif args.command in ("stage", "exec"):
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             raise SystemExit(f"{args.command}: give the command after --")
         if args.command == "stage":
-            code, summary = run_stage_node(workspace, cmd, args.with_upstream, args.force, args.direct,
-                                           args.copy_from, args.upstream_if_missing)
+            code, summary = run_stage_node(
+                workspace, cmd, args.with_upstream, args.force, args.direct, args.copy_from, args.upstream_if_missing
+            )
         else:
             code, summary = run_exec_node(workspace, cmd)
     else:
         data_root = Path(os.environ.get("LMPIPE_DATA_ROOT") or workspace.parents[2])
-        summary = record_lineage(workspace, args.dag_id, args.run_id,
-                                 data_root / "state" / "references" if args.publish else None)
+        summary = record_lineage(
+            workspace, args.dag_id, args.run_id, data_root / "state" / "references" if args.publish else None
+        )
     _emit(summary, args.xcom_file)
     return code
 

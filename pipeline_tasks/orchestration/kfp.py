@@ -21,7 +21,6 @@ Inputs: ``dvc.yaml`` and the ``orchestration`` section of params.yaml. Output: t
 ``kfp.Client().create_run_from_pipeline_package``. kfp is imported lazily (tasks env only).
 """
 
-
 import argparse
 import json
 import logging
@@ -50,11 +49,18 @@ def _component(name: str, image: str, argv_for, from_workspace: bool = True):
     """A KFP container component named ``name``: args from ``argv_for(input, workspace_out_path)``,
     where the input is the previous step's workspace artifact (or the params overrides string)."""
     if from_workspace:
+
         def component(workspace_in: dsl.Input[dsl.Artifact], workspace: dsl.Output[dsl.Artifact]):
-            return dsl.ContainerSpec(image=image, command=["tini", "--"], args=argv_for(workspace_in.path, workspace.path))
+            return dsl.ContainerSpec(
+                image=image, command=["tini", "--"], args=argv_for(workspace_in.path, workspace.path)
+            )
     else:
+
         def component(params_overrides: str, workspace: dsl.Output[dsl.Artifact]):
-            return dsl.ContainerSpec(image=image, command=["tini", "--"], args=argv_for(params_overrides, workspace.path))
+            return dsl.ContainerSpec(
+                image=image, command=["tini", "--"], args=argv_for(params_overrides, workspace.path)
+            )
+
     component.__name__ = component.__qualname__ = name
     return dsl.container_component(component)
 
@@ -66,21 +72,38 @@ def stage_args(dvc_cmd: str, workspace_in: Any, workspace_out: Any) -> list:
     return [*prefix, *[workspace_in if a == "WORKSPACE_IN" else a for a in argv[3:]]]
 
 
-def build_pipeline(dvc_file: Path, orch: OrchestrationParams, image: str | None = None,
-                   gpu_image: str | None = None, mlflow_tracking_uri: str = ""):
+def build_pipeline(
+    dvc_file: Path,
+    orch: OrchestrationParams,
+    image: str | None = None,
+    gpu_image: str | None = None,
+    mlflow_tracking_uri: str = "",
+):
     """The ``@dsl.pipeline`` function for the stages of ``dvc_file``."""
     stages = read_dvc_stages(dvc_file)
     cpu_image, cuda_image = image or orch.image, gpu_image or image or orch.gpu_image
 
     def init_args(params_overrides, workspace_out):
-        return [*driver_argv("init")[:3], "--workspace", workspace_out, "init", "--source", "/opt/lm-pipeline",
-                "--data-root", KFP_DATA_ROOT, "--overrides-json", params_overrides]
+        return [
+            *driver_argv("init")[:3],
+            "--workspace",
+            workspace_out,
+            "init",
+            "--source",
+            "/opt/lm-pipeline",
+            "--data-root",
+            KFP_DATA_ROOT,
+            "--overrides-json",
+            params_overrides,
+        ]
 
     init = _component("prepare_workspace", cpu_image, init_args, from_workspace=False)
     components = {}
     for name, stage in stages.items():
+
         def args(workspace_in, workspace_out, _cmd=stage["cmd"]):
             return stage_args(_cmd, workspace_in, workspace_out)
+
         components[name] = _component(name, cuda_image if name in GPU_STAGES else cpu_image, args)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Retrain, evaluate and register the LM: one step per dvc.yaml stage")
@@ -123,15 +146,24 @@ def compile_pipeline(output: Path, dvc_file: Path, orch: OrchestrationParams, **
 def add_kfp_compile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="lm_pipeline.kfp.yaml", help="pipeline YAML to write")
     parser.add_argument("--image", default=None, help="task image (default: orchestration.image)")
-    parser.add_argument("--gpu-image", default=None,
-                        help="image of the GPU stages (default: --image if given, else orchestration.gpu_image)")
+    parser.add_argument(
+        "--gpu-image",
+        default=None,
+        help="image of the GPU stages (default: --image if given, else orchestration.gpu_image)",
+    )
     parser.add_argument("--dvc-file", default="dvc.yaml", help="stage graph to compile")
     parser.add_argument("--mlflow-tracking-uri", default="", help="MLFLOW_TRACKING_URI of every step")
 
 
 def cli_kfp_compile(args: argparse.Namespace) -> int:
     orch = load_orchestration_params(find_params_file(args.params))
-    summary = compile_pipeline(Path(args.output), Path(args.dvc_file), orch, image=args.image,
-                               gpu_image=args.gpu_image, mlflow_tracking_uri=args.mlflow_tracking_uri)
+    summary = compile_pipeline(
+        Path(args.output),
+        Path(args.dvc_file),
+        orch,
+        image=args.image,
+        gpu_image=args.gpu_image,
+        mlflow_tracking_uri=args.mlflow_tracking_uri,
+    )
     print(json.dumps(summary, sort_keys=True))
     return 0

@@ -33,9 +33,25 @@ logger = logging.getLogger(__name__)
 
 META_DIR = ".lmpipe"  # per-workspace bookkeeping (source, lineage)
 # Copied when the source is not a git checkout (an image snapshot is already filtered by .dockerignore).
-COPY_EXCLUDES = (".git", ".venv", ".venv-airflow", "data", "models", "reports", "registry", "mlruns",
-                 ".dvc-remote", "__pycache__", ".pytest_cache", "bench/results", ".dvc/cache", ".dvc/tmp", "build",
-                 ".dvc/config.local", META_DIR)
+COPY_EXCLUDES = (
+    ".git",
+    ".venv",
+    ".venv-airflow",
+    "data",
+    "models",
+    "reports",
+    "registry",
+    "mlruns",
+    ".dvc-remote",
+    "__pycache__",
+    ".pytest_cache",
+    "bench/results",
+    ".dvc/cache",
+    ".dvc/tmp",
+    "build",
+    ".dvc/config.local",
+    META_DIR,
+)
 _VAR = re.compile(r"\$\{\s*([A-Za-z0-9_.]+)\s*\}")
 MAX_INLINE_METRICS_BYTES = 8192  # bigger metrics files travel as their top-level scalars only
 
@@ -84,7 +100,8 @@ class KubernetesParams:
     cpu_resources: ResourceParams = ResourceParams(cpu="2", memory="8Gi", memory_limit="8Gi")
     gpu_resources: ResourceParams = ResourceParams(cpu="8", memory="48Gi", memory_limit="48Gi", gpus=1)
     gpu_node_selector: dict[str, str] = dataclasses.field(
-        default_factory=lambda: _frozen_map(**{"nvidia.com/gpu.present": "true"}))
+        default_factory=lambda: _frozen_map(**{"nvidia.com/gpu.present": "true"})
+    )
     gpu_tolerations: tuple[TolerationParams, ...] = (TolerationParams(key="nvidia.com/gpu"),)
     startup_timeout_s: int = 900  # image pulls of the CUDA image take minutes
     termination_grace_s: int = 120  # time for training to write a checkpoint on SIGTERM
@@ -117,8 +134,11 @@ class OrchestrationParams:
     container_data_root: str = "/lmpipe"  # the same layout on the shared volume / PVC in containers
     dvc_remote: str = ""  # DVC remote name or URL to pull/push stage outputs ("": the shared cache only)
     # params that point at state shared by all runs (the registry); relative values are under <data root>/state
-    state_overrides: dict[str, str] = dataclasses.field(default_factory=lambda: _frozen_map(**{
-        "paths.registry_dir": "registry", "paths.champion_metrics_path": "registry/production_metrics.json"}))
+    state_overrides: dict[str, str] = dataclasses.field(
+        default_factory=lambda: _frozen_map(
+            **{"paths.registry_dir": "registry", "paths.champion_metrics_path": "registry/production_metrics.json"}
+        )
+    )
     retries: int = 1
     data_retries: int = 3  # data stages: exponential backoff from retry_delay_s to max_retry_delay_s
     training_retries: int = 2  # GPU stages: each retry resumes from the last checkpoint
@@ -127,7 +147,8 @@ class OrchestrationParams:
     data_stages: tuple[str, ...] = ("ingest_wiki", "ingest_news", "prepare", "validate", "tokenize")
     timeout_min: int = 60
     stage_timeout_min: dict[str, int] = dataclasses.field(
-        default_factory=lambda: _frozen_map(pretrain=480, finetune=240, export=90, evaluate=90))
+        default_factory=lambda: _frozen_map(pretrain=480, finetune=240, export=90, evaluate=90)
+    )
     # env vars copied from the Airflow environment into every container (e.g. the tracking server)
     pass_env: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "LMPIPE_LOG_LEVEL")
     max_active_runs: int = 1  # per DAG; runs never share a workspace, so more is safe (GPU pool permitting)
@@ -222,13 +243,25 @@ def driver_argv(command: str, *args: str) -> list[str]:
 def stage_retries(stage: str, params: OrchestrationParams, gpu_stages: frozenset[str]) -> dict[str, Any]:
     """Retry policy of a stage: exponential backoff for data stages, resume-from-checkpoint retries for GPU ones."""
     if stage in params.data_stages:
-        return {"retries": params.data_retries, "retry_exponential_backoff": True,
-                "retry_delay": params.retry_delay_s, "max_retry_delay": params.max_retry_delay_s}
+        return {
+            "retries": params.data_retries,
+            "retry_exponential_backoff": True,
+            "retry_delay": params.retry_delay_s,
+            "max_retry_delay": params.max_retry_delay_s,
+        }
     if stage in gpu_stages:
-        return {"retries": params.training_retries, "retry_exponential_backoff": False,
-                "retry_delay": params.retry_delay_s, "max_retry_delay": None}
-    return {"retries": params.retries, "retry_exponential_backoff": False,
-            "retry_delay": params.retry_delay_s, "max_retry_delay": None}
+        return {
+            "retries": params.training_retries,
+            "retry_exponential_backoff": False,
+            "retry_delay": params.retry_delay_s,
+            "max_retry_delay": None,
+        }
+    return {
+        "retries": params.retries,
+        "retry_exponential_backoff": False,
+        "retry_delay": params.retry_delay_s,
+        "max_retry_delay": None,
+    }
 
 
 def stage_timeout_min(stage: str, params: OrchestrationParams) -> int:

@@ -92,8 +92,10 @@ def registry_lock(registry_dir: str | os.PathLike, timeout_s: float):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise PromotionError(f"{path}: another promotion holds the registry lock for more than "
-                                         f"{timeout_s:.0f} s; retry later") from None
+                    raise PromotionError(
+                        f"{path}: another promotion holds the registry lock for more than "
+                        f"{timeout_s:.0f} s; retry later"
+                    ) from None
                 time.sleep(0.05)
         try:
             yield
@@ -109,8 +111,9 @@ def _model_tags(client, name: str) -> dict[str, str]:
     try:
         return dict(client.get_registered_model(name).tags or {})
     except mlflow.exceptions.MlflowException as exc:
-        raise store.RegistryError(f"model {name!r} is not registered at {mlflow.get_tracking_uri()}; "
-                            "run `lmpipe register` first") from exc
+        raise store.RegistryError(
+            f"model {name!r} is not registered at {mlflow.get_tracking_uri()}; run `lmpipe register` first"
+        ) from exc
 
 
 def _json_tag(tags: dict[str, str], key: str, default: Any) -> Any:
@@ -132,17 +135,23 @@ def check_candidate(candidate, production, gate_thresholds) -> dict[str, Any]:
     """Gate verdict for promoting ``candidate`` over ``production`` (a ModelVersion or None)."""
     tags = candidate.tags or {}
     if tags.get("lmpipe.gates_passed") != "true":
-        raise PromotionError(f"version {candidate.version} did not pass its gates at registration "
-                             f"({tags.get('lmpipe.gates_summary', 'no gate record')}); refusing to promote")
+        raise PromotionError(
+            f"version {candidate.version} did not pass its gates at registration "
+            f"({tags.get('lmpipe.gates_summary', 'no gate record')}); refusing to promote"
+        )
     metrics = version_metrics(candidate)
     if metrics is None:
-        raise PromotionError(f"version {candidate.version} has no lmpipe.metrics tag; it was not registered by "
-                             "`lmpipe register` and cannot be re-checked")
+        raise PromotionError(
+            f"version {candidate.version} has no lmpipe.metrics tag; it was not registered by "
+            "`lmpipe register` and cannot be re-checked"
+        )
     champion = version_metrics(production) if production is not None else None
     decision = decide(metrics, champion, gate_thresholds)
     if not decision.passed:
-        raise PromotionError(f"version {candidate.version} vs production "
-                             f"{production.version if production is not None else None}: {decision.summary()}")
+        raise PromotionError(
+            f"version {candidate.version} vs production "
+            f"{production.version if production is not None else None}: {decision.summary()}"
+        )
     return decision.to_dict()
 
 
@@ -166,8 +175,15 @@ def read_history(registry_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def write_champion_metrics(path: Path, name: str, version) -> None:
     """The production version's gate metrics in ``metrics.json`` layout, for ``evaluate``."""
     metrics = version_metrics(version) or {}
-    atomic_write_json(path, {**metrics, "model_name": name, "version": str(version.version),
-                             "updated_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    atomic_write_json(
+        path,
+        {
+            **metrics,
+            "model_name": name,
+            "version": str(version.version),
+            "updated_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+    )
 
 
 def _settings(params):
@@ -178,8 +194,9 @@ def _settings(params):
     return params.register, thresholds, Path(params.paths.champion_metrics_path)
 
 
-def change_production(params, action: str, version: str | None = None, expect: str | None = None,
-                      reason: str = "") -> dict[str, Any]:
+def change_production(
+    params, action: str, version: str | None = None, expect: str | None = None, reason: str = ""
+) -> dict[str, Any]:
     """Promote (``action="promote"``) or roll back, as one locked compare-and-set; returns the entry."""
     rp, thresholds, champion_path = _settings(params)
     registry_dir = Path(params.paths.registry_dir)
@@ -190,15 +207,18 @@ def change_production(params, action: str, version: str | None = None, expect: s
         seq = int(tags.get(TAG_SEQ, "0"))
         current = store.alias_version(client, name, rp.production_alias)
         if expect is not None and (current or "none") != expect:
-            raise PromotionError(f"conflict: expected production {expect}, found {current or 'none'} "
-                                 "(someone changed it first); re-read and retry")
+            raise PromotionError(
+                f"conflict: expected production {expect}, found {current or 'none'} "
+                "(someone changed it first); re-read and retry"
+            )
         stack = [str(v) for v in _json_tag(tags, TAG_STACK, [])]
         if action == "promote":
             if version is None:
                 version = store.alias_version(client, name, rp.challenger_alias)
                 if version is None:
-                    logger.info("nothing to promote: %s has no @%s (production: %s)", name, rp.challenger_alias,
-                                current)
+                    logger.info(
+                        "nothing to promote: %s has no @%s (production: %s)", name, rp.challenger_alias, current
+                    )
                     return {"status": "noop", "production": current, "reason": f"no @{rp.challenger_alias}"}
             target = store.get_version(client, name, version=version)
             if str(target.version) == current:
@@ -209,24 +229,36 @@ def change_production(params, action: str, version: str | None = None, expect: s
             stack = (stack + [str(target.version)])[-STACK_LIMIT:]
         else:
             if len(stack) < 2:
-                raise PromotionError(f"nothing to roll back to: the production history of {name} has "
-                                     f"{len(stack)} entr{'y' if len(stack) == 1 else 'ies'}")
+                raise PromotionError(
+                    f"nothing to roll back to: the production history of {name} has "
+                    f"{len(stack)} entr{'y' if len(stack) == 1 else 'ies'}"
+                )
             if stack[-1] != current:
-                raise PromotionError(f"@{rp.production_alias} is version {current} but the history says "
-                                     f"{stack[-1]}: it was moved outside lmpipe; use `lmpipe promote --version N`")
+                raise PromotionError(
+                    f"@{rp.production_alias} is version {current} but the history says "
+                    f"{stack[-1]}: it was moved outside lmpipe; use `lmpipe promote --version N`"
+                )
             stack = stack[:-1]
             target = store.get_version(client, name, version=stack[-1])
             verdict = None
         # compare-and-set against other machines: the counter must not have moved meanwhile
         if int(_model_tags(client, name).get(TAG_SEQ, "0")) != seq:
             raise PromotionError("conflict: the production alias changed during this promotion; retry")
-        entry = {"seq": seq + 1, "action": action, "model": name, "from": current, "to": str(target.version),
-                 "actor": actor(), "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                 "reason": reason, "registry": store.display_uri(uri)}
+        entry = {
+            "seq": seq + 1,
+            "action": action,
+            "model": name,
+            "from": current,
+            "to": str(target.version),
+            "actor": actor(),
+            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "reason": reason,
+            "registry": store.display_uri(uri),
+        }
         client.set_registered_model_alias(name, rp.production_alias, target.version)
         client.set_registered_model_tag(name, TAG_SEQ, str(seq + 1))
         client.set_registered_model_tag(name, TAG_STACK, json.dumps(stack))
-        history = (_json_tag(tags, TAG_HISTORY, []) + [entry])[-rp.history_tag_entries:]
+        history = (_json_tag(tags, TAG_HISTORY, []) + [entry])[-rp.history_tag_entries :]
         client.set_registered_model_tag(name, TAG_HISTORY, json.dumps(history))
         client.set_model_version_tag(name, target.version, f"lmpipe.{PAST[action]}_at", entry["when"])
         client.set_model_version_tag(name, target.version, f"lmpipe.{PAST[action]}_by", entry["actor"])
@@ -248,21 +280,30 @@ def _load(args):
 
 def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default=None, help="version to promote (default: the @challenger alias)")
-    parser.add_argument("--expect-production", default=None, metavar="N|none",
-                        help="compare-and-set: refuse unless production is currently this version")
+    parser.add_argument(
+        "--expect-production",
+        default=None,
+        metavar="N|none",
+        help="compare-and-set: refuse unless production is currently this version",
+    )
     parser.add_argument("--reason", default="", help="why (stored in the promotion history)")
 
 
 def cli_promote(args: argparse.Namespace) -> int:
-    result = change_production(_load(args), "promote", version=args.version, expect=args.expect_production,
-                               reason=args.reason)
+    result = change_production(
+        _load(args), "promote", version=args.version, expect=args.expect_production, reason=args.reason
+    )
     print(json.dumps(result, sort_keys=True, default=str))
     return 0
 
 
 def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--expect-production", default=None, metavar="N",
-                        help="compare-and-set: refuse unless production is currently this version")
+    parser.add_argument(
+        "--expect-production",
+        default=None,
+        metavar="N",
+        help="compare-and-set: refuse unless production is currently this version",
+    )
     parser.add_argument("--reason", default="", help="why (stored in the promotion history)")
 
 

@@ -69,12 +69,14 @@ def dvc_lock_hashes(lock: dict[str, Any] | None) -> dict[str, str]:
 
 def gate_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The flat numeric metrics at the top level of ``metrics.json`` (the gate inputs)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    }
 
 
-def lineage_tags(gates: dict[str, Any], metrics: dict[str, Any], bundle_sha: str, data_hashes: dict[str, str],
-                 sha: str | None) -> dict[str, str]:
+def lineage_tags(
+    gates: dict[str, Any], metrics: dict[str, Any], bundle_sha: str, data_hashes: dict[str, str], sha: str | None
+) -> dict[str, str]:
     """Tags put on both the run and the model version."""
     tags = {
         f"{TAG_PREFIX}git_sha": sha or "unknown",
@@ -96,8 +98,9 @@ def _bounded_json(obj: dict[str, str], limit: int = 5000) -> str:
     text = json.dumps(obj, sort_keys=True)
     if len(text) <= limit:
         return text
-    return json.dumps({"sha256": sha256_bytes(text.encode()), "entries": len(obj),
-                       "artifact": "lineage/data_hashes.json"})
+    return json.dumps(
+        {"sha256": sha256_bytes(text.encode()), "entries": len(obj), "artifact": "lineage/data_hashes.json"}
+    )
 
 
 def flat_params(params, sections=PARAM_SECTIONS) -> dict[str, str]:
@@ -160,13 +163,21 @@ def _find_version(client, name: str, bundle_sha: str):
 def _log_artifacts(paths, data_hashes: dict[str, str], tags: dict[str, str], bundle_sha: str) -> None:
     """Lineage, the evaluate reports, validation summary, drift reference and bundle manifest of the active run."""
     evaluate_dir = Path(paths.evaluate_dir)
-    mlflow.log_dict({"dvc_lock_outputs": data_hashes, "git_sha": tags[TAG_PREFIX + "git_sha"],
-                     "bundle_manifest_sha256": bundle_sha}, "lineage/data_hashes.json")
+    mlflow.log_dict(
+        {
+            "dvc_lock_outputs": data_hashes,
+            "git_sha": tags[TAG_PREFIX + "git_sha"],
+            "bundle_manifest_sha256": bundle_sha,
+        },
+        "lineage/data_hashes.json",
+    )
     for name in ("gates.json", "metrics.json", "model_card.md", "model_card.html"):
         if (evaluate_dir / name).is_file():
             mlflow.log_artifact(str(evaluate_dir / name), artifact_path="evaluate")
-    for path, folder in ((Path(paths.validate_dir) / "summary.json", "validate"),
-                         (Path(paths.monitor_dir) / "reference_stats.json", "monitor")):
+    for path, folder in (
+        (Path(paths.validate_dir) / "summary.json", "validate"),
+        (Path(paths.monitor_dir) / "reference_stats.json", "monitor"),
+    ):
         if path.is_file():
             mlflow.log_artifact(str(path), artifact_path=folder)
         else:
@@ -174,8 +185,9 @@ def _log_artifacts(paths, data_hashes: dict[str, str], tags: dict[str, str], bun
     mlflow.log_artifact(str(Path(paths.bundle_dir) / "manifest.json"), artifact_path="bundle")
 
 
-def _register_challenger(client, rp: RegisterParams, bundle_dir: Path, bundle_sha: str, tags: dict[str, str],
-                         run_id: str) -> tuple[str, str]:
+def _register_challenger(
+    client, rp: RegisterParams, bundle_dir: Path, bundle_sha: str, tags: dict[str, str], run_id: str
+) -> tuple[str, str]:
     """``(status, version)``: a new version of the bundle (or the one already registered from it) as challenger."""
     version = _find_version(client, rp.model_name, bundle_sha)
     status = "already_registered"
@@ -202,10 +214,18 @@ def run(params, **_options) -> dict[str, Any]:
 
     client, uri = store.connect(paths.registry_dir)
     experiment_id = store.ensure_experiment(client, rp.experiment, paths.registry_dir, uri)
-    result: dict[str, Any] = {"model_name": rp.model_name, "tracking_uri": store.display_uri(uri), "gates_passed": passed,
-                              "gates_summary": gates.get("summary"), "bundle_manifest_sha256": bundle_sha}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{rp.model_name}-{tags[TAG_PREFIX + 'git_sha'][:8]}",
-                          tags={**tags, f"{TAG_PREFIX}status": "pending"}) as active:
+    result: dict[str, Any] = {
+        "model_name": rp.model_name,
+        "tracking_uri": store.display_uri(uri),
+        "gates_passed": passed,
+        "gates_summary": gates.get("summary"),
+        "bundle_manifest_sha256": bundle_sha,
+    }
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"{rp.model_name}-{tags[TAG_PREFIX + 'git_sha'][:8]}",
+        tags={**tags, f"{TAG_PREFIX}status": "pending"},
+    ) as active:
         run_id = active.info.run_id
         mlflow.log_params(flat_params(params))
         mlflow.log_metrics(gate_metrics(metrics))
@@ -220,16 +240,29 @@ def run(params, **_options) -> dict[str, Any]:
             status, version = _register_challenger(client, rp, bundle_dir, bundle_sha, tags, run_id)
             mlflow.set_tag(f"{TAG_PREFIX}status", status)
             mlflow.set_tag(f"{TAG_PREFIX}model_version", version)
-            result.update(status=status, run_id=run_id, version=version,
-                          model_uri=f"models:/{rp.model_name}@{rp.challenger_alias}")
+            result.update(
+                status=status,
+                run_id=run_id,
+                version=version,
+                model_uri=f"models:/{rp.model_name}@{rp.challenger_alias}",
+            )
     out_dir = Path(paths.register_reports_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "registration.json", {**result, "gates": gates.get("gates", {})})
-    write_manifest(out_dir, STAGE, rp, inputs={"bundle_manifest": bundle_sha,
-                                               "gates.json": sha256_file(evaluate_dir / "gates.json")})
+    write_manifest(
+        out_dir,
+        STAGE,
+        rp,
+        inputs={"bundle_manifest": bundle_sha, "gates.json": sha256_file(evaluate_dir / "gates.json")},
+    )
     if passed:
-        logger.info("REGISTERED %s version %s as @%s (%s)", rp.model_name, result["version"], rp.challenger_alias,
-                    result["status"])
+        logger.info(
+            "REGISTERED %s version %s as @%s (%s)",
+            rp.model_name,
+            result["version"],
+            rp.challenger_alias,
+            result["status"],
+        )
     else:
         logger.warning("REJECTED: %s; nothing registered (run %s keeps the record)", gates.get("summary"), run_id)
     return {k: result[k] for k in ("status", "model_name", "version", "run_id", "gates_passed")}

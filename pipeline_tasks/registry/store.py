@@ -247,7 +247,7 @@ def parse_model_uri(reference: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@alias`` -> (NAME, alias, None); ``models:/NAME/3`` -> (NAME, None, "3")."""
     if not reference.startswith("models:/"):
         raise RegistryError(f"{reference!r}: expected models:/NAME@alias or models:/NAME/VERSION")
-    body = reference[len("models:/"):].strip("/")
+    body = reference[len("models:/") :].strip("/")
     if "@" in body:
         name, alias = body.rsplit("@", 1)
         if name and alias:
@@ -267,8 +267,9 @@ def get_version(client, name: str, alias: str | None = None, version: str | int 
         return client.get_model_version(name, str(version))
     except mlflow.exceptions.MlflowException as exc:
         what = f"alias @{alias}" if alias is not None else f"version {version}"
-        raise RegistryError(f"model {name!r} has no {what} in the registry at {mlflow.get_tracking_uri()} "
-                            f"({exc.error_code})") from exc
+        raise RegistryError(
+            f"model {name!r} has no {what} in the registry at {mlflow.get_tracking_uri()} ({exc.error_code})"
+        ) from exc
 
 
 def alias_version(client, name: str, alias: str) -> str | None:
@@ -287,8 +288,9 @@ def default_registry_dir(params_file: str | os.PathLike | None = None) -> Path:
     return Path(paths.registry_dir)
 
 
-def resolve_model_bundle(reference: str, params_file: str | os.PathLike | None = None,
-                         cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve_model_bundle(
+    reference: str, params_file: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """Download (once) the bundle of ``models:/NAME@alias`` and return its verified local directory.
 
     The cache is keyed by model version and the bundle's manifest hash
@@ -314,11 +316,16 @@ def resolve_model_bundle(reference: str, params_file: str | os.PathLike | None =
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(tmp), tracking_uri=uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version.version}", dst_path=str(tmp), tracking_uri=uri
+            )
+        )
         found = local / "artifacts" / BUNDLE_ARTIFACT
         if not found.is_dir():
-            raise RegistryError(f"{reference}: version {version.version} has no bundle artifact (not an lm-pipeline model?)")
+            raise RegistryError(
+                f"{reference}: version {version.version} has no bundle artifact (not an lm-pipeline model?)"
+            )
         verify_bundle(found)
         staged = tmp / "staged"
         staged.mkdir()

@@ -63,8 +63,9 @@ def resolve_bundle_dir(reference: str | None, params_file: str | None = None) ->
         try:  # imported here: the store imports mlflow, which serving from a bundle path must not need
             from pipeline_tasks.registry.store import resolve_model_bundle
         except ImportError as exc:
-            raise DataError(f"{reference}: registry references need pipeline_tasks.registry.store ({exc}); "
-                            "pass --bundle DIR") from exc
+            raise DataError(
+                f"{reference}: registry references need pipeline_tasks.registry.store ({exc}); pass --bundle DIR"
+            ) from exc
         return Path(resolve_model_bundle(reference, params_file=params_file))
     return Path(reference)
 
@@ -89,18 +90,28 @@ def read_inputs(path: str | os.PathLike) -> Iterator[dict]:
                 continue
             where = f"{path}:{number}"
             record = parse_json_line(line, where)
-            yield {"line": number, "text": record_text(record, where),
-                   **({"id": record["id"]} if "id" in record else {})}
+            yield {
+                "line": number,
+                "text": record_text(record, where),
+                **({"id": record["id"]} if "id" in record else {}),
+            }
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="*", help="texts to classify (each argument is one text)")
     parser.add_argument("--file", help="JSON lines (text or title/description) or plain text, one per line; - = stdin")
     parser.add_argument("--bundle", default=None, help="bundle directory (default: paths.bundle_dir or models/bundle)")
-    parser.add_argument("--model", default=None, metavar="models:/NAME@ALIAS",
-                        help="serve a registered model version from the MLflow registry instead of --bundle")
-    parser.add_argument("--variant", default=None,
-                        help="fp32 | int8_dynamic | int8_static | fp16 (default: the bundle's serving variant)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="models:/NAME@ALIAS",
+        help="serve a registered model version from the MLflow registry instead of --bundle",
+    )
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="fp32 | int8_dynamic | int8_static | fp16 (default: the bundle's serving variant)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
@@ -127,7 +138,7 @@ def cli_predict(args: argparse.Namespace) -> int:
         records = [{"text": t} for t in args.text]
     count = 0
     for start in range(0, len(records), args.batch_size):
-        chunk = records[start: start + args.batch_size]
+        chunk = records[start : start + args.batch_size]
         for record, result in zip(chunk, bundle.predict([r["text"] for r in chunk], variant)):
             print(dumps_line({**result, **record}))
             count += 1

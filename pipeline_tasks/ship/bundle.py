@@ -83,8 +83,9 @@ def _onnx_tensors(graph) -> Iterable[Any]:
                 yield from _onnx_tensors(sub)
 
 
-def check_external_data(model_path: str | os.PathLike, bundle_dir: str | os.PathLike,
-                        allowed: Iterable[str] | None = None) -> list[str]:
+def check_external_data(
+    model_path: str | os.PathLike, bundle_dir: str | os.PathLike, allowed: Iterable[str] | None = None
+) -> list[str]:
     """Refuse external-data references that leave ``bundle_dir``; return the referenced files.
 
     ``allowed`` (posix paths relative to the bundle) additionally restricts references to files
@@ -100,8 +101,12 @@ def check_external_data(model_path: str | os.PathLike, bundle_dir: str | os.Path
         entries = {e.key: e.value for e in tensor.external_data}
         location = entries.get("location", "")
         where = f"{model_path.name}: initializer {tensor.name!r} external data location {location!r}"
-        if (not location or PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute()
-                or PureWindowsPath(location).drive):
+        if (
+            not location
+            or PurePosixPath(location).is_absolute()
+            or PureWindowsPath(location).is_absolute()
+            or PureWindowsPath(location).drive
+        ):
             raise BundleError(f"{where} is absolute or empty; a bundle may only reference files inside itself")
         if ".." in PurePosixPath(location.replace("\\", "/")).parts:
             raise BundleError(f"{where} contains '..'; a bundle may only reference files inside itself")
@@ -151,8 +156,10 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict[str, Any]:
             raise BundleError(f"{root}: {rel} listed in {MANIFEST_NAME} is missing; re-run `lmpipe export`")
         actual = sha256_file(present[rel])
         if actual != digest:
-            raise BundleError(f"{root / rel}: sha256 {actual[:12]}... does not match the manifest ({digest[:12]}...): "
-                              "the file was changed after export; re-export or restore the bundle")
+            raise BundleError(
+                f"{root / rel}: sha256 {actual[:12]}... does not match the manifest ({digest[:12]}...): "
+                "the file was changed after export; re-export or restore the bundle"
+            )
     for rel in expected:
         if rel.endswith(".onnx"):
             check_external_data(root / rel, root, allowed=expected)
@@ -170,8 +177,10 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, pad_id: int, cls
     ``max_len`` tokens, ``max_len - 1`` plus a trailing ``cls_id`` when the classifier has one).
     Serving must not crash on an empty text: it becomes a single pad token.
     """
-    seqs = [s if len(s) else np.asarray([pad_id], dtype=np.int64)
-            for s in encode_ids(tokenizer, list(texts), max_len, cls_id)]
+    seqs = [
+        s if len(s) else np.asarray([pad_id], dtype=np.int64)
+        for s in encode_ids(tokenizer, list(texts), max_len, cls_id)
+    ]
     return pad_batch(seqs, pad_id)
 
 
@@ -179,8 +188,9 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, pad_id: int, cls
 # ONNX Runtime sessions
 
 
-def make_session(model_path: str | os.PathLike, device: str = "cpu", intra_op_threads: int = 0,
-                 inter_op_threads: int = 1):
+def make_session(
+    model_path: str | os.PathLike, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 1
+):
     """An ``InferenceSession`` on exactly the requested device.
 
     onnxruntime-gpu lists CUDA as available even without a GPU and silently falls back to CPU;
@@ -197,8 +207,10 @@ def make_session(model_path: str | os.PathLike, device: str = "cpu", intra_op_th
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=PROVIDERS[device])
     active = session.get_providers()
     if active[0] != PROVIDERS[device][0]:
-        raise BundleError(f"{Path(model_path).name}: asked for {PROVIDERS[device][0]} but ONNX Runtime is running on "
-                          f"{active} (no usable GPU / CUDA libraries?); use --device cpu")
+        raise BundleError(
+            f"{Path(model_path).name}: asked for {PROVIDERS[device][0]} but ONNX Runtime is running on "
+            f"{active} (no usable GPU / CUDA libraries?); use --device cpu"
+        )
     return session
 
 
@@ -209,14 +221,17 @@ def make_session(model_path: str | os.PathLike, device: str = "cpu", intra_op_th
 class Bundle:
     """A verified bundle with lazily created tokenizer and sessions."""
 
-    def __init__(self, bundle_dir: str | os.PathLike, verify: bool = True, device: str = "cpu",
-                 intra_op_threads: int = 0):
+    def __init__(
+        self, bundle_dir: str | os.PathLike, verify: bool = True, device: str = "cpu", intra_op_threads: int = 0
+    ):
         self.dir = Path(bundle_dir)
         self.manifest = verify_bundle(self.dir) if verify else read_json(self.dir / MANIFEST_NAME)
         self.config: dict[str, Any] = read_json(self.dir / CONFIG_NAME)
         if self.config.get("format_version") != BUNDLE_FORMAT:
-            raise BundleError(f"{self.dir / CONFIG_NAME}: bundle format {self.config.get('format_version')!r}, "
-                              f"this code reads format {BUNDLE_FORMAT}; re-export with this version")
+            raise BundleError(
+                f"{self.dir / CONFIG_NAME}: bundle format {self.config.get('format_version')!r}, "
+                f"this code reads format {BUNDLE_FORMAT}; re-export with this version"
+            )
         self.labels: list[str] = list(read_json(self.dir / LABELS_NAME))
         self.device = device
         self.intra_op_threads = intra_op_threads
@@ -259,8 +274,10 @@ class Bundle:
         if variant not in self._sessions:
             info = self.config["variants"].get(variant, {})
             if self.device == "cpu" and info.get("cpu_runnable") is False:
-                raise BundleError(f"variant {variant!r} does not run on the CPU execution provider "
-                                  f"({info.get('note', 'see parity.json')}); use --device cuda")
+                raise BundleError(
+                    f"variant {variant!r} does not run on the CPU execution provider "
+                    f"({info.get('note', 'see parity.json')}); use --device cuda"
+                )
             self._sessions[variant] = make_session(self.variant_path(variant), self.device, self.intra_op_threads)
         return self._sessions[variant]
 
@@ -277,8 +294,10 @@ class Bundle:
         return dict(zip(names, values))
 
     def logits(self, texts: Sequence[str], variant: str | None = None, batch_size: int = 32):
-        out = [self.run(*self.encode(texts[i: i + batch_size]), variant=variant)["logits"].astype(np.float32)
-               for i in range(0, len(texts), batch_size)]
+        out = [
+            self.run(*self.encode(texts[i : i + batch_size]), variant=variant)["logits"].astype(np.float32)
+            for i in range(0, len(texts), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def predict_proba(self, texts: Sequence[str], variant: str | None = None, batch_size: int = 32):
@@ -287,21 +306,29 @@ class Bundle:
 
     def predict(self, texts: Sequence[str], variant: str | None = None, batch_size: int = 32) -> list[dict]:
         probs = self.predict_proba(texts, variant, batch_size)
-        return [{"label": self.labels[int(p.argmax())],
-                 "probabilities": {lab: round(float(v), 6) for lab, v in zip(self.labels, p)}} for p in probs]
+        return [
+            {
+                "label": self.labels[int(p.argmax())],
+                "probabilities": {lab: round(float(v), 6) for lab, v in zip(self.labels, p)},
+            }
+            for p in probs
+        ]
 
     def embed(self, texts: Sequence[str], variant: str = "fp32", batch_size: int = 64):
         """Pooled hidden state [N, hidden] of the fine-tuned model (for drift monitoring)."""
-        out = [self.run(*self.encode(texts[i: i + batch_size]), variant=variant)["pooled"].astype(np.float32)
-               for i in range(0, len(texts), batch_size)]
+        out = [
+            self.run(*self.encode(texts[i : i + batch_size]), variant=variant)["pooled"].astype(np.float32)
+            for i in range(0, len(texts), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, int(self.config["hidden_size"])), np.float32)
 
     def lm_session(self):
         if self.config.get("lm") is None:
             raise BundleError(f"bundle {self.dir} has no language model (export.export_lm was false)")
         if "lm" not in self._sessions:
-            self._sessions["lm"] = make_session(self.member(self.config["lm"]["file"]), self.device,
-                                                self.intra_op_threads)
+            self._sessions["lm"] = make_session(
+                self.member(self.config["lm"]["file"]), self.device, self.intra_op_threads
+            )
         return self._sessions["lm"]
 
     def lm_logits(self, input_ids):
@@ -328,8 +355,10 @@ def bundle_summary(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     return {
         "bundle_dir": str(root),
         "default_variant": config["default_variant"],
-        "variants": {v: {"file": info["file"], "bytes": (root / info["file"]).stat().st_size}
-                     for v, info in config["variants"].items()},
+        "variants": {
+            v: {"file": info["file"], "bytes": (root / info["file"]).stat().st_size}
+            for v, info in config["variants"].items()
+        },
         "opset": config.get("opset"),
         "libraries": manifest.get("libraries", {}),
     }

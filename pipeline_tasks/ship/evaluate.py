@@ -74,8 +74,9 @@ def score(y, pred, labels, evaluate_params: EvaluateParams, seed: int) -> dict[s
     report = classification_report(y, pred, labels)
     out = {"n": report["n"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
     for key, fn in (("accuracy", accuracy), ("macro_f1", lambda t, p: macro_f1(t, p, len(labels)))):
-        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = bootstrap_ci(y, pred, fn, evaluate_params.bootstrap_resamples,
-                                                                   evaluate_params.confidence, seed)
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = bootstrap_ci(
+            y, pred, fn, evaluate_params.bootstrap_resamples, evaluate_params.confidence, seed
+        )
     out["per_class"] = report["per_class"]
     return out
 
@@ -85,7 +86,11 @@ def time_window_key(dates, mode: str):
     dates = pd.to_datetime(dates, utc=True, errors="coerce")
     if mode == "auto":
         valid = dates.dropna()
-        span = (valid.max().year * 12 + valid.max().month) - (valid.min().year * 12 + valid.min().month) if len(valid) else 0
+        span = (
+            (valid.max().year * 12 + valid.max().month) - (valid.min().year * 12 + valid.min().month)
+            if len(valid)
+            else 0
+        )
         mode = "month" if span <= 36 else "year"
     fmt = "%Y-%m" if mode == "month" else "%Y"
     return dates.dt.strftime(fmt).where(dates.notna(), None), mode
@@ -110,7 +115,8 @@ def slice_scores(frame, pred, labels, evaluate_params: EvaluateParams, seed: int
                 entry["accuracy"] = accuracy(y[idx], pred[idx])
                 entry["macro_f1"] = macro_f1(y[idx], pred[idx], len(labels))
                 entry["accuracy_ci_low"], entry["accuracy_ci_high"] = bootstrap_ci(
-                    y[idx], pred[idx], accuracy, evaluate_params.bootstrap_resamples, evaluate_params.confidence, seed)
+                    y[idx], pred[idx], accuracy, evaluate_params.bootstrap_resamples, evaluate_params.confidence, seed
+                )
             out[str(name)] = entry
         slices[kind] = out
     return slices
@@ -130,11 +136,15 @@ def time_variant(bundle, variant: str, texts, evaluate_params: EvaluateParams, d
     singles = [feed([t]) for t in texts[:64]]
     lat = latency_stats(run, singles, evaluate_params.latency_warmup, evaluate_params.latency_runs)
     bs = evaluate_params.throughput_batch
-    batches = [feed(texts[i: i + bs]) for i in range(0, min(len(texts), 8 * bs), bs)]
+    batches = [feed(texts[i : i + bs]) for i in range(0, min(len(texts), 8 * bs), bs)]
     rows = [b["input_ids"].shape[0] for b in batches]
-    return {"latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"], "latency_mean_ms": lat["mean_ms"],
-            "throughput_rows_per_s": throughput(run, batches, rows, 2, evaluate_params.throughput_runs),
-            "providers": ",".join(session.get_providers())}
+    return {
+        "latency_p50_ms": lat["p50_ms"],
+        "latency_p95_ms": lat["p95_ms"],
+        "latency_mean_ms": lat["mean_ms"],
+        "throughput_rows_per_s": throughput(run, batches, rows, 2, evaluate_params.throughput_runs),
+        "providers": ",".join(session.get_providers()),
+    }
 
 
 def score_variants(bundle, texts, y, labels, evaluate_params: EvaluateParams, seed: int):
@@ -150,10 +160,19 @@ def score_variants(bundle, texts, y, labels, evaluate_params: EvaluateParams, se
         preds[variant] = bundle.logits(texts, variant, evaluate_params.batch_size).argmax(1)
         scores = scored[variant] = score(y, preds[variant], labels, evaluate_params, seed)
         timing = time_variant(bundle, variant, texts, evaluate_params)
-        variants[variant] = {**{k: v for k, v in scores.items() if k != "per_class"}, **timing,
-                             "size_mb": info["bytes"] / 1e6}
-        logger.info("evaluate: %-12s accuracy %.4f macro-F1 %.4f p95 %.2f ms %.0f rows/s", variant,
-                    scores["accuracy"], scores["macro_f1"], timing["latency_p95_ms"], timing["throughput_rows_per_s"])
+        variants[variant] = {
+            **{k: v for k, v in scores.items() if k != "per_class"},
+            **timing,
+            "size_mb": info["bytes"] / 1e6,
+        }
+        logger.info(
+            "evaluate: %-12s accuracy %.4f macro-F1 %.4f p95 %.2f ms %.0f rows/s",
+            variant,
+            scores["accuracy"],
+            scores["macro_f1"],
+            timing["latency_p95_ms"],
+            timing["throughput_rows_per_s"],
+        )
     return variants, preds, scored
 
 
@@ -163,7 +182,7 @@ def predict_torch(finetune_pt: Path, bundle, texts, batch_size: int) -> np.ndarr
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            ids, mask = bundle.encode(texts[i: i + batch_size])
+            ids, mask = bundle.encode(texts[i : i + batch_size])
             out.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(1).numpy())
     return np.concatenate(out)
 
@@ -190,8 +209,8 @@ def lm_bits_per_byte(bundle, tokens_dir: Path, windows: int) -> float | None:
     starts = np.linspace(0, len(data) - block - 2, windows).astype(np.int64)
     nll, count = 0.0, 0
     for start in starts:
-        x = np.asarray(data[start: start + block], dtype=np.int64)[None]
-        y = np.asarray(data[start + 1: start + 1 + block], dtype=np.int64)
+        x = np.asarray(data[start : start + block], dtype=np.int64)[None]
+        y = np.asarray(data[start + 1 : start + 1 + block], dtype=np.int64)
         logits = bundle.lm_logits(x)[0].astype(np.float64)  # (T, V)
         logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
         nll += float((logz - logits[np.arange(block), y]).sum())
@@ -213,13 +232,17 @@ HEADLINE_SCORES = ("accuracy", "macro_f1", "accuracy_ci_low", "accuracy_ci_high"
 HEADLINE_TIMINGS = ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb")
 
 
-def headline_metrics(serving: str, served: dict[str, Any], variants: dict[str, dict[str, Any]],
-                     n_test: int) -> dict[str, Any]:
+def headline_metrics(
+    serving: str, served: dict[str, Any], variants: dict[str, dict[str, Any]], n_test: int
+) -> dict[str, Any]:
     """The serving variant's numbers that open ``metrics.json`` (the gate inputs)."""
-    return {"serving_variant": serving, "n_test": n_test,
-            **{k: served[k] for k in HEADLINE_SCORES},
-            "int8_accuracy_drop": int8_accuracy_drop(variants, serving),
-            **{k: variants[serving][k] for k in HEADLINE_TIMINGS}}
+    return {
+        "serving_variant": serving,
+        "n_test": n_test,
+        **{k: served[k] for k in HEADLINE_SCORES},
+        "int8_accuracy_drop": int8_accuracy_drop(variants, serving),
+        **{k: variants[serving][k] for k in HEADLINE_TIMINGS},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,17 +260,33 @@ def _write_csv(path: Path, header, rows) -> None:
 def write_plot_tables(plots_dir: Path, y, pred, labels, result: dict[str, Any]) -> None:
     """The CSV files ``dvc plots`` reads."""
     _write_csv(plots_dir / "confusion.csv", ["actual", "predicted"], [(labels[a], labels[b]) for a, b in zip(y, pred)])
-    _write_csv(plots_dir / "per_class.csv", ["class", "precision", "recall", "f1", "support"],
-               [(c, round(v["precision"], 6), round(v["recall"], 6), round(v["f1"], 6), v["support"])
-                for c, v in result["per_class"].items()])
+    _write_csv(
+        plots_dir / "per_class.csv",
+        ["class", "precision", "recall", "f1", "support"],
+        [
+            (c, round(v["precision"], 6), round(v["recall"], 6), round(v["f1"], 6), v["support"])
+            for c, v in result["per_class"].items()
+        ],
+    )
     timing_keys = ("latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s", "size_mb", "accuracy")
-    _write_csv(plots_dir / "latency.csv", ["variant", *timing_keys],
-               [(v, *(round(m[k], 6) if m.get(k) is not None else "" for k in timing_keys))
-                for v, m in result["variants"].items()])
+    _write_csv(
+        plots_dir / "latency.csv",
+        ["variant", *timing_keys],
+        [
+            (v, *(round(m[k], 6) if m.get(k) is not None else "" for k in timing_keys))
+            for v, m in result["variants"].items()
+        ],
+    )
     slice_keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")
-    _write_csv(plots_dir / "slices.csv", ["slice_type", "slice", "n", *slice_keys],
-               [(kind, name, s["n"], *(s.get(k, "") for k in slice_keys))
-                for kind, group in result["slices"].items() for name, s in group.items()])
+    _write_csv(
+        plots_dir / "slices.csv",
+        ["slice_type", "slice", "n", *slice_keys],
+        [
+            (kind, name, s["n"], *(s.get(k, "") for k in slice_keys))
+            for kind, group in result["slices"].items()
+            for name, s in group.items()
+        ],
+    )
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -260,8 +299,15 @@ def plot_confusion(path: Path, y, pred, labels, serving: str) -> None:
     cm = confusion_matrix(y, pred, len(labels))
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-           xlabel="predicted", ylabel="actual", title=f"confusion ({serving})")
+    ax.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="actual",
+        title=f"confusion ({serving})",
+    )
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
     _save_figure(fig, path)
@@ -284,8 +330,13 @@ def plot_latency(path: Path, variants: dict[str, dict[str, Any]]) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.barh([v for v, _ in timed], [m["latency_p50_ms"] for _, m in timed], label="p50")
-    ax.barh([v for v, _ in timed], [m["latency_p95_ms"] - m["latency_p50_ms"] for _, m in timed],
-            left=[m["latency_p50_ms"] for _, m in timed], label="p95", alpha=0.5)
+    ax.barh(
+        [v for v, _ in timed],
+        [m["latency_p95_ms"] - m["latency_p50_ms"] for _, m in timed],
+        left=[m["latency_p50_ms"] for _, m in timed],
+        label="p95",
+        alpha=0.5,
+    )
     ax.set(xlabel="ms per request (batch 1, CPU)", title="latency")
     ax.legend()
     _save_figure(fig, path)
@@ -307,8 +358,10 @@ def read_champion(path: Path) -> dict[str, Any] | None:
     try:
         champion = read_json(path)
     except ValueError as exc:
-        raise DataError(f"{path}: production metrics are not valid JSON ({exc}); fix or remove the file "
-                        "(the register stage rewrites it on promotion)") from exc
+        raise DataError(
+            f"{path}: production metrics are not valid JSON ({exc}); fix or remove the file "
+            "(the register stage rewrites it on promotion)"
+        ) from exc
     if not isinstance(champion, dict):
         raise DataError(f"{path}: expected a JSON object of metrics, got {type(champion).__name__}")
     return champion
@@ -345,37 +398,69 @@ def card_context(params, bundle, result, decision, created: str) -> dict[str, An
             training[section] = to_plain(getattr(params, section))
         except AttributeError:
             continue
-    return {"metrics": result, "decision": decision.to_dict(), "bundle_config": bundle.config,
-            "bundle_dir": str(paths.bundle_dir), "created_utc": created, "git_sha": git_sha(),
-            "project": getattr(params, "project", "lm-pipeline"), "sources": sources, "raw_stats": raw_stats,
-            "prepared_stats": prepared,
-            "split_counts": {k: v for k, v in split_counts.items() if isinstance(v, (int, float))},
-            "training": training, "confidence": params.evaluate.confidence,
-            "bootstrap_resamples": params.evaluate.bootstrap_resamples}
+    return {
+        "metrics": result,
+        "decision": decision.to_dict(),
+        "bundle_config": bundle.config,
+        "bundle_dir": str(paths.bundle_dir),
+        "created_utc": created,
+        "git_sha": git_sha(),
+        "project": getattr(params, "project", "lm-pipeline"),
+        "sources": sources,
+        "raw_stats": raw_stats,
+        "prepared_stats": prepared,
+        "split_counts": {k: v for k, v in split_counts.items() if isinstance(v, (int, float))},
+        "training": training,
+        "confidence": params.evaluate.confidence,
+        "bootstrap_resamples": params.evaluate.bootstrap_resamples,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # the stage
 
 
-def write_outputs(out: Path, params, bundle, result: dict[str, Any], decision, champion_path: Path,
-                  champion: dict[str, Any] | None, y, pred) -> None:
+def write_outputs(
+    out: Path,
+    params,
+    bundle,
+    result: dict[str, Any],
+    decision,
+    champion_path: Path,
+    champion: dict[str, Any] | None,
+    y,
+    pred,
+) -> None:
     """metrics.json, gates.json, plots, the model card and the manifest into the (temporary) stage dir."""
     evaluate_params: EvaluateParams = params.evaluate
     serving, labels = result["serving_variant"], bundle.labels
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     atomic_write_json(out / "metrics.json", result)
-    atomic_write_json(out / "gates.json", {**decision.to_dict(), "created_utc": created, "serving_variant": serving,
-                                           "champion_metrics_path": str(champion_path), "champion": champion})
+    atomic_write_json(
+        out / "gates.json",
+        {
+            **decision.to_dict(),
+            "created_utc": created,
+            "serving_variant": serving,
+            "champion_metrics_path": str(champion_path),
+            "champion": champion,
+        },
+    )
     (out / "plots").mkdir()
     write_plots(out / "plots", y, pred, labels, result)
     blocks = build_card(card_context(params, bundle, result, decision, created))
     atomic_write_text(out / "model_card.md", render_markdown(blocks))
     atomic_write_text(out / "model_card.html", render_html(blocks, title="Model card"))
-    write_manifest(out, "evaluate", evaluate_params,
-                   inputs={"bundle_manifest": bundle.manifest.get("params_sha256", ""),
-                           **{f"bundle/{k}": v for k, v in bundle.manifest["outputs"].items()}},
-                   extra={"gates_passed": decision.passed})
+    write_manifest(
+        out,
+        "evaluate",
+        evaluate_params,
+        inputs={
+            "bundle_manifest": bundle.manifest.get("params_sha256", ""),
+            **{f"bundle/{k}": v for k, v in bundle.manifest["outputs"].items()},
+        },
+        extra={"gates_passed": decision.passed},
+    )
 
 
 def run(params, **_options) -> dict[str, Any]:
@@ -384,16 +469,23 @@ def run(params, **_options) -> dict[str, Any]:
     # scoring sessions use every core; timing sessions (time_variant) pin evaluate_params.intra_op_threads
     bundle = load_bundle(paths.bundle_dir, intra_op_threads=0)
     labels, serving = bundle.labels, bundle.default_variant
-    test = read_labelled_split(paths.prepared_dir, "test", labels=labels, kinds=("news",),
-                               max_rows=evaluate_params.max_test_rows, seed=params.seed).to_pandas()
+    test = read_labelled_split(
+        paths.prepared_dir,
+        "test",
+        labels=labels,
+        kinds=("news",),
+        max_rows=evaluate_params.max_test_rows,
+        seed=params.seed,
+    ).to_pandas()
     texts, y = test["text"].tolist(), test["label_idx"].to_numpy()
     logger.info("evaluate: %d test rows, variants %s, serving %s", len(texts), bundle.variants, serving)
 
     variants, preds, scored = score_variants(bundle, texts, y, labels, evaluate_params, params.seed)
     if evaluate_params.score_torch:
         preds["torch"] = predict_torch(Path(paths.finetune_dir) / "model.pt", bundle, texts, evaluate_params.batch_size)
-        variants["torch"] = {k: v for k, v in score(y, preds["torch"], labels, evaluate_params, params.seed).items()
-                             if k != "per_class"}
+        variants["torch"] = {
+            k: v for k, v in score(y, preds["torch"], labels, evaluate_params, params.seed).items() if k != "per_class"
+        }
     if serving not in preds:
         raise DataError(f"serving variant {serving!r} could not be scored on CPU: {variants.get(serving)}")
     cuda = time_on_cuda(bundle, texts, serving, evaluate_params)
@@ -401,7 +493,8 @@ def run(params, **_options) -> dict[str, Any]:
     result: dict[str, Any] = {
         **headline_metrics(serving, scored[serving], variants, len(texts)),
         "lm_val_bpb": lm_bits_per_byte(bundle, Path(paths.tokens_dir), evaluate_params.lm_windows),
-        "variants": variants, "per_class": scored[serving]["per_class"],
+        "variants": variants,
+        "per_class": scored[serving]["per_class"],
         "slices": slice_scores(test, preds[serving], labels, evaluate_params, params.seed),
     }
     if cuda:
@@ -418,6 +511,12 @@ def run(params, **_options) -> dict[str, Any]:
         write_outputs(out, params, bundle, result, decision, champion_path, champion, y, preds[serving])
     banner = decision.summary()
     (logger.info if decision.passed else logger.warning)("=" * 20 + f" {banner} " + "=" * 20)
-    return {"gates_passed": decision.passed, "verdict": banner, "accuracy": round(result["accuracy"], 4),
-            "macro_f1": round(result["macro_f1"], 4), "latency_p95_ms": round(result["latency_p95_ms"], 3),
-            "size_mb": round(result["size_mb"], 3), "evaluate_dir": str(paths.evaluate_dir)}
+    return {
+        "gates_passed": decision.passed,
+        "verdict": banner,
+        "accuracy": round(result["accuracy"], 4),
+        "macro_f1": round(result["macro_f1"], 4),
+        "latency_p95_ms": round(result["latency_p95_ms"], 3),
+        "size_mb": round(result["size_mb"], 3),
+        "evaluate_dir": str(paths.evaluate_dir),
+    }

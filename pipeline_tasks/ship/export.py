@@ -91,8 +91,16 @@ def lm_graph(lm):
     return LMGraph().eval()
 
 
-def export_onnx(module, example: tuple, path: Path, input_names: list[str], output_names: list[str],
-                max_seq: int, exporter: str, opset: int) -> int:
+def export_onnx(
+    module,
+    example: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    max_seq: int,
+    exporter: str,
+    opset: int,
+) -> int:
     """Export with dynamic ``batch`` / ``seq`` axes on every input; returns the default-domain opset."""
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # per-node INFO lines would bury the stage log
@@ -107,24 +115,42 @@ def export_onnx(module, example: tuple, path: Path, input_names: list[str], outp
         batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=max_seq)
         with warnings.catch_warnings():
             # known noise of torch 2.13's exporter (LSTM flat weights, _check_is_size, axis renames)
-            for pattern in (".*were assigned during export.*", ".*_check_is_size.*", ".*axis name.*",
-                            ".*LeafSpec.*"):
+            for pattern in (".*were assigned during export.*", ".*_check_is_size.*", ".*axis name.*", ".*LeafSpec.*"):
                 warnings.filterwarnings("ignore", message=pattern)
-            torch.onnx.export(module, example, str(path), dynamo=True, opset_version=opset, external_data=False,
-                              input_names=input_names, output_names=output_names, verbose=False,
-                              dynamic_shapes={name: {0: batch, 1: seq} for name in input_names})
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                external_data=False,
+                input_names=input_names,
+                output_names=output_names,
+                verbose=False,
+                dynamic_shapes={name: {0: batch, 1: seq} for name in input_names},
+            )
     else:
         axes = {name: {0: "batch", 1: "seq"} for name in input_names}
         axes.update({name: {0: "batch"} for name in output_names})
-        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=opset,
-                          input_names=input_names, output_names=output_names, dynamic_axes=axes)
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+        )
     model = onnx.load(str(path))
     for inp in model.graph.input:
         fixed = [d.dim_value for d in inp.type.tensor_type.shape.dim if not d.dim_param]
         if fixed:
-            raise PipelineError(f"{path.name}: exporter fixed input {inp.name!r} to shape "
-                                f"{[d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]} "
-                                "instead of dynamic [batch, seq]; try export.exporter: legacy")
+            raise PipelineError(
+                f"{path.name}: exporter fixed input {inp.name!r} to shape "
+                f"{[d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]} "
+                "instead of dynamic [batch, seq]; try export.exporter: legacy"
+            )
     # the exporter sometimes records the example's length for an output axis that is really
     # dynamic (the LSTM LM's [batch, seq, vocab]); ORT then warns on every other length
     for out in model.graph.output:
@@ -140,23 +166,46 @@ def export_onnx(module, example: tuple, path: Path, input_names: list[str], outp
 # the bundle's files
 
 
-def write_classifier_variants(classifier, meta: dict, encode, calib_texts: list[str], files: dict[str, Path],
-                              work: Path, export_params: ExportParams) -> int:
+def write_classifier_variants(
+    classifier,
+    meta: dict,
+    encode,
+    calib_texts: list[str],
+    files: dict[str, Path],
+    work: Path,
+    export_params: ExportParams,
+) -> int:
     """fp32 export, then int8 dynamic, int8 static QDQ (calibrated on ``calib_texts``) and fp16."""
     labels, max_len = list(meta["classifier"]["labels"]), int(meta["classifier"]["max_len"])
     seq = min(16, max_len)
     example = (torch.randint(1, meta["model_config"]["vocab_size"], (2, seq)), torch.ones(2, seq, dtype=torch.long))
-    opset = export_onnx(classifier_graph(classifier), example, files["fp32"], ["input_ids", "attention_mask"],
-                        ["logits", "pooled"], max_len, export_params.exporter, export_params.opset)
+    opset = export_onnx(
+        classifier_graph(classifier),
+        example,
+        files["fp32"],
+        ["input_ids", "attention_mask"],
+        ["logits", "pooled"],
+        max_len,
+        export_params.exporter,
+        export_params.opset,
+    )
     onnx_tools.check_model(files["fp32"])
-    onnx_tools.set_metadata(files["fp32"], {"labels": json.dumps(labels), "max_len": max_len},
-                            doc="lm-pipeline news topic classifier: logits and pooled embedding")
+    onnx_tools.set_metadata(
+        files["fp32"],
+        {"labels": json.dumps(labels), "max_len": max_len},
+        doc="lm-pipeline news topic classifier: logits and pooled embedding",
+    )
     logger.info("export: fp32 ONNX written (opset %d), quantizing", opset)
     pre = onnx_tools.preprocess_for_quantization(files["fp32"], work / "pre.onnx")
     onnx_tools.quantize_int8_dynamic(pre, files["int8_dynamic"], per_channel=export_params.dynamic_per_channel)
     reader = onnx_tools.TextCalibrationReader(encode, calib_texts, export_params.calibration_batch_size)
-    onnx_tools.quantize_int8_static(pre, files["int8_static"], reader, per_channel=export_params.static_per_channel,
-                                    op_types=export_params.static_op_types)
+    onnx_tools.quantize_int8_static(
+        pre,
+        files["int8_static"],
+        reader,
+        per_channel=export_params.static_per_channel,
+        op_types=export_params.static_op_types,
+    )
     onnx_tools.convert_fp16(files["fp32"], files["fp16"])
     for variant in ("int8_dynamic", "int8_static", "fp16"):
         onnx_tools.check_model(files[variant])
@@ -165,21 +214,42 @@ def write_classifier_variants(classifier, meta: dict, encode, calib_texts: list[
 
 def write_language_model(lm, lm_config: dict, path: Path, export_params: ExportParams) -> None:
     seq = min(16, lm_config["block_size"])
-    export_onnx(lm_graph(lm), (torch.randint(0, lm_config["vocab_size"], (2, seq)),), path, ["input_ids"],
-                ["logits"], lm_config["block_size"], export_params.exporter, export_params.opset)
+    export_onnx(
+        lm_graph(lm),
+        (torch.randint(0, lm_config["vocab_size"], (2, seq)),),
+        path,
+        ["input_ids"],
+        ["logits"],
+        lm_config["block_size"],
+        export_params.exporter,
+        export_params.opset,
+    )
     onnx_tools.check_model(path)
-    onnx_tools.set_metadata(path, {"block_size": lm_config["block_size"], "vocab_size": lm_config["vocab_size"]},
-                            doc="lm-pipeline language model: next-token logits")
+    onnx_tools.set_metadata(
+        path,
+        {"block_size": lm_config["block_size"], "vocab_size": lm_config["vocab_size"]},
+        doc="lm-pipeline language model: next-token logits",
+    )
 
 
-def bundle_config(meta: dict, token_meta: dict, report: dict, files: dict[str, Path], lm_config: dict | None,
-                  opset: int, export_params: ExportParams) -> dict[str, Any]:
+def bundle_config(
+    meta: dict,
+    token_meta: dict,
+    report: dict,
+    files: dict[str, Path],
+    lm_config: dict | None,
+    opset: int,
+    export_params: ExportParams,
+) -> dict[str, Any]:
     """``config.json``: everything a server needs besides the files (read by :mod:`pipeline_tasks.ship.bundle`)."""
     cls_meta, checked = meta["classifier"], report["classifier"]["variants"]
     variants = {}
     for v, name in VARIANT_FILES.items():
-        variants[v] = {"file": name, "bytes": files[v].stat().st_size,
-                       "cpu_runnable": bool(checked[v].get("cpu_runnable", True))}
+        variants[v] = {
+            "file": name,
+            "bytes": files[v].stat().st_size,
+            "cpu_runnable": bool(checked[v].get("cpu_runnable", True)),
+        }
         if checked[v].get("note"):
             variants[v]["note"] = checked[v]["note"]
     return {
@@ -203,15 +273,26 @@ def bundle_config(meta: dict, token_meta: dict, report: dict, files: dict[str, P
     }
 
 
-def write_bundle_metadata(out: Path, tokens_dir: Path, labels: list[str], config: dict[str, Any],
-                          inputs: list[Path], opset: int, export_params: ExportParams) -> None:
+def write_bundle_metadata(
+    out: Path,
+    tokens_dir: Path,
+    labels: list[str],
+    config: dict[str, Any],
+    inputs: list[Path],
+    opset: int,
+    export_params: ExportParams,
+) -> None:
     """Tokenizer, labels, config and the manifest that hashes them all; then the loader's own check."""
     shutil.copyfile(tokens_dir / "tokenizer.json", out / "tokenizer.json")
     atomic_write_json(out / "labels.json", labels)
     atomic_write_json(out / "config.json", config)
-    write_manifest(out, "export", export_params, inputs={str(p): sha256_file(p) for p in inputs},
-                   extra={"opset": opset, "bundle_format": BUNDLE_FORMAT,
-                          "default_variant": export_params.default_variant})
+    write_manifest(
+        out,
+        "export",
+        export_params,
+        inputs={str(p): sha256_file(p) for p in inputs},
+        extra={"opset": opset, "bundle_format": BUNDLE_FORMAT, "default_variant": export_params.default_variant},
+    )
     verify_bundle(out)  # the loader's own check, before the bundle is swapped in
 
 
@@ -228,11 +309,10 @@ def require_tokenizer(tokens_dir: Path) -> None:
 def split_validation_texts(prepared_dir: Path, labels: list[str], export_params: ExportParams, seed: int):
     """``(parity rows, calibration texts)`` from one seeded sample of the validation split."""
     rows = export_params.parity_rows + export_params.calibration_rows
-    val = read_labelled_split(prepared_dir, "val", labels=labels, kinds=("news",), max_rows=rows,
-                              seed=seed).to_pandas()
+    val = read_labelled_split(prepared_dir, "val", labels=labels, kinds=("news",), max_rows=rows, seed=seed).to_pandas()
     texts = val["text"].tolist()
     parity_frame = val.iloc[: export_params.parity_rows]
-    calib_texts = texts[export_params.parity_rows:] or texts  # disjoint when val is big enough
+    calib_texts = texts[export_params.parity_rows :] or texts  # disjoint when val is big enough
     return parity_frame, calib_texts[: export_params.calibration_rows]
 
 
@@ -242,8 +322,9 @@ def record_parity(report: dict[str, Any], parity_path: Path, export_params: Expo
     report["passed"] = not report["failures"]
     atomic_write_json(parity_path, report)
     if report["failures"]:
-        raise PipelineError(f"export parity failed (bundle not updated; details in {parity_path}): "
-                            + "; ".join(report["failures"]))
+        raise PipelineError(
+            f"export parity failed (bundle not updated; details in {parity_path}): " + "; ".join(report["failures"])
+        )
 
 
 def export_summary(bundle_dir, opset: int, report: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -271,8 +352,14 @@ def run(params, **_options) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(tokens_dir / "tokenizer.json"))
     token_meta = read_json(tokens_dir / "meta.json")
     parity_frame, calib_texts = split_validation_texts(Path(paths.prepared_dir), labels, export_params, params.seed)
-    logger.info("export: %s classifier (%d labels, max_len %d), %d parity rows, %d calibration rows",
-                meta["model_config"]["arch"], len(labels), max_len, len(parity_frame), len(calib_texts))
+    logger.info(
+        "export: %s classifier (%d labels, max_len %d), %d parity rows, %d calibration rows",
+        meta["model_config"]["arch"],
+        len(labels),
+        max_len,
+        len(parity_frame),
+        len(calib_texts),
+    )
 
     def encode(texts):
         return encode_texts(tokenizer, texts, max_len, int(cls_meta["pad_id"]), cls_meta.get("cls_id"))
@@ -281,8 +368,9 @@ def run(params, **_options) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lmpipe-export-") as work, atomic_dir(paths.bundle_dir) as out:
         files = {v: out / name for v, name in VARIANT_FILES.items()}
         opset = write_classifier_variants(classifier, meta, encode, calib_texts, files, Path(work), export_params)
-        report["classifier"] = check_classifier_parity(classifier, classifier_graph(classifier), files, tokenizer,
-                                                       parity_frame, cls_meta, export_params)
+        report["classifier"] = check_classifier_parity(
+            classifier, classifier_graph(classifier), files, tokenizer, parity_frame, cls_meta, export_params
+        )
         lm_config = None
         if export_params.export_lm:
             lm, lm_config = load_lm(pretrain_pt)

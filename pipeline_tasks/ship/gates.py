@@ -96,8 +96,7 @@ def _number(metrics: Mapping[str, Any] | None, key: str) -> float | None:
     return float(value)
 
 
-def _absolute_gate(name: str, metric: str, direction: str, value: float | None,
-                   threshold: float | None) -> GateResult:
+def _absolute_gate(name: str, metric: str, direction: str, value: float | None, threshold: float | None) -> GateResult:
     if threshold is None:
         return GateResult(name, metric, value, None, True, f"{name}: disabled (threshold null)", skipped=True)
     if value is None:
@@ -105,33 +104,55 @@ def _absolute_gate(name: str, metric: str, direction: str, value: float | None,
     ok = value >= threshold if direction == "min" else value <= threshold
     sign = {("min", True): ">=", ("min", False): "<", ("max", True): "<=", ("max", False): ">"}[(direction, ok)]
     bound = "min" if direction == "min" else "max"
-    return GateResult(name, metric, value, threshold, ok,
-                      f"{metric} {value:.4g} {sign} {bound} {threshold:.4g}" + ("" if ok else " (FAIL)"))
+    return GateResult(
+        name,
+        metric,
+        value,
+        threshold,
+        ok,
+        f"{metric} {value:.4g} {sign} {bound} {threshold:.4g}" + ("" if ok else " (FAIL)"),
+    )
 
 
-def _regression_gate(metric: str, value: float | None, champion: Mapping[str, Any] | None,
-                     tolerance: float | None) -> GateResult:
+def _regression_gate(
+    metric: str, value: float | None, champion: Mapping[str, Any] | None, tolerance: float | None
+) -> GateResult:
     name = f"no_regression_{metric}"
     if tolerance is None:
         return GateResult(name, metric, value, None, True, f"{name}: disabled (max_regression null)", skipped=True)
     if champion is None:
-        return GateResult(name, metric, value, None, True,
-                          f"{name}: no production model, absolute gates decide", skipped=True)
+        return GateResult(
+            name, metric, value, None, True, f"{name}: no production model, absolute gates decide", skipped=True
+        )
     best = _number(champion, metric)
     if best is None:
-        return GateResult(name, metric, value, None, True,
-                          f"{name}: production metrics have no {metric}, absolute gates decide", skipped=True)
+        return GateResult(
+            name,
+            metric,
+            value,
+            None,
+            True,
+            f"{name}: production metrics have no {metric}, absolute gates decide",
+            skipped=True,
+        )
     floor = best - tolerance
     if value is None:
-        return GateResult(name, metric, None, floor, False, f"{metric} missing from metrics, cannot compare to production")
+        return GateResult(
+            name, metric, None, floor, False, f"{metric} missing from metrics, cannot compare to production"
+        )
     ok = value >= floor
-    return GateResult(name, metric, value, floor, ok,
-                      f"{metric} {value:.4g} {'>=' if ok else '<'} production {best:.4g} - tolerance {tolerance:.4g}"
-                      + ("" if ok else " (FAIL: regression vs production)"))
+    return GateResult(
+        name,
+        metric,
+        value,
+        floor,
+        ok,
+        f"{metric} {value:.4g} {'>=' if ok else '<'} production {best:.4g} - tolerance {tolerance:.4g}"
+        + ("" if ok else " (FAIL: regression vs production)"),
+    )
 
 
-def decide(metrics: Mapping[str, Any], champion: Mapping[str, Any] | None,
-           thresholds: GateThresholds) -> GateDecision:
+def decide(metrics: Mapping[str, Any], champion: Mapping[str, Any] | None, thresholds: GateThresholds) -> GateDecision:
     """Apply every gate; ``champion`` is the production model's metrics or ``None``."""
     gates = [
         _absolute_gate(name, metric, direction, _number(metrics, metric), getattr(thresholds, name))
@@ -141,5 +162,4 @@ def decide(metrics: Mapping[str, Any], champion: Mapping[str, Any] | None,
         _regression_gate(metric, _number(metrics, metric), champion, thresholds.max_regression)
         for metric in REGRESSION_METRICS
     ]
-    return GateDecision(passed=all(g.passed for g in gates), gates=tuple(gates),
-                        champion_present=champion is not None)
+    return GateDecision(passed=all(g.passed for g in gates), gates=tuple(gates), champion_present=champion is not None)

@@ -44,12 +44,12 @@ def _ci(metrics: Mapping[str, Any], key: str) -> str:
     return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]" if low is not None else _fmt(value)
 
 
-DEFAULT_LICENCES = {"wiki": "CC BY-SA (Wikipedia)",
-                    "news": "publisher copyright; research / non-commercial use"}
+DEFAULT_LICENCES = {"wiki": "CC BY-SA (Wikipedia)", "news": "publisher copyright; research / non-commercial use"}
 
 
-def _source_rows(sources: Sequence[Mapping[str, Any]], raw_stats: Mapping[str, Any],
-                 prepared: Mapping[str, Any]) -> list[list[str]]:
+def _source_rows(
+    sources: Sequence[Mapping[str, Any]], raw_stats: Mapping[str, Any], prepared: Mapping[str, Any]
+) -> list[list[str]]:
     """One row per configured source: where it came from, licence, rows ingested / kept after prepare, dates."""
     rows = []
     for src in sources:
@@ -59,9 +59,17 @@ def _source_rows(sources: Sequence[Mapping[str, Any]], raw_stats: Mapping[str, A
         lo, hi = (str(stats.get(k) or "")[:10] for k in ("date_min", "date_max"))
         where = src.get("url") or src.get("mirror_path") or src.get("path") or "–"
         licence = src.get("license") or src.get("licence") or DEFAULT_LICENCES.get(src.get("kind", ""), "see source")
-        rows.append([name, src.get("kind", "–"), str(where), licence,
-                     _fmt(stats.get("kept", stats.get("pages_kept"))), _fmt(after.get("out")),
-                     f"{lo} … {hi}" if lo or hi else "–"])
+        rows.append(
+            [
+                name,
+                src.get("kind", "–"),
+                str(where),
+                licence,
+                _fmt(stats.get("kept", stats.get("pages_kept"))),
+                _fmt(after.get("out")),
+                f"{lo} … {hi}" if lo or hi else "–",
+            ]
+        )
     return rows
 
 
@@ -71,28 +79,50 @@ def _model_blocks(ctx: Mapping[str, Any]) -> list[Block]:
     model_cfg, cls_cfg = config["model_config"], config["classifier"]
     return [
         ("h1", f"Model card: {ctx.get('project', 'lm-pipeline')} news topic classifier"),
-        ("p", f"Generated {ctx['created_utc']} by `lmpipe evaluate` from bundle `{ctx['bundle_dir']}` "
-              f"(git {ctx.get('git_sha') or 'unknown'}). Gate verdict: **{decision['summary']}**."),
+        (
+            "p",
+            f"Generated {ctx['created_utc']} by `lmpipe evaluate` from bundle `{ctx['bundle_dir']}` "
+            f"(git {ctx.get('git_sha') or 'unknown'}). Gate verdict: **{decision['summary']}**.",
+        ),
         ("h2", "Model details"),
-        ("table", ["field", "value"], [
-            ["architecture", f"{model_cfg['arch']} ({model_cfg['n_layer']} layers, width {model_cfg['n_embd']}"
-                             + (f", {model_cfg['n_head']} heads" if model_cfg["arch"] == "gpt" else "") + ")"],
-            ["context / classifier max_len", f"{model_cfg['block_size']} / {config['max_len']} tokens"],
-            ["vocabulary", f"{model_cfg['vocab_size']} byte-level BPE tokens"],
-            ["pooling", cls_cfg.get("pooling", "–")],
-            ["labels", ", ".join(config["labels"])],
-            ["initialisation", "from scratch" if config.get("from_scratch") else "pretrained language model"],
-            ["serving variant", f"{m['serving_variant']} (ONNX opset {config.get('opset')}, "
-                                f"{config.get('exporter')} exporter)"],
-            ["files", ", ".join(f"{v}: {_fmt(info['bytes'] / 1e6, 3)} MB" for v, info in config["variants"].items())],
-        ]),
+        (
+            "table",
+            ["field", "value"],
+            [
+                [
+                    "architecture",
+                    f"{model_cfg['arch']} ({model_cfg['n_layer']} layers, width {model_cfg['n_embd']}"
+                    + (f", {model_cfg['n_head']} heads" if model_cfg["arch"] == "gpt" else "")
+                    + ")",
+                ],
+                ["context / classifier max_len", f"{model_cfg['block_size']} / {config['max_len']} tokens"],
+                ["vocabulary", f"{model_cfg['vocab_size']} byte-level BPE tokens"],
+                ["pooling", cls_cfg.get("pooling", "–")],
+                ["labels", ", ".join(config["labels"])],
+                ["initialisation", "from scratch" if config.get("from_scratch") else "pretrained language model"],
+                [
+                    "serving variant",
+                    f"{m['serving_variant']} (ONNX opset {config.get('opset')}, {config.get('exporter')} exporter)",
+                ],
+                [
+                    "files",
+                    ", ".join(f"{v}: {_fmt(info['bytes'] / 1e6, 3)} MB" for v, info in config["variants"].items()),
+                ],
+            ],
+        ),
         ("h2", "Intended use"),
-        ("p", "Topic classification of English news headlines and short descriptions into "
-              f"{', '.join(config['labels'])}. Inputs longer than {config['max_len']} tokens are truncated "
-              "(the beginning is kept). Use `lmpipe predict` or `pipeline_tasks.ship.bundle.load_bundle`; "
-              "the bundle needs only onnxruntime, numpy and tokenizers."),
-        ("p", "Out of scope: other languages, long documents, content moderation or any decision about "
-              "people; the model has not been evaluated for those uses."),
+        (
+            "p",
+            "Topic classification of English news headlines and short descriptions into "
+            f"{', '.join(config['labels'])}. Inputs longer than {config['max_len']} tokens are truncated "
+            "(the beginning is kept). Use `lmpipe predict` or `pipeline_tasks.ship.bundle.load_bundle`; "
+            "the bundle needs only onnxruntime, numpy and tokenizers.",
+        ),
+        (
+            "p",
+            "Out of scope: other languages, long documents, content moderation or any decision about "
+            "people; the model has not been evaluated for those uses.",
+        ),
     ]
 
 
@@ -101,20 +131,44 @@ def _data_blocks(ctx: Mapping[str, Any]) -> list[Block]:
     blocks: list[Block] = [("h2", "Data")]
     sources = ctx.get("sources") or []
     if sources:
-        blocks.append(("table", ["source", "kind", "location", "licence", "ingested", "after prepare", "dates"],
-                       _source_rows(sources, ctx.get("raw_stats") or {}, ctx.get("prepared_stats") or {})))
+        blocks.append(
+            (
+                "table",
+                ["source", "kind", "location", "licence", "ingested", "after prepare", "dates"],
+                _source_rows(sources, ctx.get("raw_stats") or {}, ctx.get("prepared_stats") or {}),
+            )
+        )
     splits = ctx.get("split_counts") or {}
     if splits:
-        blocks.append(("p", "Prepared split sizes: " + ", ".join(f"{k} {_fmt(v)}" for k, v in splits.items())
-                       + f". Test rows scored here: {ctx['metrics']['n_test']}."))
-    blocks.append(("p", "Licences: Wikipedia text is CC BY-SA; AG News, BBC and HuffPost texts belong to their "
-                        "publishers and are used for research and testing only (see the data mirror README)."))
+        blocks.append(
+            (
+                "p",
+                "Prepared split sizes: "
+                + ", ".join(f"{k} {_fmt(v)}" for k, v in splits.items())
+                + f". Test rows scored here: {ctx['metrics']['n_test']}.",
+            )
+        )
+    blocks.append(
+        (
+            "p",
+            "Licences: Wikipedia text is CC BY-SA; AG News, BBC and HuffPost texts belong to their "
+            "publishers and are used for research and testing only (see the data mirror README).",
+        )
+    )
     training = ctx.get("training") or {}
     if training:
-        blocks += [("h2", "Training configuration"),
-                   ("table", ["section", "settings"],
-                    [[k, ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items() if not isinstance(vv, (dict, list)))]
-                     for k, v in training.items() if isinstance(v, Mapping)])]
+        blocks += [
+            ("h2", "Training configuration"),
+            (
+                "table",
+                ["section", "settings"],
+                [
+                    [k, ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items() if not isinstance(vv, (dict, list)))]
+                    for k, v in training.items()
+                    if isinstance(v, Mapping)
+                ],
+            ),
+        ]
     return blocks
 
 
@@ -124,24 +178,51 @@ def _metric_blocks(ctx: Mapping[str, Any]) -> list[Block]:
     variant = m["serving_variant"]
     blocks: list[Block] = [
         ("h2", "Metrics (test split)"),
-        ("p", f"{int(100 * ctx['confidence'])}% percentile-bootstrap intervals ({ctx['bootstrap_resamples']} "
-              "resamples, seeded)."),
-        ("table", ["variant", "accuracy [CI]", "macro-F1 [CI]", "p50 ms (b=1)", "p95 ms (b=1)", "rows/s (b=32)",
-                   "size MB"],
-         [[v, _ci(vm, "accuracy"), _ci(vm, "macro_f1"), _fmt(vm.get("latency_p50_ms")), _fmt(vm.get("latency_p95_ms")),
-           _fmt(vm.get("throughput_rows_per_s")), _fmt(vm.get("size_mb"), 3)]
-          for v, vm in m["variants"].items()]),
-        ("p", f"int8 accuracy drop vs fp32: {_fmt(m.get('int8_accuracy_drop'))}. "
-              f"LM validation bits per byte (exported LM): {_fmt(m.get('lm_val_bpb'))}."),
+        (
+            "p",
+            f"{int(100 * ctx['confidence'])}% percentile-bootstrap intervals ({ctx['bootstrap_resamples']} "
+            "resamples, seeded).",
+        ),
+        (
+            "table",
+            ["variant", "accuracy [CI]", "macro-F1 [CI]", "p50 ms (b=1)", "p95 ms (b=1)", "rows/s (b=32)", "size MB"],
+            [
+                [
+                    v,
+                    _ci(vm, "accuracy"),
+                    _ci(vm, "macro_f1"),
+                    _fmt(vm.get("latency_p50_ms")),
+                    _fmt(vm.get("latency_p95_ms")),
+                    _fmt(vm.get("throughput_rows_per_s")),
+                    _fmt(vm.get("size_mb"), 3),
+                ]
+                for v, vm in m["variants"].items()
+            ],
+        ),
+        (
+            "p",
+            f"int8 accuracy drop vs fp32: {_fmt(m.get('int8_accuracy_drop'))}. "
+            f"LM validation bits per byte (exported LM): {_fmt(m.get('lm_val_bpb'))}.",
+        ),
         ("h2", f"Per class ({variant})"),
-        ("table", ["class", "precision", "recall", "F1", "support"],
-         [[c, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), _fmt(v["support"])]
-          for c, v in m["per_class"].items()]),
+        (
+            "table",
+            ["class", "precision", "recall", "F1", "support"],
+            [
+                [c, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), _fmt(v["support"])]
+                for c, v in m["per_class"].items()
+            ],
+        ),
     ]
     for kind, slices in (m.get("slices") or {}).items():
-        blocks += [("h2", f"Slices by {kind} ({variant})"),
-                   ("table", ["slice", "n", "accuracy [CI]", "macro-F1"],
-                    [[name, _fmt(s["n"]), _ci(s, "accuracy"), _fmt(s.get("macro_f1"))] for name, s in slices.items()])]
+        blocks += [
+            ("h2", f"Slices by {kind} ({variant})"),
+            (
+                "table",
+                ["slice", "n", "accuracy [CI]", "macro-F1"],
+                [[name, _fmt(s["n"]), _ci(s, "accuracy"), _fmt(s.get("macro_f1"))] for name, s in slices.items()],
+            ),
+        ]
     return blocks
 
 
@@ -149,20 +230,34 @@ def _gate_blocks(ctx: Mapping[str, Any]) -> list[Block]:
     """Every gate with its reason, then the limitations."""
     return [
         ("h2", "Gates"),
-        ("table", ["gate", "value", "threshold", "passed", "why"],
-         [[name, _fmt(g["value"]), _fmt(g["threshold"]), "skipped" if g.get("skipped") else _fmt(g["passed"]), g["why"]]
-          for name, g in ctx["decision"]["gates"].items()]),
+        (
+            "table",
+            ["gate", "value", "threshold", "passed", "why"],
+            [
+                [
+                    name,
+                    _fmt(g["value"]),
+                    _fmt(g["threshold"]),
+                    "skipped" if g.get("skipped") else _fmt(g["passed"]),
+                    g["why"],
+                ]
+                for name, g in ctx["decision"]["gates"].items()
+            ],
+        ),
         ("h2", "Limitations"),
-        ("ul", [
-            "Trained on a small, English, mostly 2004 (AG News) and 2018-2022 (HuffPost) news sample: topics, "
-            "entities and vocabulary drift over time; watch the `monitor` drift report.",
-            "Slices with few rows have wide intervals; a slice below the minimum size is not reported.",
-            "Latency was measured on this machine's CPU with the intra-op thread count in params; it is not "
-            "a service-level guarantee.",
-            "The champion comparison uses the production model's recorded metrics, which may come from an "
-            "older test split.",
-            *ctx.get("extra_limitations", []),
-        ]),
+        (
+            "ul",
+            [
+                "Trained on a small, English, mostly 2004 (AG News) and 2018-2022 (HuffPost) news sample: topics, "
+                "entities and vocabulary drift over time; watch the `monitor` drift report.",
+                "Slices with few rows have wide intervals; a slice below the minimum size is not reported.",
+                "Latency was measured on this machine's CPU with the intra-op thread count in params; it is not "
+                "a service-level guarantee.",
+                "The champion comparison uses the production model's recorded metrics, which may come from an "
+                "older test split.",
+                *ctx.get("extra_limitations", []),
+            ],
+        ),
     ]
 
 
@@ -214,8 +309,12 @@ def render_html(blocks: Sequence[Block], title: str = "Model card") -> str:
             head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
             rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-             "th{background:#f3f3f3}code{background:#f6f6f6;padding:0 3px}")
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "th{background:#f3f3f3}code{background:#f6f6f6;padding:0 3px}"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

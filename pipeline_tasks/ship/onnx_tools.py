@@ -79,7 +79,7 @@ class TextCalibrationReader:
     """``CalibrationDataReader`` over encoded real texts: one feed dict per batch, then ``None``."""
 
     def __init__(self, encode: Callable[[Sequence[str]], tuple[Any, Any]], texts: Sequence[str], batch_size: int):
-        self._batches = [encode(texts[i: i + batch_size]) for i in range(0, len(texts), batch_size)]
+        self._batches = [encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
         self._iter = iter(self._batches)
 
     def get_next(self):
@@ -93,22 +93,35 @@ class TextCalibrationReader:
         return len(self._batches)
 
 
-def quantize_int8_static(pre: str | os.PathLike, dst: str | os.PathLike, reader: TextCalibrationReader,
-                         per_channel: bool = True, op_types: Sequence[str] = ()) -> Path:
+def quantize_int8_static(
+    pre: str | os.PathLike,
+    dst: str | os.PathLike,
+    reader: TextCalibrationReader,
+    per_channel: bool = True,
+    op_types: Sequence[str] = (),
+) -> Path:
     """QDQ int8 (weights and activations) with MinMax ranges from ``reader``.
 
     ``op_types`` limits what is quantized (``MatMul``, ``Gemm`` only is usually more accurate for
     transformers: LayerNorm / Softmax / GELU stay fp32); empty = every supported op.
     """
+
     class _Reader(CalibrationDataReader):  # ORT checks isinstance
         def get_next(self):
             return reader.get_next()
 
     with quiet_root_logger():
-        quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, per_channel=per_channel,
-                        op_types_to_quantize=list(op_types) or None)
+        quantize_static(
+            str(pre),
+            str(dst),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            per_channel=per_channel,
+            op_types_to_quantize=list(op_types) or None,
+        )
     return Path(dst)
 
 
@@ -175,12 +188,17 @@ def latency_stats(fn: Callable[[Any], Any], feeds: Sequence[Any], warmup: int, r
         fn(feeds[i % len(feeds)])
         times[i] = time.perf_counter() - start
     times *= 1000.0
-    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
-            "mean_ms": float(times.mean()), "runs": int(runs)}
+    return {
+        "p50_ms": float(np.percentile(times, 50)),
+        "p95_ms": float(np.percentile(times, 95)),
+        "mean_ms": float(times.mean()),
+        "runs": int(runs),
+    }
 
 
-def throughput(fn: Callable[[Any], Any], feeds: Sequence[Any], rows_per_feed: Sequence[int], warmup: int,
-               runs: int) -> float:
+def throughput(
+    fn: Callable[[Any], Any], feeds: Sequence[Any], rows_per_feed: Sequence[int], warmup: int, runs: int
+) -> float:
     """Rows per second over ``runs`` calls of ``fn`` on batched ``feeds``."""
     for i in range(warmup):
         fn(feeds[i % len(feeds)])

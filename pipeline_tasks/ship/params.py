@@ -14,8 +14,14 @@ from pipeline_tasks.ship.gates import GateThresholds
 
 Variant = Literal["fp32", "int8_dynamic", "int8_static", "fp16"]
 
-DEFAULT_GATES = GateThresholds(min_accuracy=0.70, min_macro_f1=0.68, max_int8_accuracy_drop=0.01,
-                               max_p95_latency_ms=50.0, max_size_mb=50.0, max_regression=0.01)
+DEFAULT_GATES = GateThresholds(
+    min_accuracy=0.70,
+    min_macro_f1=0.68,
+    max_int8_accuracy_drop=0.01,
+    max_p95_latency_ms=50.0,
+    max_size_mb=50.0,
+    max_regression=0.01,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +79,14 @@ class EvaluateParams:
     def __post_init__(self) -> None:
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
-        for name in ("bootstrap_resamples", "batch_size", "slice_min_rows", "latency_runs", "throughput_batch",
-                     "throughput_runs"):
+        for name in (
+            "bootstrap_resamples",
+            "batch_size",
+            "slice_min_rows",
+            "latency_runs",
+            "throughput_batch",
+            "throughput_runs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_test_rows < 0 or self.latency_warmup < 0 or self.lm_windows < 0 or self.intra_op_threads < 0:

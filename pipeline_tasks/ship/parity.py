@@ -78,21 +78,27 @@ def _fp32_parity_at_length(runner: _ClassifierRunner, texts: list[str], length: 
     """fp32 vs torch with every text truncated to ``length`` (batches mix lengths: shorter rows are right-padded)."""
     diffs, pooled_diff, padded = [], 0.0, 0
     for i in range(0, len(texts), batch_size):
-        ids, mask = runner.encode(texts[i: i + batch_size], length)
+        ids, mask = runner.encode(texts[i : i + batch_size], length)
         ref_logits, ref_pooled = runner.torch_outputs(ids, mask)
         logits, pooled = runner.onnx_outputs("fp32", ids, mask)
         diffs.append(np.abs(ref_logits - logits).max())
         pooled_diff = max(pooled_diff, float(np.abs(ref_pooled - pooled).max()))
         padded += _padded_rows(mask)
-    return {"max_abs_diff": float(max(diffs)), "pooled_max_abs_diff": pooled_diff, "rows": len(texts),
-            "padded_rows": padded}
+    return {
+        "max_abs_diff": float(max(diffs)),
+        "pooled_max_abs_diff": pooled_diff,
+        "rows": len(texts),
+        "padded_rows": padded,
+    }
 
 
 def _fp32_parity_edge_batches(runner: _ClassifierRunner, texts: list[str], max_len: int) -> dict[str, dict]:
     """fp32 vs torch on a single-row batch and on the shortest text padded to the longest."""
     lengths_tok = [len(e.ids) for e in runner.tokenizer.encode_batch(texts, add_special_tokens=False)]
-    special = {"single_row": [texts[0]],
-               "shortest_with_longest": [texts[int(np.argmin(lengths_tok))], texts[int(np.argmax(lengths_tok))]]}
+    special = {
+        "single_row": [texts[0]],
+        "shortest_with_longest": [texts[int(np.argmin(lengths_tok))], texts[int(np.argmax(lengths_tok))]],
+    }
     out = {}
     for name, batch in special.items():
         ids, mask = runner.encode(batch, max_len)
@@ -102,20 +108,22 @@ def _fp32_parity_edge_batches(runner: _ClassifierRunner, texts: list[str], max_l
     return out
 
 
-def _logits_at_max_len(runner: _ClassifierRunner, texts: list[str], max_len: int,
-                       batch_size: int) -> dict[str, np.ndarray]:
+def _logits_at_max_len(
+    runner: _ClassifierRunner, texts: list[str], max_len: int, batch_size: int
+) -> dict[str, np.ndarray]:
     """``{"torch": logits, variant: logits, ...}`` over every text at the serving length."""
     outputs = {"torch": [], **{v: [] for v in runner.sessions}}
     for i in range(0, len(texts), batch_size):
-        ids, mask = runner.encode(texts[i: i + batch_size], max_len)
+        ids, mask = runner.encode(texts[i : i + batch_size], max_len)
         outputs["torch"].append(runner.torch_outputs(ids, mask)[0])
         for variant in runner.sessions:
             outputs[variant].append(runner.onnx_outputs(variant, ids, mask)[0])
     return {k: np.concatenate(v) for k, v in outputs.items()}
 
 
-def check_classifier_parity(classifier, graph, files: dict[str, Path], tokenizer, frame, cls_meta: dict,
-                            export_params: ExportParams) -> dict:
+def check_classifier_parity(
+    classifier, graph, files: dict[str, Path], tokenizer, frame, cls_meta: dict, export_params: ExportParams
+) -> dict:
     """fp32 vs PyTorch (logits and ``pooled``) at several lengths, then every variant vs fp32 at ``max_len``.
 
     ``graph`` is the exported wrapper around ``classifier``
@@ -141,12 +149,23 @@ def check_classifier_parity(classifier, graph, files: dict[str, Path], tokenizer
             variants[variant] = {"checked": False, "cpu_runnable": False, "note": notes.get(variant)}
             continue
         cmp = compare_outputs(logits["fp32"], logits[variant])
-        variants[variant] = {"checked": True, "cpu_runnable": True, "agreement": cmp["agreement"],
-                             "max_abs_diff_vs_fp32": cmp["max_abs_diff"], "accuracy": acc[variant],
-                             "accuracy_drop_vs_fp32": acc["fp32"] - acc[variant],
-                             "bytes": files[variant].stat().st_size}
-    return {"fp32_max_abs_diff": worst_logits, "fp32_pooled_max_abs_diff": worst_pooled,
-            "seq_lens": per_length, "torch_accuracy": acc["torch"], "rows": len(texts), "variants": variants}
+        variants[variant] = {
+            "checked": True,
+            "cpu_runnable": True,
+            "agreement": cmp["agreement"],
+            "max_abs_diff_vs_fp32": cmp["max_abs_diff"],
+            "accuracy": acc[variant],
+            "accuracy_drop_vs_fp32": acc["fp32"] - acc[variant],
+            "bytes": files[variant].stat().st_size,
+        }
+    return {
+        "fp32_max_abs_diff": worst_logits,
+        "fp32_pooled_max_abs_diff": worst_pooled,
+        "seq_lens": per_length,
+        "torch_accuracy": acc["torch"],
+        "rows": len(texts),
+        "variants": variants,
+    }
 
 
 def check_lm(lm, path: Path, tokens_dir: Path, token_meta: dict, export_params: ExportParams) -> dict:
@@ -162,7 +181,7 @@ def check_lm(lm, path: Path, tokens_dir: Path, token_meta: dict, export_params: 
     def windows(length, count):
         length = min(length, block, len(tokens) - 1)
         starts = np.linspace(0, len(tokens) - length - 1, count).astype(np.int64)
-        return np.stack([np.asarray(tokens[s: s + length], dtype=np.int64) for s in starts])
+        return np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts])
 
     parity = {}
     for length in sorted({8, block}):
@@ -178,10 +197,16 @@ def check_lm(lm, path: Path, tokens_dir: Path, token_meta: dict, export_params: 
     changed[:, k:] = rng.integers(0, lm.config.vocab_size, size=changed[:, k:].shape)
     a = session.run(["logits"], {"input_ids": x})[0]
     b = session.run(["logits"], {"input_ids": changed})[0]
-    return {"max_abs_diff": max(parity.values()), "seq_lens": parity,
-            "causality": {"changed_from": int(k), "seq_len": int(x.shape[1]),
-                          "max_change_before": float(np.abs(a[:, :k] - b[:, :k]).max()),
-                          "max_change_after": float(np.abs(a[:, k:] - b[:, k:]).max())}}
+    return {
+        "max_abs_diff": max(parity.values()),
+        "seq_lens": parity,
+        "causality": {
+            "changed_from": int(k),
+            "seq_len": int(x.shape[1]),
+            "max_change_before": float(np.abs(a[:, :k] - b[:, :k]).max()),
+            "max_change_after": float(np.abs(a[:, k:] - b[:, k:]).max()),
+        },
+    }
 
 
 def _agreement_bar(variant: str, export_params: ExportParams) -> float:
@@ -194,8 +219,10 @@ def failures(report: dict[str, Any], export_params: ExportParams) -> list[str]:
     clf, atol = report["classifier"], export_params.fp32_atol
     if clf["fp32_max_abs_diff"] > atol or clf["fp32_pooled_max_abs_diff"] > atol:
         worst = max(clf["seq_lens"].items(), key=lambda kv: kv[1]["max_abs_diff"])
-        problems.append(f"fp32 ONNX differs from PyTorch: max |logit diff| {clf['fp32_max_abs_diff']:.3g}, "
-                        f"pooled {clf['fp32_pooled_max_abs_diff']:.3g} (worst at {worst[0]}) > atol {atol:g}")
+        problems.append(
+            f"fp32 ONNX differs from PyTorch: max |logit diff| {clf['fp32_max_abs_diff']:.3g}, "
+            f"pooled {clf['fp32_pooled_max_abs_diff']:.3g} (worst at {worst[0]}) > atol {atol:g}"
+        )
     gated = {"int8_dynamic", export_params.default_variant} - {"fp32"}
     for variant in sorted(gated):
         info = clf["variants"][variant]
@@ -205,21 +232,28 @@ def failures(report: dict[str, Any], export_params: ExportParams) -> list[str]:
                 problems.append(f"default variant {variant} could not be checked on CPU: {info.get('note')}")
             continue
         if info["agreement"] < bar:
-            problems.append(f"{variant} agrees with fp32 on {info['agreement']:.2%} of {clf['rows']} validation rows "
-                            f"< {bar:.0%} (accuracy drop {info['accuracy_drop_vs_fp32']:+.4f})")
+            problems.append(
+                f"{variant} agrees with fp32 on {info['agreement']:.2%} of {clf['rows']} validation rows "
+                f"< {bar:.0%} (accuracy drop {info['accuracy_drop_vs_fp32']:+.4f})"
+            )
     for variant, info in clf["variants"].items():
         bar = _agreement_bar(variant, export_params)
         if variant not in gated and info.get("checked") and variant != "fp32" and info["agreement"] < bar:
-            logger.warning("export: %s agrees with fp32 on only %.2f%% of rows (not the serving variant, recorded)",
-                           variant, 100 * info["agreement"])
+            logger.warning(
+                "export: %s agrees with fp32 on only %.2f%% of rows (not the serving variant, recorded)",
+                variant,
+                100 * info["agreement"],
+            )
     lm = report.get("lm")
     if lm:
         if lm["max_abs_diff"] > atol:
             problems.append(f"LM ONNX differs from PyTorch: max |logit diff| {lm['max_abs_diff']:.3g} > {atol:g}")
         causal = lm["causality"]
         if causal["max_change_before"] > atol:
-            problems.append(f"LM ONNX is not causal: changing tokens >= {causal['changed_from']} moved earlier logits "
-                            f"by {causal['max_change_before']:.3g}")
+            problems.append(
+                f"LM ONNX is not causal: changing tokens >= {causal['changed_from']} moved earlier logits "
+                f"by {causal['max_change_before']:.3g}"
+            )
         if causal["max_change_after"] <= atol:
             problems.append("LM ONNX ignores its input: changing tokens did not change later logits")
     return problems

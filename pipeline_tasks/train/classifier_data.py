@@ -44,21 +44,25 @@ def labels_to_ids(labels: Sequence[str], vocab: Sequence[str], where: str) -> np
     index = {name: i for i, name in enumerate(vocab)}
     unknown = sorted({lab for lab in labels if lab not in index})
     if unknown:
-        raise DataError(f"{where}: labels {unknown} do not occur in the training data (classes {list(vocab)}); "
-                        "check finetune sources / the label maps in ingest_news")
+        raise DataError(
+            f"{where}: labels {unknown} do not occur in the training data (classes {list(vocab)}); "
+            "check finetune sources / the label maps in ingest_news"
+        )
     return np.fromiter((index[lab] for lab in labels), dtype=np.int64, count=len(labels))
 
 
 def special_token_id(tokenizer: Any, token: str, required: bool = True) -> int | None:
     tid = tokenizer.token_to_id(token)
     if tid is None and required:
-        raise DataError(f"tokenizer has no {token!r} token; re-run tokenize (its special tokens are part "
-                        "of the tokenizer contract)")
+        raise DataError(
+            f"tokenizer has no {token!r} token; re-run tokenize (its special tokens are part of the tokenizer contract)"
+        )
     return tid
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int, cls_id: int | None = None,
-                 batch_size: int = 2048) -> list[np.ndarray]:
+def encode_texts(
+    tokenizer: Any, texts: Sequence[str], max_len: int, cls_id: int | None = None, batch_size: int = 2048
+) -> list[np.ndarray]:
     """Token ids per text (int64), at most ``max_len`` long including the trailing ``cls_id``.
 
     Truncation keeps the beginning (the headline and the lead carry the topic). Texts that encode
@@ -70,7 +74,7 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int, cls_id: int
     out: list[np.ndarray] = []
     for start in range(0, len(texts), batch_size):
         # encode_batch runs in Rust threads; add_special_tokens=False: our specials are explicit
-        for enc in tokenizer.encode_batch(list(texts[start:start + batch_size]), add_special_tokens=False):
+        for enc in tokenizer.encode_batch(list(texts[start : start + batch_size]), add_special_tokens=False):
             ids = enc.ids[:keep]
             if cls_id is not None:
                 ids = [*ids, cls_id]
@@ -94,8 +98,13 @@ def pad_batch(seqs: Sequence[np.ndarray], pad_id: int, length: int | None = None
     return ids, mask
 
 
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator,
-                            bucket_factor: int = 50, order: np.ndarray | None = None) -> list[np.ndarray]:
+def length_bucketed_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    rng: np.random.Generator,
+    bucket_factor: int = 50,
+    order: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """Shuffled index batches whose members have similar lengths.
 
     Indices (``order``, default a random permutation) are cut into chunks of ``batch_size *
@@ -108,9 +117,9 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: np.ran
     batches = []
     chunk = batch_size * max(1, bucket_factor)
     for start in range(0, len(order), chunk):
-        idx = order[start:start + chunk]
+        idx = order[start : start + chunk]
         idx = idx[np.argsort(lengths[idx], kind="stable")]
-        batches.extend(idx[i:i + batch_size] for i in range(0, len(idx), batch_size))
+        batches.extend(idx[i : i + batch_size] for i in range(0, len(idx), batch_size))
     rng.shuffle(batches)
     return batches
 
@@ -119,7 +128,7 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[np.ndarr
     """Deterministic batches in length order (evaluation: minimal padding, order restored later)."""
     order = np.argsort(np.asarray(lengths), kind="stable")
     for i in range(0, len(order), batch_size):
-        yield order[i:i + batch_size]
+        yield order[i : i + batch_size]
 
 
 def class_weights(label_ids: np.ndarray, num_classes: int, scheme: str) -> np.ndarray | None:
@@ -132,8 +141,9 @@ def class_weights(label_ids: np.ndarray, num_classes: int, scheme: str) -> np.nd
         return None
     counts = np.bincount(np.asarray(label_ids), minlength=num_classes).astype(np.float64)
     if (counts == 0).any():
-        raise DataError(f"class weighting {scheme!r}: classes {np.flatnonzero(counts == 0).tolist()} have no "
-                        "training examples")
+        raise DataError(
+            f"class weighting {scheme!r}: classes {np.flatnonzero(counts == 0).tolist()} have no training examples"
+        )
     if scheme == "inverse_freq":
         w = counts.sum() / (num_classes * counts)
     elif scheme == "sqrt_inverse_freq":

@@ -53,21 +53,26 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--from-scratch", action="store_true",
-                        help="random initial weights instead of models/pretrain/model.pt (baseline run)")
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="random initial weights instead of models/pretrain/model.pt (baseline run)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------------------------
 
+
 def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
     cfg: FinetuneParams = params.finetune
     scratch = bool(from_scratch or cfg.from_scratch)
     paths = params.paths
     device = resolve_device(cfg.device)
-    threads, dtype = configure_runtime(device, num_threads=cfg.num_threads, deterministic=cfg.deterministic,
-                                       dtype=cfg.dtype)
+    threads, dtype = configure_runtime(
+        device, num_threads=cfg.num_threads, deterministic=cfg.deterministic, dtype=cfg.dtype
+    )
     seed_everything(params.seed)
 
     # -- data ---------------------------------------------------------------------------------
@@ -89,15 +94,31 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
         model_config = dataclasses.replace(model_config, dropout=cfg.backbone_dropout)
     max_len = cfg.max_len
     if model_config.arch == "gpt" and max_len > model_config.block_size:
-        logger.warning("finetune.max_len %d > model block_size %d: using %d", max_len, model_config.block_size,
-                       model_config.block_size)
+        logger.warning(
+            "finetune.max_len %d > model block_size %d: using %d",
+            max_len,
+            model_config.block_size,
+            model_config.block_size,
+        )
         max_len = model_config.block_size
-    data = {split: ft.encode_split(tokenizer, r, labels, max_len, cls_id, prepared / f"{split}.parquet")
-            for split, r in rows.items()}
-    logger.info("finetune: %s, %d classes %s; rows train %d / val %d / test %d; max_len %d, pooling %s, "
-                "cls %s, device %s (%s), %d threads", "from scratch" if scratch else "from pretrained",
-                len(labels), labels, *(len(data[s]["y"]) for s in ("train", "val", "test")), max_len,
-                cfg.pooling, cls_id, device, str(dtype).replace("torch.", ""), threads)
+    data = {
+        split: ft.encode_split(tokenizer, r, labels, max_len, cls_id, prepared / f"{split}.parquet")
+        for split, r in rows.items()
+    }
+    logger.info(
+        "finetune: %s, %d classes %s; rows train %d / val %d / test %d; max_len %d, pooling %s, "
+        "cls %s, device %s (%s), %d threads",
+        "from scratch" if scratch else "from pretrained",
+        len(labels),
+        labels,
+        *(len(data[s]["y"]) for s in ("train", "val", "test")),
+        max_len,
+        cfg.pooling,
+        cls_id,
+        device,
+        str(dtype).replace("torch.", ""),
+        threads,
+    )
     model = ft.build_classifier(model_config, init, len(labels), cfg, pad_id).to(device)
 
     # -- train, then score the best weights -------------------------------------------------------
@@ -107,20 +128,42 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
     # what evaluate's PyTorch reference reproduces
     val_pred = ft.predict(model, data["val"]["ids"], pad_id, cfg.eval_batch_size, device)
     test_pred = ft.predict(model, data["test"]["ids"], pad_id, cfg.eval_batch_size, device)
-    classifier = {"labels": labels, "pooling": cfg.pooling, "pad_id": int(pad_id),
-                  "cls_id": None if cls_id is None else int(cls_id), "max_len": int(max_len),
-                  "num_classes": len(labels), "train_sources": list(cfg.dataset.train_sources)}
+    classifier = {
+        "labels": labels,
+        "pooling": cfg.pooling,
+        "pad_id": int(pad_id),
+        "cls_id": None if cls_id is None else int(cls_id),
+        "max_len": int(max_len),
+        "num_classes": len(labels),
+        "train_sources": list(cfg.dataset.train_sources),
+    }
     metrics = ft.build_metrics(data, val_pred, test_pred, labels, result, cfg, scratch, model_config, params.seed)
     inputs = {str(p): sha256_file(p) for p in [tokenizer_path, *(prepared / f"{s}.parquet" for s in fd.SPLITS)]}
     if not scratch:
         inputs[init["path"]] = init["sha256"]
-    ft.write_outputs(params, model, model_config, classifier, scratch, init, metrics, result,
-                     data["test"]["y"], test_pred, labels, inputs)
-    return {"finetune_dir": paths.finetune_dir, "from_scratch": scratch,
-            "test_accuracy": round(metrics["test"]["accuracy"], 4),
-            "test_macro_f1": round(metrics["test"]["macro_f1"], 4),
-            "val_macro_f1": round(metrics["val"]["macro_f1"], 4), "best_step": result.best_step,
-            "train_seconds": round(result.seconds, 1)}
+    ft.write_outputs(
+        params,
+        model,
+        model_config,
+        classifier,
+        scratch,
+        init,
+        metrics,
+        result,
+        data["test"]["y"],
+        test_pred,
+        labels,
+        inputs,
+    )
+    return {
+        "finetune_dir": paths.finetune_dir,
+        "from_scratch": scratch,
+        "test_accuracy": round(metrics["test"]["accuracy"], 4),
+        "test_macro_f1": round(metrics["test"]["macro_f1"], 4),
+        "val_macro_f1": round(metrics["val"]["macro_f1"], 4),
+        "best_step": result.best_step,
+        "train_seconds": round(result.seconds, 1),
+    }
 
 
 def read_rows(prepared: Path, cfg: FinetuneParams, seed: int) -> dict[str, dict[str, list]]:
@@ -133,8 +176,10 @@ def read_rows(prepared: Path, cfg: FinetuneParams, seed: int) -> dict[str, dict[
     for split, r in rows.items():
         if not r["id"]:
             srcs = cfg.dataset.test_sources if split == "test" else cfg.dataset.train_sources
-            raise DataError(f"{prepared / (split + '.parquet')}: no labelled rows from sources {list(srcs)}; "
-                            "check finetune.dataset against ingest_news.sources[*].name")
+            raise DataError(
+                f"{prepared / (split + '.parquet')}: no labelled rows from sources {list(srcs)}; "
+                "check finetune.dataset against ingest_news.sources[*].name"
+            )
     if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
         picked = np.random.default_rng(seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
         keep = sorted(picked.tolist())

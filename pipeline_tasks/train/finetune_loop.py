@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # optimisation
 # ---------------------------------------------------------------------------------------------
 
+
 def layer_index(name: str, n_layer: int) -> int:
     """Depth of a classifier parameter: 0 embeddings, 1..n_layer blocks, n_layer + 1 final norm and head."""
     if name.startswith("head.") or ".ln_f." in name:
@@ -57,8 +58,9 @@ def layer_index(name: str, n_layer: int) -> int:
     raise ValueError(f"cannot place parameter {name!r} in a layer for layer-wise lr decay")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: float,
-                 n_layer: int) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, layer_lr_decay: float, n_layer: int
+) -> list[dict[str, Any]]:
     """AdamW groups with ``lr_scale = decay^(n_layer + 1 - depth)`` (head and final norm: 1).
 
     Weight decay only on matrices above the embeddings (biases, norm gains and the token table
@@ -101,14 +103,20 @@ def lr_at(step: int, total: int, cfg) -> float:
 # data and model
 # ---------------------------------------------------------------------------------------------
 
-def encode_split(tokenizer, rows: dict[str, list], labels: list[str], max_len: int, cls_id: int | None,
-                 where: Path) -> dict[str, Any]:
+
+def encode_split(
+    tokenizer, rows: dict[str, list], labels: list[str], max_len: int, cls_id: int | None, where: Path
+) -> dict[str, Any]:
     ids = fd.encode_texts(tokenizer, rows["text"], max_len, cls_id)
     empty = [rows["id"][i] for i, s in enumerate(ids) if len(s) == 0]
     if empty:
         raise DataError(f"{where}: {len(empty)} texts encode to no tokens (first id {empty[0]!r})")
-    return {"ids": ids, "y": fd.labels_to_ids(rows["label"], labels, str(where)), "row_id": rows["id"],
-            "source": rows["source"]}
+    return {
+        "ids": ids,
+        "y": fd.labels_to_ids(rows["label"], labels, str(where)),
+        "row_id": rows["id"],
+        "source": rows["source"],
+    }
 
 
 def backbone_config(params, tokenizer, scratch: bool):
@@ -118,8 +126,10 @@ def backbone_config(params, tokenizer, scratch: bool):
         return ModelConfig.from_params(params.model, vocab), {"kind": "scratch"}
     path = Path(params.paths.pretrain_dir) / "model.pt"
     if not path.is_file():
-        raise DataError(f"{path} not found: run `python -m pipeline_tasks pretrain` first, or train the "
-                        "classifier without pretraining with `finetune --from-scratch`")
+        raise DataError(
+            f"{path} not found: run `python -m pipeline_tasks pretrain` first, or train the "
+            "classifier without pretraining with `finetune --from-scratch`"
+        )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     try:
         config = ModelConfig.from_dict(dict(ckpt["model_config"]))
@@ -127,14 +137,25 @@ def backbone_config(params, tokenizer, scratch: bool):
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: not a pretrain checkpoint ({exc}); re-run pretrain") from exc
     if config.vocab_size != vocab:
-        raise DataError(f"{path}: vocab_size {config.vocab_size} differs from the tokenizer's {vocab}; the "
-                        "tokenizer was retrained after pretraining: re-run pretrain (dvc repro does)")
+        raise DataError(
+            f"{path}: vocab_size {config.vocab_size} differs from the tokenizer's {vocab}; the "
+            "tokenizer was retrained after pretraining: re-run pretrain (dvc repro does)"
+        )
     wanted = ModelConfig.from_params(params.model, vocab)
     if wanted != config:
-        logger.warning("pretrained model_config %s differs from params.model %s: using the checkpoint's "
-                       "(re-run pretrain to apply the params)", config.to_dict(), wanted.to_dict())
-    return config, {"kind": "pretrained", "path": str(path), "sha256": sha256_file(path), "state": state,
-                    "pretrain_step": int(ckpt.get("step", -1))}
+        logger.warning(
+            "pretrained model_config %s differs from params.model %s: using the checkpoint's "
+            "(re-run pretrain to apply the params)",
+            config.to_dict(),
+            wanted.to_dict(),
+        )
+    return config, {
+        "kind": "pretrained",
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "state": state,
+        "pretrain_step": int(ckpt.get("step", -1)),
+    }
 
 
 def build_classifier(config, init: dict[str, Any], num_classes: int, cfg, pad_id: int):
@@ -145,8 +166,14 @@ def build_classifier(config, init: dict[str, Any], num_classes: int, cfg, pad_id
 
 
 @torch.no_grad()
-def predict(model, seqs: list[np.ndarray], pad_id: int, batch_size: int, device: torch.device,
-            dtype: torch.dtype = torch.float32) -> np.ndarray:
+def predict(
+    model,
+    seqs: list[np.ndarray],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> np.ndarray:
     """Argmax class per sequence, in input order."""
     was_training = model.training
     model.eval()
@@ -164,6 +191,7 @@ def predict(model, seqs: list[np.ndarray], pad_id: int, batch_size: int, device:
 # training loop
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class TrainResult:
     best_state: dict[str, torch.Tensor]
@@ -180,8 +208,9 @@ class TrainResult:
     curve: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device, dtype: torch.dtype,
-          seed: int) -> TrainResult:
+def train(
+    model, data: dict[str, dict], cfg, n_layer: int, device: torch.device, dtype: torch.dtype, seed: int
+) -> TrainResult:
     train_ids, y = data["train"]["ids"], data["train"]["y"]
     n, bs = len(y), cfg.batch_size
     lengths = np.array([len(s) for s in train_ids])
@@ -196,8 +225,14 @@ def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device,
     sample_w = torch.as_tensor(fd.sample_weights(y, model.num_classes)) if cfg.sampler == "weighted" else None
 
     result = TrainResult(best_state=copy.deepcopy(model.state_dict()), total_steps=total)
-    logger.info("finetune: %d steps (%d / epoch, batch %d), eval every %d steps, patience %d", total,
-                steps_per_epoch, bs, eval_every, cfg.patience)
+    logger.info(
+        "finetune: %d steps (%d / epoch, batch %d), eval every %d steps, patience %d",
+        total,
+        steps_per_epoch,
+        bs,
+        eval_every,
+        cfg.patience,
+    )
     model.train()
     step, bad_evals, run_loss, run_n, seen = 0, 0, 0.0, 0, 0
     t_start = t_log = time.perf_counter()
@@ -218,8 +253,16 @@ def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device,
             if step % cfg.log_interval == 0 or step == total:
                 now = time.perf_counter()
                 rate = (seen - seen_at_log) / max(now - t_log, 1e-9)
-                log_step(logger, step, total, run_loss / max(run_n, 1), lr, throughput=f"{rate:.0f} ex/s",
-                         seconds_per_step=bs / max(rate, 1e-9), detail=f"epoch {epoch + 1}")
+                log_step(
+                    logger,
+                    step,
+                    total,
+                    run_loss / max(run_n, 1),
+                    lr,
+                    throughput=f"{rate:.0f} ex/s",
+                    seconds_per_step=bs / max(rate, 1e-9),
+                    detail=f"epoch {epoch + 1}",
+                )
                 t_log, seen_at_log = now, seen
             if step % eval_every == 0 or step == total:
                 _evaluate(model, data["val"], cfg, device, dtype, step, epoch, run_loss / max(run_n, 1), result)
@@ -238,8 +281,14 @@ def train(model, data: dict[str, dict], cfg, n_layer: int, device: torch.device,
     result.epochs = round(seen / n, 3)
     result.seconds = time.perf_counter() - t_start
     result.final_loss = result.curve[-1]["train_loss"] if result.curve else float("nan")
-    logger.info("finetune: %d steps in %s, best val macro-F1 %.4f at step %d (%s)", step,
-                format_duration(result.seconds), result.best_val_macro_f1, result.best_step, result.stop_reason)
+    logger.info(
+        "finetune: %d steps in %s, best val macro-F1 %.4f at step %d (%s)",
+        step,
+        format_duration(result.seconds),
+        result.best_val_macro_f1,
+        result.best_step,
+        result.stop_reason,
+    )
     return result
 
 
@@ -248,8 +297,12 @@ def configure_optimizer(model: torch.nn.Module, cfg, n_layer: int, device: torch
     if cfg.freeze_embeddings:
         logger.info("finetune: %d embedding weights frozen", freeze_embeddings(model, n_layer))
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, n_layer), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), **extra)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, n_layer),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        **extra,
+    )
 
 
 def _loss_weight(y: np.ndarray, num_classes: int, scheme: str, device: torch.device) -> torch.Tensor | None:
@@ -260,19 +313,35 @@ def _loss_weight(y: np.ndarray, num_classes: int, scheme: str, device: torch.dev
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
-def _epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, sample_w: torch.Tensor | None,
-                   sampler_gen: torch.Generator) -> list[np.ndarray]:
+def _epoch_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    sample_w: torch.Tensor | None,
+    sampler_gen: torch.Generator,
+) -> list[np.ndarray]:
     """One epoch of length-bucketed batches; with ``sample_w`` a class-balanced draw with replacement first."""
     order = None
     if sample_w is not None:
-        sampler = torch.utils.data.WeightedRandomSampler(sample_w, len(lengths), replacement=True,
-                                                         generator=sampler_gen)
+        sampler = torch.utils.data.WeightedRandomSampler(
+            sample_w, len(lengths), replacement=True, generator=sampler_gen
+        )
         order = np.fromiter(iter(sampler), dtype=np.int64, count=len(lengths))
     return fd.length_bucketed_batches(lengths, batch_size, rng, order=order)
 
 
-def _train_batch(model, optimizer, split: dict[str, Any], idx: np.ndarray, lr: float, loss_weight, cfg,
-                 device: torch.device, dtype: torch.dtype, step: int) -> float:
+def _train_batch(
+    model,
+    optimizer,
+    split: dict[str, Any],
+    idx: np.ndarray,
+    lr: float,
+    loss_weight,
+    cfg,
+    device: torch.device,
+    dtype: torch.dtype,
+    step: int,
+) -> float:
     """One optimizer step on the examples ``idx``; returns the batch's mean loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
@@ -283,8 +352,9 @@ def _train_batch(model, optimizer, split: dict[str, Any], idx: np.ndarray, lr: f
         logits = model(x, m)  # (B, num_classes)
     loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
     if not torch.isfinite(loss):
-        raise PipelineError(f"finetune: loss is {loss.item()} at step {step}; lower finetune.lr "
-                            f"(now {cfg.lr}) or enable grad_clip")
+        raise PipelineError(
+            f"finetune: loss is {loss.item()} at step {step}; lower finetune.lr (now {cfg.lr}) or enable grad_clip"
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -293,28 +363,44 @@ def _train_batch(model, optimizer, split: dict[str, Any], idx: np.ndarray, lr: f
     return loss.item()
 
 
-def _evaluate(model, val: dict[str, Any], cfg, device, dtype, step: int, epoch: int, train_loss: float,
-              result: TrainResult) -> None:
+def _evaluate(
+    model, val: dict[str, Any], cfg, device, dtype, step: int, epoch: int, train_loss: float, result: TrainResult
+) -> None:
     """Score val, append to the curve and keep a CPU copy of the weights when macro-F1 improved."""
     pred = predict(model, val["ids"], model.pad_id, cfg.eval_batch_size, device, dtype)
     f1 = mt.macro_f1(val["y"], pred, model.num_classes)
     acc = mt.accuracy(val["y"], pred)
-    result.curve.append({"step": step, "epoch": epoch + 1, "val_macro_f1": round(f1, 6), "val_acc": round(acc, 6),
-                         "train_loss": round(train_loss, 6)})
+    result.curve.append(
+        {
+            "step": step,
+            "epoch": epoch + 1,
+            "val_macro_f1": round(f1, 6),
+            "val_acc": round(acc, 6),
+            "train_loss": round(train_loss, 6),
+        }
+    )
     improved = f1 > result.best_val_macro_f1 + cfg.min_delta
     if improved:
         result.best_val_macro_f1, result.best_step, result.best_epoch = f1, step, epoch + 1
         result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    logger.info("eval step %d | val macro-F1 %.4f | val acc %.4f | train loss %.4f%s", step, f1, acc, train_loss,
-                " (best)" if improved else "")
+    logger.info(
+        "eval step %d | val macro-F1 %.4f | val acc %.4f | train loss %.4f%s",
+        step,
+        f1,
+        acc,
+        train_loss,
+        " (best)" if improved else "",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # metrics and outputs
 # ---------------------------------------------------------------------------------------------
 
-def build_metrics(data, val_pred, test_pred, labels, result: TrainResult, cfg, scratch: bool, model_config,
-                  seed: int) -> dict[str, Any]:
+
+def build_metrics(
+    data, val_pred, test_pred, labels, result: TrainResult, cfg, scratch: bool, model_config, seed: int
+) -> dict[str, Any]:
     test = mt.classification_report(data["test"]["y"], test_pred, labels)
     if cfg.bootstrap_resamples:
         low, high = mt.bootstrap_ci(data["test"]["y"], test_pred, mt.accuracy, cfg.bootstrap_resamples, 0.95, seed)
@@ -323,12 +409,22 @@ def build_metrics(data, val_pred, test_pred, labels, result: TrainResult, cfg, s
     return {
         "test": test,
         "val": val,
-        "best": {"step": result.best_step, "epoch": result.best_epoch,
-                 "val_macro_f1": round(result.best_val_macro_f1, 6)},
-        "train": {"steps": result.steps, "total_steps": result.total_steps, "epochs": result.epochs,
-                  "examples": result.examples, "rows": len(data["train"]["y"]), "seconds": round(result.seconds, 2),
-                  "examples_per_s": round(result.examples / max(result.seconds, 1e-9), 1),
-                  "final_loss": result.final_loss, "stop_reason": result.stop_reason},
+        "best": {
+            "step": result.best_step,
+            "epoch": result.best_epoch,
+            "val_macro_f1": round(result.best_val_macro_f1, 6),
+        },
+        "train": {
+            "steps": result.steps,
+            "total_steps": result.total_steps,
+            "epochs": result.epochs,
+            "examples": result.examples,
+            "rows": len(data["train"]["y"]),
+            "seconds": round(result.seconds, 2),
+            "examples_per_s": round(result.examples / max(result.seconds, 1e-9), 1),
+            "final_loss": result.final_loss,
+            "stop_reason": result.stop_reason,
+        },
         "from_scratch": scratch,
         "arch": model_config.arch,
         "labels": labels,
@@ -343,23 +439,51 @@ def _csv_text(header: list[str], rows) -> str:
     return buf.getvalue()
 
 
-def write_outputs(params, model, model_config, classifier: dict[str, Any], scratch: bool, init: dict[str, Any],
-                  metrics: dict[str, Any], result: TrainResult, y_test, test_pred, labels,
-                  inputs: dict[str, str]) -> None:
+def write_outputs(
+    params,
+    model,
+    model_config,
+    classifier: dict[str, Any],
+    scratch: bool,
+    init: dict[str, Any],
+    metrics: dict[str, Any],
+    result: TrainResult,
+    y_test,
+    test_pred,
+    labels,
+    inputs: dict[str, str],
+) -> None:
     paths = params.paths
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(paths.finetune_dir) as out:
-        torch.save({"model": state, "model_config": model_config.to_dict(), "classifier": classifier,
-                    "from_scratch": scratch, "init": init["kind"], "pretrain_step": init.get("pretrain_step"),
-                    "best_step": result.best_step, "val_macro_f1": metrics["val"]["macro_f1"],
-                    "test_accuracy": metrics["test"]["accuracy"]}, out / "model.pt")
+        torch.save(
+            {
+                "model": state,
+                "model_config": model_config.to_dict(),
+                "classifier": classifier,
+                "from_scratch": scratch,
+                "init": init["kind"],
+                "pretrain_step": init.get("pretrain_step"),
+                "best_step": result.best_step,
+                "val_macro_f1": metrics["val"]["macro_f1"],
+                "test_accuracy": metrics["test"]["accuracy"],
+            },
+            out / "model.pt",
+        )
         atomic_write_json(out / "labels.json", labels)
-        write_manifest(out, "finetune", {"finetune": params.finetune, "model": params.model, "seed": params.seed},
-                       inputs, extra={"from_scratch": scratch, "test_accuracy": metrics["test"]["accuracy"]})
+        write_manifest(
+            out,
+            "finetune",
+            {"finetune": params.finetune, "model": params.model, "seed": params.seed},
+            inputs,
+            extra={"from_scratch": scratch, "test_accuracy": metrics["test"]["accuracy"]},
+        )
     with atomic_dir(paths.finetune_reports_dir) as rep:
         atomic_write_json(rep / "metrics.json", metrics)
-        atomic_write_text(rep / "confusion.csv", _csv_text(["actual", "predicted"],
-                                                           mt.confusion_rows(y_test, test_pred, labels)))
+        atomic_write_text(
+            rep / "confusion.csv", _csv_text(["actual", "predicted"], mt.confusion_rows(y_test, test_pred, labels))
+        )
         curve_cols = ["step", "epoch", "val_macro_f1", "val_acc", "train_loss"]
-        atomic_write_text(rep / "val_curve.csv", _csv_text(curve_cols, ([r[c] for c in curve_cols]
-                                                                        for r in result.curve)))
+        atomic_write_text(
+            rep / "val_curve.csv", _csv_text(curve_cols, ([r[c] for c in curve_cols] for r in result.curve))
+        )

@@ -50,8 +50,22 @@ from pipeline_tasks.train.params import (  # re-exported for code that already i
     mfu,
 )
 
-__all__ = ["ARCHS", "H100_BF16_PEAK_FLOPS", "ModelConfig", "ModelParams", "flops_per_token", "mfu", "GPT", "LSTMLM",
-           "SequenceClassifier", "build_lm", "generate", "load_classifier", "load_lm", "num_parameters"]
+__all__ = [
+    "ARCHS",
+    "H100_BF16_PEAK_FLOPS",
+    "ModelConfig",
+    "ModelParams",
+    "flops_per_token",
+    "mfu",
+    "GPT",
+    "LSTMLM",
+    "SequenceClassifier",
+    "build_lm",
+    "generate",
+    "load_classifier",
+    "load_lm",
+    "num_parameters",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,8 +88,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         # flash / memory-efficient kernels on CUDA, a causal softmax(QK^T/sqrt(hs))V elsewhere
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -123,13 +138,15 @@ class GPT(_LMHeadMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017): one V x C table for input and output
         self.transformer.wte.weight = self.lm_head.weight
@@ -164,8 +181,14 @@ class LSTMLM(_LMHeadMixin, nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         # hidden size = n_embd so the output can be tied to the embedding table
-        self.lstm = nn.LSTM(config.n_embd, config.n_embd, num_layers=config.n_layer, batch_first=True,
-                            dropout=config.dropout if config.n_layer > 1 else 0.0, bias=True)
+        self.lstm = nn.LSTM(
+            config.n_embd,
+            config.n_embd,
+            num_layers=config.n_layer,
+            batch_first=True,
+            dropout=config.dropout if config.n_layer > 1 else 0.0,
+            bias=True,
+        )
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight
@@ -176,7 +199,7 @@ class LSTMLM(_LMHeadMixin, nn.Module):
                 # gates are ordered (input, forget, cell, output) and b_ih + b_hh add up: 0.5 each
                 nn.init.zeros_(p)
                 n = config.n_embd
-                p.data[n:2 * n].fill_(0.5)
+                p.data[n : 2 * n].fill_(0.5)
             # weights keep torch's U(-1/sqrt(C), 1/sqrt(C)) init
 
     def hidden_states(self, idx, attention_mask=None):
@@ -248,8 +271,9 @@ def num_parameters(model: Any, exclude_embeddings: bool = False) -> int:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             generator=None):
+def generate(
+    model: nn.Module, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None
+):
     """Sample ``max_new_tokens`` continuations of ``idx`` (B, T) -> (B, T + max_new_tokens)."""
     block_size = model.config.block_size
     for _ in range(max_new_tokens):
@@ -278,8 +302,14 @@ class SequenceClassifier(nn.Module):
     states of the real tokens.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, pooling: Literal["last", "mean"] = "last",
-                 pad_id: int = 0, dropout: float = 0.1):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        pooling: Literal["last", "mean"] = "last",
+        pad_id: int = 0,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
@@ -320,12 +350,16 @@ def load_classifier(path: str | Path) -> tuple[SequenceClassifier, dict[str, Any
         config = ModelConfig.from_dict(dict(checkpoint["model_config"]))
         meta = dict(checkpoint["classifier"])
         labels = list(meta["labels"])
-        model = SequenceClassifier(build_lm(config), num_classes=len(labels), pooling=meta["pooling"],
-                                   pad_id=int(meta["pad_id"]))
+        model = SequenceClassifier(
+            build_lm(config), num_classes=len(labels), pooling=meta["pooling"], pad_id=int(meta["pad_id"])
+        )
         model.load_state_dict(_state_dict(checkpoint))
     except (KeyError, RuntimeError, ValueError) as exc:
         raise DataError(f"{path}: not a finetune checkpoint this code can load ({exc}); re-run finetune") from exc
     meta.setdefault("num_classes", len(labels))
     meta.setdefault("cls_id", None)
-    return model.eval(), {"model_config": config.to_dict(), "classifier": meta,
-                          "from_scratch": bool(checkpoint.get("from_scratch", False))}
+    return model.eval(), {
+        "model_config": config.to_dict(),
+        "classifier": meta,
+        "from_scratch": bool(checkpoint.get("from_scratch", False)),
+    }

@@ -57,8 +57,9 @@ class ModelConfig(ModelParams):
 
     @classmethod
     def from_params(cls, params: ModelParams, vocab_size: int) -> ModelConfig:
-        return cls(**{f.name: getattr(params, f.name) for f in dataclasses.fields(ModelParams)},
-                   vocab_size=int(vocab_size))
+        return cls(
+            **{f.name: getattr(params, f.name) for f in dataclasses.fields(ModelParams)}, vocab_size=int(vocab_size)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,8 +69,10 @@ class ModelConfig(ModelParams):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"model_config has unknown keys {unknown} (known: {sorted(known)}); "
-                             "was the checkpoint written by a newer lm-pipeline?")
+            raise ValueError(
+                f"model_config has unknown keys {unknown} (known: {sorted(known)}); "
+                "was the checkpoint written by a newer lm-pipeline?"
+            )
         return cls(**data)
 
     @property
@@ -106,8 +109,20 @@ class PretrainParams:
     log_interval: int = 10
 
     def __post_init__(self) -> None:
-        check_range(self, ("max_steps", "micro_batch_size", "tokens_per_step", "eval_interval", "eval_batches",
-                           "checkpoint_interval", "keep_last", "log_interval"), 1)
+        check_range(
+            self,
+            (
+                "max_steps",
+                "micro_batch_size",
+                "tokens_per_step",
+                "eval_interval",
+                "eval_batches",
+                "checkpoint_interval",
+                "keep_last",
+                "log_interval",
+            ),
+            1,
+        )
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         check_range(self, ("warmup_steps", "patience", "grad_clip", "num_threads"), 0)
@@ -167,12 +182,12 @@ class FinetuneParams:
     def __post_init__(self) -> None:
         check_range(self, ("max_len",), 2)
         check_range(self, ("epochs", "batch_size", "eval_batch_size", "log_interval"), 1)
-        check_range(self, ("max_steps", "max_train_rows", "num_threads", "eval_interval", "patience",
-                           "bootstrap_resamples"), 0)
+        check_range(
+            self, ("max_steps", "max_train_rows", "num_threads", "eval_interval", "patience", "bootstrap_resamples"), 0
+        )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        check_range(self, ("min_lr_ratio", "warmup_ratio", "head_dropout", "label_smoothing", "backbone_dropout"),
-                    0, 1)
+        check_range(self, ("min_lr_ratio", "warmup_ratio", "head_dropout", "label_smoothing", "backbone_dropout"), 0, 1)
         if not 0.0 < self.layer_lr_decay <= 1.0:
             raise ValueError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
         if self.class_weighting != "none" and self.sampler == "weighted":

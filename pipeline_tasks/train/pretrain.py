@@ -87,16 +87,19 @@ from pipeline_tasks.train.training import (
 logger = logging.getLogger(__name__)
 
 # Params that do not change the trajectory: a run may resume across changes of these.
-RESUME_NEUTRAL = frozenset({"resume", "keep_last", "checkpoint_interval", "log_interval", "compile", "num_threads",
-                            "device"})
+RESUME_NEUTRAL = frozenset(
+    {"resume", "keep_last", "checkpoint_interval", "log_interval", "compile", "num_threads", "device"}
+)
 
 
 def accumulation_steps(cfg: PretrainParams, block_size: int, world_size: int) -> int:
     per_micro = cfg.micro_batch_size * block_size * world_size
     if cfg.tokens_per_step % per_micro:
-        raise ConfigError(f"pretrain.tokens_per_step ({cfg.tokens_per_step}) must be a multiple of "
-                          f"micro_batch_size x block_size x world_size = {cfg.micro_batch_size} x {block_size} x "
-                          f"{world_size} = {per_micro}")
+        raise ConfigError(
+            f"pretrain.tokens_per_step ({cfg.tokens_per_step}) must be a multiple of "
+            f"micro_batch_size x block_size x world_size = {cfg.micro_batch_size} x {block_size} x "
+            f"{world_size} = {per_micro}"
+        )
     return cfg.tokens_per_step // per_micro
 
 
@@ -106,8 +109,15 @@ def run_fingerprint(params, world_size: int, tokens_dir: Path) -> str:
     outputs = read_json(manifest).get("outputs", {}) if manifest.is_file() else {}
     data = {name: outputs.get(name) or sha256_file(tokens_dir / name) for name in ("train.bin", "val.bin")}
     pretrain = {k: v for k, v in to_plain(params.pretrain).items() if k not in RESUME_NEUTRAL}
-    return sha256_json({"model": to_plain(params.model), "pretrain": pretrain, "seed": params.seed,
-                        "world_size": world_size, "data": data})[:12]
+    return sha256_json(
+        {
+            "model": to_plain(params.model),
+            "pretrain": pretrain,
+            "seed": params.seed,
+            "world_size": world_size,
+            "data": data,
+        }
+    )[:12]
 
 
 @dataclasses.dataclass
@@ -192,8 +202,7 @@ def train(params, info: DistInfo, device: torch.device, preempted: list[int]) ->
     ctx.model.train()
     while state.step < cfg.max_steps and stop_reason == "max_steps":
         t0 = time.perf_counter()
-        lr = cosine_lr(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                       max_steps=cfg.max_steps)
+        lr = cosine_lr(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
         train_loss, grad_norm, stop_requested = train_step(ctx, state.step, lr, preempted, last_good)
         state.step += 1
         dt = time.perf_counter() - t0
@@ -218,8 +227,10 @@ def train(params, info: DistInfo, device: torch.device, preempted: list[int]) ->
     if writer is not None:
         writer.close()
     if stop_reason.startswith("stopped by signal"):
-        raise PipelineError(f"pretrain {stop_reason} at step {state.step}; checkpoint saved in "
-                            f"{ctx.ckpt.directory}: re-run the same command to resume")
+        raise PipelineError(
+            f"pretrain {stop_reason} at step {state.step}; checkpoint saved in "
+            f"{ctx.ckpt.directory}: re-run the same command to resume"
+        )
     if not info.is_main:
         return {}
     return write_outputs(ctx, state, stop_reason, timings)
@@ -229,12 +240,18 @@ def train(params, info: DistInfo, device: torch.device, preempted: list[int]) ->
 # Setup and resume
 # ---------------------------------------------------------------------------------------------
 
+
 def setup_run(params, info: DistInfo, device: torch.device) -> RunContext:
     """Runtime, data, model, optimizer and checkpoint directory: everything before the first step."""
     cfg, tokens_dir = params.pretrain, Path(params.paths.tokens_dir)
-    threads, dtype = configure_runtime(device, num_threads=cfg.num_threads, deterministic=cfg.deterministic,
-                                       dtype=cfg.dtype, tf32=True,
-                                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    threads, dtype = configure_runtime(
+        device,
+        num_threads=cfg.num_threads,
+        deterministic=cfg.deterministic,
+        dtype=cfg.dtype,
+        tf32=True,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)),
+    )
     meta = load_meta(tokens_dir)
     train_data, val_data = open_shard(tokens_dir, "train", meta), open_shard(tokens_dir, "val", meta)
     config = ModelConfig.from_params(params.model, meta["vocab_size"])
@@ -248,12 +265,29 @@ def setup_run(params, info: DistInfo, device: torch.device) -> RunContext:
     torch.manual_seed(params.seed + info.rank)  # dropout masks differ across ranks
 
     fingerprint = run_fingerprint(params, info.world_size, tokens_dir)
-    ckpt = CheckpointManager(Path(params.paths.pretrain_dir) / "checkpoints" / f"run-{fingerprint}",
-                             keep_last=cfg.keep_last)
-    return RunContext(params=params, info=info, device=device, dtype=dtype, autocast=autocast_context(device, dtype),
-                      threads=threads, config=config, meta=meta, train_data=train_data, val_data=val_data,
-                      val_starts=val_starts, accum=accum, model=model, optimizer=optimizer, scaler=scaler, ckpt=ckpt,
-                      fingerprint=fingerprint, n_params=num_parameters(model))
+    ckpt = CheckpointManager(
+        Path(params.paths.pretrain_dir) / "checkpoints" / f"run-{fingerprint}", keep_last=cfg.keep_last
+    )
+    return RunContext(
+        params=params,
+        info=info,
+        device=device,
+        dtype=dtype,
+        autocast=autocast_context(device, dtype),
+        threads=threads,
+        config=config,
+        meta=meta,
+        train_data=train_data,
+        val_data=val_data,
+        val_starts=val_starts,
+        accum=accum,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        ckpt=ckpt,
+        fingerprint=fingerprint,
+        n_params=num_parameters(model),
+    )
 
 
 def resume(ctx: RunContext) -> TrainState:
@@ -262,8 +296,9 @@ def resume(ctx: RunContext) -> TrainState:
     if ctx.info.is_main:
         ckpt.remove_stale_temporaries()
         if not ctx.cfg.resume and ckpt.checkpoints():
-            logger.warning("pretrain.resume is false: removing %d checkpoint(s) in %s", len(ckpt.checkpoints()),
-                           ckpt.directory)
+            logger.warning(
+                "pretrain.resume is false: removing %d checkpoint(s) in %s", len(ckpt.checkpoints()), ckpt.directory
+            )
             ckpt.clear()
     barrier(ctx.info)
     loaded = ckpt.load_latest(map_location="cpu") if ctx.cfg.resume else None  # RNG states must stay on CPU
@@ -283,11 +318,23 @@ def resume(ctx: RunContext) -> TrainState:
 
 def log_run(ctx: RunContext) -> None:
     config, cfg = ctx.config, ctx.cfg
-    logger.info("model %s: %.2fM parameters (%.2fM without embeddings), vocab %d, context %d; device %s %s, "
-                "%d thread(s), world size %d, %d micro-batch(es) of %dx%d per step, run %s", config.arch,
-                ctx.n_params / 1e6, num_parameters(ctx.model, exclude_embeddings=True) / 1e6, config.vocab_size,
-                config.block_size, ctx.device, str(ctx.dtype).replace("torch.", ""), ctx.threads,
-                ctx.info.world_size, ctx.accum, cfg.micro_batch_size, config.block_size, ctx.fingerprint)
+    logger.info(
+        "model %s: %.2fM parameters (%.2fM without embeddings), vocab %d, context %d; device %s %s, "
+        "%d thread(s), world size %d, %d micro-batch(es) of %dx%d per step, run %s",
+        config.arch,
+        ctx.n_params / 1e6,
+        num_parameters(ctx.model, exclude_embeddings=True) / 1e6,
+        config.vocab_size,
+        config.block_size,
+        ctx.device,
+        str(ctx.dtype).replace("torch.", ""),
+        ctx.threads,
+        ctx.info.world_size,
+        ctx.accum,
+        cfg.micro_batch_size,
+        config.block_size,
+        ctx.fingerprint,
+    )
 
 
 def wrap_model(ctx: RunContext) -> None:
@@ -302,20 +349,23 @@ def wrap_model(ctx: RunContext) -> None:
 # One step, evaluation, checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def train_step(ctx: RunContext, step: int, lr: float, preempted: list[int],
-               last_good: Path | None) -> tuple[float, float, bool]:
+
+def train_step(
+    ctx: RunContext, step: int, lr: float, preempted: list[int], last_good: Path | None
+) -> tuple[float, float, bool]:
     """Accumulate ``ctx.accum`` micro-batches, clip, update -> ``(train loss, grad norm, stop requested)``."""
     cfg, info, model, T, B = ctx.cfg, ctx.info, ctx.model, ctx.config.block_size, ctx.cfg.micro_batch_size
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros(2, device=ctx.device)  # [mean loss, SIGTERM seen]: one all-reduce for both
     for micro_step in range(ctx.accum):
-        starts = window_starts(len(ctx.train_data), T, B, seed=ctx.params.seed, rank=info.rank, step=step,
-                               micro_step=micro_step)
+        starts = window_starts(
+            len(ctx.train_data), T, B, seed=ctx.params.seed, rank=info.rank, step=step, micro_step=micro_step
+        )
         x, y = windows_to_tensors(ctx.train_data, starts, T, ctx.device)
         # DDP averages gradients only on the last micro-step; the others accumulate locally
         sync = not info.enabled or micro_step == ctx.accum - 1
-        with (model.no_sync() if not sync else contextlib.nullcontext()), ctx.autocast:
+        with model.no_sync() if not sync else contextlib.nullcontext(), ctx.autocast:
             _, loss = model(x, y)
             loss = loss / ctx.accum
         ctx.scaler.scale(loss).backward()
@@ -330,16 +380,19 @@ def train_step(ctx: RunContext, step: int, lr: float, preempted: list[int],
     if not math.isfinite(train_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
         where = f"last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written yet"
         fix = "raise warmup_steps" + (" or set grad_clip > 0" if cfg.grad_clip == 0 else "")
-        raise PipelineError(f"non-finite training loss ({train_loss}) or gradient norm ({grad_norm}) at step "
-                            f"{step + 1}; {where}. Lower pretrain.lr (now {cfg.lr}) or {fix}, then re-run")
+        raise PipelineError(
+            f"non-finite training loss ({train_loss}) or gradient norm ({grad_norm}) at step "
+            f"{step + 1}; {where}. Lower pretrain.lr (now {cfg.lr}) or {fix}, then re-run"
+        )
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)
     return train_loss, grad_norm, stop_requested
 
 
-def log_progress(ctx: RunContext, state: TrainState, train_loss: float, lr: float, grad_norm: float,
-                 timings: list[float], writer) -> None:
+def log_progress(
+    ctx: RunContext, state: TrainState, train_loss: float, lr: float, grad_norm: float, timings: list[float], writer
+) -> None:
     """TensorBoard scalars every step; the step line every ``log_interval`` steps and at the end."""
     cfg = ctx.cfg
     if writer is not None:
@@ -349,7 +402,7 @@ def log_progress(ctx: RunContext, state: TrainState, train_loss: float, lr: floa
             writer.add_scalar("train/grad_norm", grad_norm, state.step)
     if state.step % cfg.log_interval and state.step != cfg.max_steps:
         return
-    recent = timings[-cfg.log_interval:]
+    recent = timings[-cfg.log_interval :]
     ms = 1000 * sum(recent) / len(recent)
     tok_s = cfg.tokens_per_step / (ms / 1000)
     throughput = f"{ms:.0f} ms/step | {tok_s:,.0f} tok/s"
@@ -367,7 +420,7 @@ def evaluate(ctx: RunContext) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [sum of losses x tokens, tokens]
     with torch.no_grad():
         for i in range(info.rank * B, len(ctx.val_starts), B * info.world_size):
-            x, y = windows_to_tensors(ctx.val_data, ctx.val_starts[i: i + B], T, ctx.device)
+            x, y = windows_to_tensors(ctx.val_data, ctx.val_starts[i : i + B], T, ctx.device)
             with ctx.autocast:
                 _, loss = model(x, y)
             n = torch.tensor(float(y.numel()), dtype=torch.float64, device=ctx.device)
@@ -387,13 +440,25 @@ def evaluate_and_track(ctx: RunContext, state: TrainState, writer) -> None:
     if improved:
         state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.step, 0
         if ctx.info.is_main:
-            ctx.ckpt.save_file({"model": ctx.raw_model.state_dict(), "model_config": ctx.config.to_dict(),
-                                "step": state.step, "val_loss": val_loss}, ctx.ckpt.directory / "best.pt")
+            ctx.ckpt.save_file(
+                {
+                    "model": ctx.raw_model.state_dict(),
+                    "model_config": ctx.config.to_dict(),
+                    "step": state.step,
+                    "val_loss": val_loss,
+                },
+                ctx.ckpt.directory / "best.pt",
+            )
     else:
         state.evals_without_improvement += 1
-    logger.info("eval step %d: val loss %.4f | ppl %.2f | bpb %.4f%s", state.step, val_loss,
-                math.exp(min(val_loss, 50)), bpb, " (best)" if improved else
-                f" ({state.evals_without_improvement} eval(s) without improvement)")
+    logger.info(
+        "eval step %d: val loss %.4f | ppl %.2f | bpb %.4f%s",
+        state.step,
+        val_loss,
+        math.exp(min(val_loss, 50)),
+        bpb,
+        " (best)" if improved else f" ({state.evals_without_improvement} eval(s) without improvement)",
+    )
     if writer is not None:
         for key, value in (("loss", val_loss), ("ppl", math.exp(min(val_loss, 50))), ("bpb", bpb)):
             writer.add_scalar(f"val/{key}", value, state.step)
@@ -404,10 +469,19 @@ def save_checkpoint(ctx: RunContext, state: TrainState) -> Path | None:
     rng_states = all_gather_objects(capture_rng_state(), ctx.info)
     if not ctx.info.is_main:
         return None
-    path = ctx.ckpt.save({"model": ctx.raw_model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
-                          "scaler": ctx.scaler.state_dict(), "train_state": dataclasses.asdict(state),
-                          "rng": rng_states, "model_config": ctx.config.to_dict(), "fingerprint": ctx.fingerprint,
-                          "world_size": ctx.info.world_size}, state.step)
+    path = ctx.ckpt.save(
+        {
+            "model": ctx.raw_model.state_dict(),
+            "optimizer": ctx.optimizer.state_dict(),
+            "scaler": ctx.scaler.state_dict(),
+            "train_state": dataclasses.asdict(state),
+            "rng": rng_states,
+            "model_config": ctx.config.to_dict(),
+            "fingerprint": ctx.fingerprint,
+            "world_size": ctx.info.world_size,
+        },
+        state.step,
+    )
     logger.info("saved checkpoint %s", path)
     return path
 
@@ -415,6 +489,7 @@ def save_checkpoint(ctx: RunContext, state: TrainState) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
+
 
 def write_outputs(ctx: RunContext, state: TrainState, stop_reason: str, timings: list[float]) -> dict[str, Any]:
     """``model.pt`` (best weights), ``metrics.json``, ``loss.csv`` and the manifest (rank 0 only)."""
@@ -429,43 +504,74 @@ def write_outputs(ctx: RunContext, state: TrainState, stop_reason: str, timings:
         except ValueError as exc:
             logger.warning("%s; exporting the final weights instead", exc)
     best_val = state.best_val_loss
-    val = {"loss": best_val, "ppl": math.exp(min(best_val, 50)), "bpb": best_val * ctx.tokens_per_byte / math.log(2),
-           "step": state.best_step}
+    val = {
+        "loss": best_val,
+        "ppl": math.exp(min(best_val, 50)),
+        "bpb": best_val * ctx.tokens_per_byte / math.log(2),
+        "step": state.best_step,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.pt"
     with atomic_path(model_path) as tmp:
-        torch.save({"model": {k: v.detach().cpu() for k, v in weights.items()}, "model_config": ctx.config.to_dict(),
-                    "step": step, "val": val, "special_tokens": ctx.meta["special_tokens"],
-                    "fingerprint": ctx.fingerprint}, tmp)
+        torch.save(
+            {
+                "model": {k: v.detach().cpu() for k, v in weights.items()},
+                "model_config": ctx.config.to_dict(),
+                "step": step,
+                "val": val,
+                "special_tokens": ctx.meta["special_tokens"],
+                "fingerprint": ctx.fingerprint,
+            },
+            tmp,
+        )
 
     # steady state: the first steps include allocator / compile warm-up; a run that resumed an
     # already finished checkpoint has no timings of its own and reports the run's average
-    steady = timings[min(len(timings) - 1, 5):] if timings else []
+    steady = timings[min(len(timings) - 1, 5) :] if timings else []
     if steady and sum(steady) > 0:
         tokens_per_s = cfg.tokens_per_step * len(steady) / sum(steady)
     else:
         tokens_per_s = cfg.tokens_per_step * state.step / state.train_time_s if state.train_time_s else 0.0
     final_train = state.history[-1][1] if state.history else math.nan
-    metrics = {"train/loss": final_train, "val/loss": best_val, "val/ppl": val["ppl"], "val/bpb": val["bpb"],
-               "val/best_step": state.best_step, "train/steps": state.step,
-               "train/tokens": state.step * cfg.tokens_per_step, "train/tokens_per_s": round(tokens_per_s, 1),
-               "train/wall_time_s": round(state.train_time_s, 2), "model/params": ctx.n_params,
-               "stopped_early": stop_reason != "max_steps", "world_size": info.world_size}
+    metrics = {
+        "train/loss": final_train,
+        "val/loss": best_val,
+        "val/ppl": val["ppl"],
+        "val/bpb": val["bpb"],
+        "val/best_step": state.best_step,
+        "train/steps": state.step,
+        "train/tokens": state.step * cfg.tokens_per_step,
+        "train/tokens_per_s": round(tokens_per_s, 1),
+        "train/wall_time_s": round(state.train_time_s, 2),
+        "model/params": ctx.n_params,
+        "stopped_early": stop_reason != "max_steps",
+        "world_size": info.world_size,
+    }
     if ctx.device.type == "cuda":
         metrics["train/mfu"] = round(mfu(tokens_per_s / info.world_size, ctx.config), 4)
     atomic_write_json(reports_dir / "metrics.json", metrics)
     rows = ["step,train_loss,val_loss,lr"] + [
-        f"{s},{tl:.6f},{'' if math.isnan(vl) else f'{vl:.6f}'},{lr:.6e}" for s, tl, vl, lr in state.history]
+        f"{s},{tl:.6f},{'' if math.isnan(vl) else f'{vl:.6f}'},{lr:.6e}" for s, tl, vl, lr in state.history
+    ]
     atomic_write_text(reports_dir / "loss.csv", "\n".join(rows) + "\n")
-    manifest = build_manifest("pretrain", {"model": params.model, "pretrain": cfg, "seed": params.seed},
-                              inputs={name: sha256_file(Path(params.paths.tokens_dir) / name)
-                                      for name in ("train.bin", "val.bin", "meta.json")},
-                              extra={"outputs": {"model.pt": sha256_file(model_path)},
-                                     "fingerprint": ctx.fingerprint})
+    manifest = build_manifest(
+        "pretrain",
+        {"model": params.model, "pretrain": cfg, "seed": params.seed},
+        inputs={
+            name: sha256_file(Path(params.paths.tokens_dir) / name) for name in ("train.bin", "val.bin", "meta.json")
+        },
+        extra={"outputs": {"model.pt": sha256_file(model_path)}, "fingerprint": ctx.fingerprint},
+    )
     atomic_write_json(out_dir / "manifest.json", manifest)
     logger.info("wrote %s (step %d, val loss %.4f, bpb %.4f)", model_path, step, best_val, val["bpb"])
-    return {"model": str(model_path), "steps": state.step, "val_loss": round(best_val, 4),
-            "val_bpb": round(val["bpb"], 4), "tokens_per_s": metrics["train/tokens_per_s"], "stop": stop_reason}
+    return {
+        "model": str(model_path),
+        "steps": state.step,
+        "val_loss": round(best_val, 4),
+        "val_bpb": round(val["bpb"], 4),
+        "tokens_per_s": metrics["train/tokens_per_s"],
+        "stop": stop_reason,
+    }
 
 
 def _on_sigterm(callback):

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Devices, precision, distributed
 # ---------------------------------------------------------------------------------------------
 
+
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
@@ -166,8 +167,15 @@ def set_num_threads(num_threads: int, local_world_size: int = 1) -> int:
     return n
 
 
-def configure_runtime(device: torch.device, *, num_threads: int, deterministic: bool, dtype: str = "auto",
-                      local_world_size: int = 1, tf32: bool = False) -> tuple[int, torch.dtype]:
+def configure_runtime(
+    device: torch.device,
+    *,
+    num_threads: int,
+    deterministic: bool,
+    dtype: str = "auto",
+    local_world_size: int = 1,
+    tf32: bool = False,
+) -> tuple[int, torch.dtype]:
     """Threads, deterministic kernels and precision for a training loop -> ``(threads, autocast dtype)``.
 
     ``tf32``: TF32 for fp32 matmuls left outside autocast on CUDA (pretrain); finetune keeps it
@@ -182,8 +190,17 @@ def configure_runtime(device: torch.device, *, num_threads: int, deterministic: 
     return threads, autocast_dtype(device, dtype)
 
 
-def log_step(log: logging.Logger, step: int, total: int, loss: float, lr: float, *, throughput: str,
-             seconds_per_step: float, detail: str = "") -> None:
+def log_step(
+    log: logging.Logger,
+    step: int,
+    total: int,
+    loss: float,
+    lr: float,
+    *,
+    throughput: str,
+    seconds_per_step: float,
+    detail: str = "",
+) -> None:
     """The progress line of both loops: ``step s/N [| detail] | loss | lr | throughput | eta``."""
     head = f"step {step}/{total}" + (f" | {detail}" if detail else "")
     eta = format_duration((total - step) * seconds_per_step)
@@ -194,8 +211,10 @@ def log_step(log: logging.Logger, step: int, total: int, loss: float, lr: float,
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------
 
-def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                        device: torch.device) -> torch.optim.AdamW:
+
+def configure_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device
+) -> torch.optim.AdamW:
     """AdamW with decay on matrices (Linear, Embedding) only: not on biases and norm gains."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
     decay = [p for p in params if p.dim() >= 2]
@@ -220,6 +239,7 @@ def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_ste
 # RNG state (weights_only-safe: tensors, ints, lists)
 # ---------------------------------------------------------------------------------------------
 
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
@@ -231,10 +251,13 @@ def capture_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": {"version": version, "state": list(py_state), "gauss": gauss},
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -246,9 +269,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     nps = state["numpy"]
-    np.random.set_state({"bit_generator": nps["bit_generator"],
-                         "state": {"key": nps["key"].numpy().astype(np.uint32), "pos": nps["pos"]},
-                         "has_gauss": nps["has_gauss"], "gauss": nps["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": nps["bit_generator"],
+            "state": {"key": nps["key"].numpy().astype(np.uint32), "pos": nps["pos"]},
+            "has_gauss": nps["has_gauss"],
+            "gauss": nps["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -257,6 +285,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
+
 
 class CheckpointManager:
     """``step_XXXXXXX.pt`` files in one directory, each with a ``.sha256`` sidecar.
@@ -319,8 +348,10 @@ class CheckpointManager:
         expected = sidecar.read_text(encoding="utf-8").split()[0]
         actual = sha256_file(path)
         if actual != expected:
-            raise ValueError(f"{path}: sha256 {actual[:12]}... does not match {sidecar.name} ({expected[:12]}...); "
-                             "the file is truncated or corrupt")
+            raise ValueError(
+                f"{path}: sha256 {actual[:12]}... does not match {sidecar.name} ({expected[:12]}...); "
+                "the file is truncated or corrupt"
+            )
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # zip / unpickling errors come in several types

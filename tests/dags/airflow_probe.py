@@ -15,18 +15,45 @@ import sys
 import time
 from pathlib import Path
 
-HEAVY = ("torch", "pandas", "numpy", "great_expectations", "evidently", "onnxruntime", "onnx", "mlflow",
-         "pyarrow", "tokenizers", "sklearn")
+HEAVY = (
+    "torch",
+    "pandas",
+    "numpy",
+    "great_expectations",
+    "evidently",
+    "onnxruntime",
+    "onnx",
+    "mlflow",
+    "pyarrow",
+    "tokenizers",
+    "sklearn",
+)
 
 
 def _task_report(task) -> dict:
-    report = {"task_id": task.task_id, "operator": type(task).__name__, "retries": task.retries,
-              "upstream": sorted(task.upstream_task_ids), "pool": task.pool,
-              "trigger_rule": getattr(task.trigger_rule, "value", str(task.trigger_rule)),
-              "retry_exponential_backoff": bool(task.retry_exponential_backoff),
-              "execution_timeout_s": task.execution_timeout.total_seconds() if task.execution_timeout else None}
-    for attr in ("bash_command", "env", "arguments", "env_vars", "command", "environment", "image",
-                 "node_selector", "device_requests", "auto_remove", "namespace"):
+    report = {
+        "task_id": task.task_id,
+        "operator": type(task).__name__,
+        "retries": task.retries,
+        "upstream": sorted(task.upstream_task_ids),
+        "pool": task.pool,
+        "trigger_rule": getattr(task.trigger_rule, "value", str(task.trigger_rule)),
+        "retry_exponential_backoff": bool(task.retry_exponential_backoff),
+        "execution_timeout_s": task.execution_timeout.total_seconds() if task.execution_timeout else None,
+    }
+    for attr in (
+        "bash_command",
+        "env",
+        "arguments",
+        "env_vars",
+        "command",
+        "environment",
+        "image",
+        "node_selector",
+        "device_requests",
+        "auto_remove",
+        "namespace",
+    ):
         if hasattr(task, attr):
             value = getattr(task, attr)
             if attr == "device_requests" and value:
@@ -51,13 +78,18 @@ def dagbag(folder: str) -> dict:
     dags = {}
     for dag_id, dag in bag.dags.items():
         dags[dag_id] = {
-            "tags": sorted(dag.tags), "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
+            "tags": sorted(dag.tags),
+            "catchup": dag.catchup,
+            "max_active_runs": dag.max_active_runs,
             "start_date": dag.start_date.isoformat() if dag.start_date else None,
-            "schedule": type(dag.timetable).__name__, "timetable": repr(getattr(dag.timetable, "description", None)),
-            "doc_md": bool(dag.doc_md), "default_retries": dag.default_args.get("retries"),
+            "schedule": type(dag.timetable).__name__,
+            "timetable": repr(getattr(dag.timetable, "description", None)),
+            "doc_md": bool(dag.doc_md),
+            "default_retries": dag.default_args.get("retries"),
             "task_order": [t.task_id for t in dag.topological_sort()] if hasattr(dag, "topological_sort") else None,
             "tasks": {t.task_id: _task_report(t) for t in dag.tasks},
-            "has_success_callback": bool(dag.on_success_callback), "has_failure_callback": bool(dag.on_failure_callback),
+            "has_success_callback": bool(dag.on_success_callback),
+            "has_failure_callback": bool(dag.on_failure_callback),
         }
     return {"import_errors": bag.import_errors, "dags": dags}
 

@@ -25,13 +25,22 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_PY = REPO / ".venv-airflow" / "bin" / "python"
 PROBE = Path(__file__).with_name("airflow_probe.py")
-TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true"}
+TELEMETRY_OFF = {
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 
 # Gates a 4-step model passes (so the promotion path runs) / fails (so it is skipped).
-RELAXED_GATES = {"evaluate.gates.min_accuracy": 0.0, "evaluate.gates.min_macro_f1": 0.0,
-                 "evaluate.gates.max_int8_accuracy_drop": 1.0, "evaluate.gates.max_p95_latency_ms": 10000.0,
-                 "evaluate.gates.max_size_mb": 1000.0, "evaluate.gates.max_regression": None}
+RELAXED_GATES = {
+    "evaluate.gates.min_accuracy": 0.0,
+    "evaluate.gates.min_macro_f1": 0.0,
+    "evaluate.gates.max_int8_accuracy_drop": 1.0,
+    "evaluate.gates.max_p95_latency_ms": 10000.0,
+    "evaluate.gates.max_size_mb": 1000.0,
+    "evaluate.gates.max_regression": None,
+}
 STRICT_GATES = {"evaluate.gates.min_accuracy": 0.999}
 
 
@@ -43,42 +52,56 @@ def tiny_overrides(**extra: Any) -> dict[str, Any]:
 
 
 def dvc_stage_names() -> list[str]:
-    return list((yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8")).get("stages") or {}))
+    return list(yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8")).get("stages") or {})
 
 
 @pytest.fixture(scope="session")
 def airflow_python() -> Path:
     if not AIRFLOW_PY.is_file():
         pytest.skip(f"orchestration env missing ({AIRFLOW_PY}): run `make install-airflow`")
-    check = subprocess.run([str(AIRFLOW_PY), "-c", "import airflow.sdk, pipeline_tasks.orchestration.settings"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [str(AIRFLOW_PY), "-c", "import airflow.sdk, pipeline_tasks.orchestration.settings"],
+        capture_output=True,
+        text=True,
+    )
     if check.returncode != 0:
-        pytest.skip(f".venv-airflow cannot import airflow + pipeline_tasks (run `make install-airflow`, which "
-                    f"also does `pip install --no-deps -e .`): {check.stderr.strip()[-300:]}")
+        pytest.skip(
+            f".venv-airflow cannot import airflow + pipeline_tasks (run `make install-airflow`, which "
+            f"also does `pip install --no-deps -e .`): {check.stderr.strip()[-300:]}"
+        )
     return AIRFLOW_PY
 
 
 def airflow_env(home: Path, data_root: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LMPIPE_"))}
     env.update(TELEMETRY_OFF)
-    env.update({
-        "PATH": f"{AIRFLOW_PY.parent}{os.pathsep}{env.get('PATH', '')}",
-        "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "LMPIPE_REPO": str(REPO), "LMPIPE_RUNNER": "local", "LMPIPE_TASK_PYTHON": sys.executable,
-        "LMPIPE_DATA_ROOT": str(data_root),
-        "LMPIPE_DATA_MIRROR": os.environ.get("LMPIPE_DATA_MIRROR") or str(REPO.parent / "shared" / "corpora"),
-    })
+    env.update(
+        {
+            "PATH": f"{AIRFLOW_PY.parent}{os.pathsep}{env.get('PATH', '')}",
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "LMPIPE_REPO": str(REPO),
+            "LMPIPE_RUNNER": "local",
+            "LMPIPE_TASK_PYTHON": sys.executable,
+            "LMPIPE_DATA_ROOT": str(data_root),
+            "LMPIPE_DATA_MIRROR": os.environ.get("LMPIPE_DATA_MIRROR") or str(REPO.parent / "shared" / "corpora"),
+        }
+    )
     env.update(extra)
     return env
 
 
 def probe(env: dict[str, str], *args: str, timeout: float = 600) -> dict:
-    proc = subprocess.run([str(AIRFLOW_PY), str(PROBE), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [str(AIRFLOW_PY), str(PROBE), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        raise AssertionError(f"probe {args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"probe {args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return json.loads(lines[-1])
 
 
@@ -87,8 +110,9 @@ def airflow_db(airflow_python, tmp_path_factory) -> Path:
     """An AIRFLOW_HOME with a migrated SQLite metadata DB (for DagBag and dag.test())."""
     home = tmp_path_factory.mktemp("airflow_home")
     env = airflow_env(home, home / "data")
-    proc = subprocess.run([str(AIRFLOW_PY.parent / "airflow"), "db", "migrate"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [str(AIRFLOW_PY.parent / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return home
 
@@ -210,11 +234,15 @@ def airflow_stack(airflow_python, tmp_path):
     password = secrets.token_hex(8)
     (home / "passwords.json").write_text(json.dumps({"admin": password}))
     extra = {
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16), "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+        "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
     }
@@ -223,19 +251,39 @@ def airflow_stack(airflow_python, tmp_path):
     raw["orchestration"]["max_active_runs"] = 2
     orchestration.write_text(yaml.safe_dump(raw, sort_keys=False))
     # no cron: an unpaused DAG would otherwise start its latest scheduled run (full-size params) at once
-    env = airflow_env(home, root / "data", LMPIPE_ORCHESTRATION_PARAMS=str(orchestration),
-                      LMPIPE_RETRAIN_CRON="none", LMPIPE_DRIFT_CRON="none", **extra)
+    env = airflow_env(
+        home,
+        root / "data",
+        LMPIPE_ORCHESTRATION_PARAMS=str(orchestration),
+        LMPIPE_RETRAIN_CRON="none",
+        LMPIPE_DRIFT_CRON="none",
+        **extra,
+    )
     airflow = str(AIRFLOW_PY.parent / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert migrate.returncode == 0, migrate.stderr[-3000:]
     for pool, slots in (("gpu", "1"), ("promote", "1")):
-        subprocess.run([airflow, "pools", "set", pool, slots, f"lm-pipeline {pool}"], env=env, check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [airflow, "pools", "set", pool, slots, f"lm-pipeline {pool}"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     procs = []
     for args in (["api-server"], ["scheduler", "--skip-serve-logs"], ["dag-processor"]):
         log = open(root / f"{args[0]}.log", "w")
-        procs.append(subprocess.Popen([airflow, *args], env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True, cwd=root))
+        procs.append(
+            subprocess.Popen(
+                [airflow, *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=root,
+            )
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -243,8 +291,10 @@ def airflow_stack(airflow_python, tmp_path):
             try:
                 with urllib.request.urlopen(base + "/api/v2/monitor/health", timeout=5) as response:
                     health = json.loads(response.read())
-                if all((health.get(c) or {}).get("status") == "healthy"
-                       for c in ("metadatabase", "scheduler", "dag_processor")):
+                if all(
+                    (health.get(c) or {}).get("status") == "healthy"
+                    for c in ("metadatabase", "scheduler", "dag_processor")
+                ):
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass

@@ -25,8 +25,10 @@ def _dvc_cmds() -> dict[str, list[str]]:
 def bags(airflow_db, tmp_path_factory):
     """DagBag reports of the DAG folder under each runner."""
     data = tmp_path_factory.mktemp("data")
-    return {runner: probe(airflow_env(airflow_db, data, LMPIPE_RUNNER=runner), "dagbag", str(REPO / "dags"))
-            for runner in ("local", "docker", "kubernetes")}
+    return {
+        runner: probe(airflow_env(airflow_db, data, LMPIPE_RUNNER=runner), "dagbag", str(REPO / "dags"))
+        for runner in ("local", "docker", "kubernetes")
+    }
 
 
 @pytest.mark.airflow
@@ -79,7 +81,7 @@ def test_local_node_command_is_the_dvc_stage_command_in_the_task_env(bags):
         argv = shlex.split(tasks[stage]["bash_command"])
         assert argv[0] == sys.executable  # the task env's interpreter, never Airflow's
         assert argv[1:] == [*DRIVER[1:], "stage", "--", *cmd]
-        assert argv[argv.index("--") + 1:] == cmd
+        assert argv[argv.index("--") + 1 :] == cmd
         env = tasks[stage]["env"]
         assert "{{ run_id | lmpipe_ws }}" in env["LMPIPE_WORKSPACE"]
 
@@ -91,7 +93,9 @@ def test_container_node_args_end_with_the_dvc_stage_command(bags, runner):
     key = "command" if runner == "docker" else "arguments"
     for stage, cmd in _dvc_cmds().items():
         assert tasks[stage][key] == [*DRIVER, "stage", "--", *cmd]
-        assert tasks[stage]["image"].startswith("lm-pipeline-tasks-cuda:" if stage in GPU_STAGES else "lm-pipeline-tasks:")
+        assert tasks[stage]["image"].startswith(
+            "lm-pipeline-tasks-cuda:" if stage in GPU_STAGES else "lm-pipeline-tasks:"
+        )
     assert tasks["prepare_workspace"][key] == [*DRIVER, "init"]
 
 
@@ -162,7 +166,8 @@ def test_promote_dag_wires_approval_and_promote_commands(bags):
     assert tasks["approve"]["operator"] == "ApprovalOperator"
     # user input (version, reason) reaches the command through the env, never spliced into the script
     assert tasks["promote_version"]["bash_command"].endswith(
-        '-- python -m pipeline_tasks promote --version "${LMPIPE_VERSION}" --reason "${LMPIPE_REASON}"')
+        '-- python -m pipeline_tasks promote --version "${LMPIPE_VERSION}" --reason "${LMPIPE_REASON}"'
+    )
     rollback = tasks["rollback"]["bash_command"]
     assert "-- python -m pipeline_tasks rollback" in rollback
     assert {tasks[t]["pool"] for t in ("promote", "promote_version", "rollback")} == {"promote"}
@@ -177,7 +182,8 @@ def test_drift_dag_starts_from_the_training_reference_and_emits_the_asset(bags):
     assert "stage --upstream-if-missing --" in tasks["monitor"]["bash_command"]
     # the training reference: the dvc.lock an accepted retraining run published
     assert tasks["prepare_workspace"]["env"]["LMPIPE_REFERENCE_LOCK"].endswith(
-        "/state/references/lm_retraining.dvc.lock")
+        "/state/references/lm_retraining.dvc.lock"
+    )
     retraining = bags["local"]["dags"]["lm_retraining"]["tasks"]["record_lineage"]
     # published only when the gates passed: the template reads check_gates' decision
     assert "ti.xcom_pull(task_ids='check_gates')" in retraining["env"]["LMPIPE_PUBLISH"]

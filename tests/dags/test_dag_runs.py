@@ -57,8 +57,15 @@ def test_dags_run_end_to_end_with_dag_test(airflow_db, tmp_path, mirror_env):
     data = tmp_path / "data"
     env = airflow_env(airflow_db, data)
     conf = {"params_overrides": tiny_overrides(**RELAXED_GATES)}
-    run = probe(env, "dag-test", str(REPO / "dags"), "lm_retraining", "2025-02-03T03:00:00+00:00", json.dumps(conf),
-                timeout=1800)
+    run = probe(
+        env,
+        "dag-test",
+        str(REPO / "dags"),
+        "lm_retraining",
+        "2025-02-03T03:00:00+00:00",
+        json.dumps(conf),
+        timeout=1800,
+    )
     assert run["state"] == "success", run["states"]
     states = run["states"]
     assert all(states[s] == "success" for s in ["prepare_workspace", *stages, "record_lineage"]), states
@@ -77,10 +84,20 @@ def test_dags_run_end_to_end_with_dag_test(airflow_db, tmp_path, mirror_env):
     # the persistent checkpoints live in the run's workspace (resume on retry)
     assert any((workspace / "models" / "pretrain" / "checkpoints").iterdir())
 
-    drift_conf = {"params_overrides": conf["params_overrides"], "window_start": "2012-01-01",
-                  "window_end": "2030-01-01"}
-    drift = probe(env, "dag-test", str(REPO / "dags"), "lm_drift_monitor", "2025-02-04T05:00:00+00:00",
-                  json.dumps(drift_conf), timeout=1800)
+    drift_conf = {
+        "params_overrides": conf["params_overrides"],
+        "window_start": "2012-01-01",
+        "window_end": "2030-01-01",
+    }
+    drift = probe(
+        env,
+        "dag-test",
+        str(REPO / "dags"),
+        "lm_drift_monitor",
+        "2025-02-04T05:00:00+00:00",
+        json.dumps(drift_conf),
+        timeout=1800,
+    )
     assert drift["state"] == "success", drift["states"]
     summary = json.loads((_workspace(drift["xcoms"]["monitor"]) / "reports/monitor/drift_summary.json").read_text())
     assert drift["states"]["emit_drift_event"] == ("success" if summary["drift_detected"] else "skipped")
@@ -94,13 +111,26 @@ def test_dags_run_end_to_end_with_dag_test(airflow_db, tmp_path, mirror_env):
     assert drift_params["monitor"]["window_start"] == "2012-01-01"
 
     # promote re-checks the gates with params.yaml's thresholds: the 4-step model is refused ...
-    refused = probe(env, "dag-test", str(REPO / "dags"), "lm_promote", "2025-02-05T00:00:00+00:00",
-                    json.dumps({"require_approval": False, "reason": "dag test"}), timeout=900)
+    refused = probe(
+        env,
+        "dag-test",
+        str(REPO / "dags"),
+        "lm_promote",
+        "2025-02-05T00:00:00+00:00",
+        json.dumps({"require_approval": False, "reason": "dag test"}),
+        timeout=900,
+    )
     assert refused["state"] == "failed" and refused["states"]["promote"] == "failed", refused["states"]
     # ... and promoted under the thresholds it was evaluated with
-    promote = probe(env, "dag-test", str(REPO / "dags"), "lm_promote", "2025-02-06T00:00:00+00:00",
-                    json.dumps({"require_approval": False, "reason": "dag test",
-                                "params_overrides": RELAXED_GATES}), timeout=900)
+    promote = probe(
+        env,
+        "dag-test",
+        str(REPO / "dags"),
+        "lm_promote",
+        "2025-02-06T00:00:00+00:00",
+        json.dumps({"require_approval": False, "reason": "dag test", "params_overrides": RELAXED_GATES}),
+        timeout=900,
+    )
     assert promote["state"] == "success", promote["states"]
     assert promote["states"]["promote"] == "success"
     assert promote["states"]["approve"] == "skipped"
@@ -138,8 +168,9 @@ def test_retraining_two_concurrent_runs_through_a_real_scheduler(airflow_stack, 
     deadline = time.monotonic() + 120
     promote_runs: list = []
     while not promote_runs and time.monotonic() < deadline:
-        promote_runs = [r for r in client.get("/api/v2/dags/lm_promote/dagRuns")["dag_runs"]
-                        if r["run_type"] == "asset_triggered"]
+        promote_runs = [
+            r for r in client.get("/api/v2/dags/lm_promote/dagRuns")["dag_runs"] if r["run_type"] == "asset_triggered"
+        ]
         time.sleep(2)
     assert len(promote_runs) == 1, "lm_promote was not triggered by the evaluation-passed Asset event"
     assert workspaces["ci_pass"] != workspaces["ci_fail"]

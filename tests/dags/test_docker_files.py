@@ -55,8 +55,9 @@ def test_dockerfile_pins_bases_and_runs_as_a_numeric_non_root_user(dockerfile):
 def test_task_images_use_tini_and_the_pinned_torch(name):
     text = (REPO / "docker" / name).read_text()
     assert 'ENTRYPOINT ["tini", "--"]' in text
-    torch_pin = next(line for line in (REPO / "requirements" / "tasks.txt").read_text().splitlines()
-                     if line.startswith("torch=="))
+    torch_pin = next(
+        line for line in (REPO / "requirements" / "tasks.txt").read_text().splitlines() if line.startswith("torch==")
+    )
     assert f'"{torch_pin}"' in text
     assert ("whl/cpu" in text) == (name == "Dockerfile.tasks")
     assert "requirements/tasks.txt" in text
@@ -68,8 +69,12 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
         negate = pattern.startswith("!")
         pattern = pattern.lstrip("!").strip("/")
         parts = rel.split("/")
-        hit = any(fnmatch.fnmatch("/".join(parts[:i]), pattern) or fnmatch.fnmatch("/".join(parts[:i]), "**/" + pattern)
-                  or fnmatch.fnmatch(parts[i - 1], pattern.removeprefix("**/")) for i in range(1, len(parts) + 1))
+        hit = any(
+            fnmatch.fnmatch("/".join(parts[:i]), pattern)
+            or fnmatch.fnmatch("/".join(parts[:i]), "**/" + pattern)
+            or fnmatch.fnmatch(parts[i - 1], pattern.removeprefix("**/"))
+            for i in range(1, len(parts) + 1)
+        )
         if hit:
             ignored = not negate
     return ignored
@@ -77,8 +82,11 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for line in re.findall(r"^COPY\s+(.+)$", dockerfile.read_text(), flags=re.M):
         if "--from=" in line:
             continue
@@ -90,8 +98,16 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
 
 def test_dockerignore_keeps_environments_data_and_git_out():
     patterns = (REPO / ".dockerignore").read_text().splitlines()
-    for rel in (".venv/bin/python", ".venv-airflow/bin/python", "data/raw/x.parquet", "models/pretrain/model.pt",
-                "reports/evaluate/gates.json", "registry/mlflow.db", ".git/HEAD", ".dvc/cache/files/md5/ab"):
+    for rel in (
+        ".venv/bin/python",
+        ".venv-airflow/bin/python",
+        "data/raw/x.parquet",
+        "models/pretrain/model.pt",
+        "reports/evaluate/gates.json",
+        "registry/mlflow.db",
+        ".git/HEAD",
+        ".dvc/cache/files/md5/ab",
+    ):
         assert _ignored(rel, [p for p in patterns if p and not p.startswith("#")]), rel
 
 
@@ -100,17 +116,28 @@ def test_compose_config_validates_with_docker_compose():
         pytest.skip("docker CLI not installed")
     version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if version.returncode != 0:
-        pytest.skip("the docker compose plugin is not installed (docker CLI only): "
-                    "`docker compose -f docker/compose.yaml config` could not run; the structure tests below still do")
-    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
-                          text=True, timeout=120)
+        pytest.skip(
+            "the docker compose plugin is not installed (docker CLI only): "
+            "`docker compose -f docker/compose.yaml config` could not run; the structure tests below still do"
+        )
+    proc = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_compose_stack_has_airflow_postgres_and_mlflow_with_pinned_images():
     services = _compose()["services"]
-    assert {"postgres", "volume-init", "airflow-init", "airflow-apiserver", "airflow-scheduler",
-            "airflow-dag-processor", "airflow-triggerer", "mlflow"} <= set(services)
+    assert {
+        "postgres",
+        "volume-init",
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "mlflow",
+    } <= set(services)
     for name, service in services.items():
         image = service.get("image", "")
         assert ":" in image and not image.endswith(":latest"), f"{name}: unpinned image {image!r}"

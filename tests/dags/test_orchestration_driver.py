@@ -34,8 +34,13 @@ print(json.dumps({"stage": "hello", "chars": 6 * params["min_chars"]}))
 
 
 def _run(*args: str, workspace: Path, env: dict | None = None) -> tuple[int, dict, str]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline_tasks.orchestration", "--workspace", str(workspace), *args],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks.orchestration", "--workspace", str(workspace), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     lines = proc.stdout.strip().splitlines()
     return proc.returncode, json.loads(lines[-1]) if lines else {}, proc.stderr
 
@@ -49,9 +54,22 @@ def project(tmp_path) -> Path:
     (src / ".gitignore").write_text("/data/\n/out/\n/metrics.json\n")
     (src / "hello.py").write_text(HELLO)
     (src / "params.yaml").write_text(yaml.safe_dump({"project": "demo", "seed": 1, "prepare": {"min_chars": 3}}))
-    (src / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"hello": {
-        "cmd": "python hello.py", "deps": ["hello.py"], "params": ["prepare.min_chars"], "outs": ["out"],
-        "metrics": [{"metrics.json": {"cache": False}}]}}}, sort_keys=False))
+    (src / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "hello": {
+                        "cmd": "python hello.py",
+                        "deps": ["hello.py"],
+                        "params": ["prepare.min_chars"],
+                        "outs": ["out"],
+                        "metrics": [{"metrics.json": {"cache": False}}],
+                    }
+                }
+            },
+            sort_keys=False,
+        )
+    )
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q"], cwd=src, check=True)
     subprocess.run([*git, "add", "-A"], cwd=src, check=True)
@@ -65,8 +83,15 @@ def project(tmp_path) -> Path:
 def test_init_copies_tracked_and_untracked_files_and_points_dvc_at_the_shared_cache(project, tmp_path):
     root = tmp_path / "root"
     ws = root / "workspaces" / "dag" / workspace_name("manual__2025-01-01T00:00:00+00:00")
-    code, summary, err = _run("init", "--source", str(project), "-S", "prepare.min_chars=5", workspace=ws,
-                              env={"LMPIPE_OVERRIDES_JSON": json.dumps({"seed": 7})})
+    code, summary, err = _run(
+        "init",
+        "--source",
+        str(project),
+        "-S",
+        "prepare.min_chars=5",
+        workspace=ws,
+        env={"LMPIPE_OVERRIDES_JSON": json.dumps({"seed": 7})},
+    )
     assert code == 0, err
     assert (ws / "NOTES.md").is_file() and (ws / "hello.py").is_file()
     assert not (ws / "data").exists() and not (ws / ".git").exists()
@@ -133,28 +158,58 @@ def test_published_lock_is_the_reference_of_a_new_workspace(project, tmp_path):
     # the reference's outputs come out of the shared cache; nothing was re-run
     assert (monitor / "out" / "greeting.txt").read_text() == (trained / "out" / "greeting.txt").read_text()
     missing = root / "state" / "references" / "nothing.dvc.lock"
-    code, summary, _ = _run("init", "--source", str(project), "--reference-lock", str(missing),
-                            workspace=root / "workspaces" / "watch" / "r3")
+    code, summary, _ = _run(
+        "init",
+        "--source",
+        str(project),
+        "--reference-lock",
+        str(missing),
+        workspace=root / "workspaces" / "watch" / "r3",
+    )
     assert code == 0 and summary["reference_lock"] is None
 
 
 def test_stage_refuses_a_command_that_no_dvc_stage_has(project, tmp_path):
     ws = tmp_path / "root" / "workspaces" / "dag" / "run"
     assert _run("init", "--source", str(project), workspace=ws)[0] == 0
-    proc = subprocess.run([sys.executable, "-m", "pipeline_tasks.orchestration", "--workspace", str(ws), "stage",
-                           "--", "python", "-m", "pipeline_tasks", "nope"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline_tasks.orchestration",
+            "--workspace",
+            str(ws),
+            "stage",
+            "--",
+            "python",
+            "-m",
+            "pipeline_tasks",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "no stage has cmd 'python -m pipeline_tasks nope'" in proc.stderr and "hello" in proc.stderr
 
 
 def test_stage_direct_mode_copies_the_previous_workspace_artifact(project, tmp_path):
     upstream = tmp_path / "kfp" / "init" / "workspace"
-    code, _, err = _run("init", "--source", str(project), "--data-root", str(tmp_path / "scratch"),
-                        "--overrides-json", '{"prepare.min_chars": 2}', workspace=upstream)
+    code, _, err = _run(
+        "init",
+        "--source",
+        str(project),
+        "--data-root",
+        str(tmp_path / "scratch"),
+        "--overrides-json",
+        '{"prepare.min_chars": 2}',
+        workspace=upstream,
+    )
     assert code == 0, err
     out = tmp_path / "kfp" / "hello" / "workspace"
-    code, summary, err = _run("stage", "--direct", "--copy-from", str(upstream), "--", "python", "hello.py",
-                              workspace=out)
+    code, summary, err = _run(
+        "stage", "--direct", "--copy-from", str(upstream), "--", "python", "hello.py", workspace=out
+    )
     assert code == 0, err
     assert summary["result"] == {"stage": "hello", "chars": 12}
     assert (out / "out" / "greeting.txt").is_file() and not (upstream / "out").exists()
@@ -176,8 +231,17 @@ def test_workspace_name_is_filesystem_safe_and_unique():
 
 def test_node_argv_ends_with_the_dvc_command():
     assert node_argv("python -m pipeline_tasks prepare", "--with-upstream") == [
-        "python", "-m", "pipeline_tasks.orchestration", "stage", "--with-upstream", "--",
-        "python", "-m", "pipeline_tasks", "prepare"]
+        "python",
+        "-m",
+        "pipeline_tasks.orchestration",
+        "stage",
+        "--with-upstream",
+        "--",
+        "python",
+        "-m",
+        "pipeline_tasks",
+        "prepare",
+    ]
 
 
 def test_parse_summary_takes_the_last_json_line():

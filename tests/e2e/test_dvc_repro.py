@@ -31,8 +31,11 @@ def repro_project(tmp_path_factory, corpora):
     repo_root = Path(__file__).resolve().parents[2]
     project = copy_project(repo_root, tmp_path_factory.mktemp("e2e") / "project")
     write_tiny_params(project / "params.yaml", project / "params.yaml")
-    env = {**os.environ, "LMPIPE_DATA_MIRROR": str(corpora),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "LMPIPE_DATA_MIRROR": str(corpora),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     first = _dvc(["repro"], project, env)
     assert first.returncode == 0, f"dvc repro failed:\n{first.stdout[-6000:]}\n{first.stderr[-6000:]}"
     return project, env, first

@@ -28,26 +28,64 @@ def _wikitext_articles(path: Path, limit: int) -> list[tuple[str, str]]:
 
 def prepared_rows(corpora: Path, n_wiki: int = 24, n_news: int = 300, n_zh: int = 6) -> list[dict]:
     rows = []
-    when = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-    for i, (title, body) in enumerate(_wikitext_articles(
-            corpora / "wikitext2/DRAGNLabs_LLMHumanModeling/wiki.valid.raw", n_wiki)):
-        rows.append(dict(id=f"wikitext2:{i}", kind="wiki", source="wikitext2", lang="en", title=title,
-                         text=body[:20_000], label=None, raw_label=None, date=when, url=None, split=None))
+    when = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    for i, (title, body) in enumerate(
+        _wikitext_articles(corpora / "wikitext2/DRAGNLabs_LLMHumanModeling/wiki.valid.raw", n_wiki)
+    ):
+        rows.append(
+            dict(
+                id=f"wikitext2:{i}",
+                kind="wiki",
+                source="wikitext2",
+                lang="en",
+                title=title,
+                text=body[:20_000],
+                label=None,
+                raw_label=None,
+                date=when,
+                url=None,
+                split=None,
+            )
+        )
     with open(corpora / "ag_news/mhjabreel_CharCnn_Keras/test.csv", newline="", encoding="utf-8") as fh:
         for i, (label, title, desc) in enumerate(csv.reader(fh)):
             if i >= n_news:
                 break
-            rows.append(dict(id=f"ag_news:{i}", kind="news", source="ag_news", lang="en", title=title,
-                             text=f"{title}\n{desc}", label=AG_LABELS[label], raw_label=label, date=None,
-                             url=None, split="test"))
+            rows.append(
+                dict(
+                    id=f"ag_news:{i}",
+                    kind="news",
+                    source="ag_news",
+                    lang="en",
+                    title=title,
+                    text=f"{title}\n{desc}",
+                    label=AG_LABELS[label],
+                    raw_label=label,
+                    date=None,
+                    url=None,
+                    split="test",
+                )
+            )
     with open(corpora / "wikipedia_text/jastfkjg_Chinese-relation-extraction/wiki_00", encoding="utf-8") as fh:
         for i, line in enumerate(fh):
             if i >= n_zh:
                 break
             doc = json.loads(line)
-            rows.append(dict(id=f"zhwiki:{doc['id']}", kind="wiki", source="zhwiki", lang="zh",
-                             title=doc["title"], text=doc["text"][:8_000], label=None, raw_label=None,
-                             date=when, url=doc.get("url"), split=None))
+            rows.append(
+                dict(
+                    id=f"zhwiki:{doc['id']}",
+                    kind="wiki",
+                    source="zhwiki",
+                    lang="zh",
+                    title=doc["title"],
+                    text=doc["text"][:8_000],
+                    label=None,
+                    raw_label=None,
+                    date=when,
+                    url=doc.get("url"),
+                    split=None,
+                )
+            )
     return rows
 
 
@@ -56,10 +94,21 @@ def write_prepared(corpora: Path, out_dir: Path, **sizes) -> dict[str, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()),
-                        ("lang", pa.string()), ("title", pa.string()), ("text", pa.string()),
-                        ("label", pa.string()), ("raw_label", pa.string()),
-                        ("date", pa.timestamp("s", tz="UTC")), ("url", pa.string()), ("split", pa.string())])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("kind", pa.string()),
+            ("source", pa.string()),
+            ("lang", pa.string()),
+            ("title", pa.string()),
+            ("text", pa.string()),
+            ("label", pa.string()),
+            ("raw_label", pa.string()),
+            ("date", pa.timestamp("s", tz="UTC")),
+            ("url", pa.string()),
+            ("split", pa.string()),
+        ]
+    )
     rows = prepared_rows(corpora, **sizes)
     splits = {"train": [], "val": [], "test": []}
     for i, row in enumerate(rows):

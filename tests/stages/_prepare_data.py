@@ -30,16 +30,30 @@ BBC = "bbc_news/dejanbatanjac_bbc-article-classify-bert/bbc"
 BBC_LABELS = {"business": "business", "sport": "sports", "tech": "scitech"}
 ZHWIKI = "wikipedia_text/jastfkjg_Chinese-relation-extraction/wiki_00"
 AG_LABELS = {"1": "world", "2": "sports", "3": "business", "4": "scitech"}
-HUFF_LABELS = {"WORLD NEWS": "world", "SPORTS": "sports", "BUSINESS": "business", "TECH": "scitech",
-               "SCIENCE": "scitech"}
+HUFF_LABELS = {
+    "WORLD NEWS": "world",
+    "SPORTS": "sports",
+    "BUSINESS": "business",
+    "TECH": "scitech",
+    "SCIENCE": "scitech",
+}
 
 
 def wiki_schema():
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("lang", pa.string()),
-                      ("title", pa.string()), ("text", pa.string()), ("date", pa.timestamp("s", tz="UTC")),
-                      ("url", pa.string())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("kind", pa.string()),
+            ("source", pa.string()),
+            ("lang", pa.string()),
+            ("title", pa.string()),
+            ("text", pa.string()),
+            ("date", pa.timestamp("s", tz="UTC")),
+            ("url", pa.string()),
+        ]
+    )
 
 
 def news_schema():
@@ -67,8 +81,18 @@ def wikitext_rows(corpora: Path, limit: int = 80) -> list[dict]:
         if line.startswith("= ") and not line.startswith("= ="):
             title = line.strip("= ")
         elif line and not line.startswith("="):
-            rows.append({"id": f"wikitext2:valid-{number}", "kind": "wiki", "source": "wikitext2", "lang": "en",
-                         "title": title, "text": line, "date": None, "url": None})
+            rows.append(
+                {
+                    "id": f"wikitext2:valid-{number}",
+                    "kind": "wiki",
+                    "source": "wikitext2",
+                    "lang": "en",
+                    "title": title,
+                    "text": line,
+                    "date": None,
+                    "url": None,
+                }
+            )
         if len(rows) >= limit:
             break
     return rows
@@ -79,9 +103,18 @@ def zhwiki_rows(corpora: Path, limit: int = 4) -> list[dict]:
     with open(corpora / ZHWIKI, encoding="utf-8") as fh:
         for line in fh:
             doc = json.loads(line)
-            rows.append({"id": f"zhwiki:{doc['id']}", "kind": "wiki", "source": "zhwiki", "lang": "zh",
-                         "title": doc["title"], "text": doc["text"][:3000],
-                         "date": dt.datetime(2019, 2, 1, tzinfo=dt.timezone.utc), "url": doc["url"]})
+            rows.append(
+                {
+                    "id": f"zhwiki:{doc['id']}",
+                    "kind": "wiki",
+                    "source": "zhwiki",
+                    "lang": "zh",
+                    "title": doc["title"],
+                    "text": doc["text"][:3000],
+                    "date": dt.datetime(2019, 2, 1, tzinfo=dt.UTC),
+                    "url": doc["url"],
+                }
+            )
             if len(rows) >= limit:
                 break
     return rows
@@ -91,10 +124,21 @@ def ag_test_rows(corpora: Path, limit: int = 150) -> list[dict]:
     rows = []
     with open(corpora / AG_TEST, encoding="utf-8", newline="") as fh:
         for i, (label, title, body) in enumerate(csv.reader(fh)):
-            rows.append({"id": f"ag_news_test:{i:05d}", "kind": "news", "source": "ag_news_test", "lang": "en",
-                         "title": title, "text": f"{title}\n{body.replace(chr(92), ' ')}",
-                         "label": AG_LABELS[label], "raw_label": label, "date": None, "url": None,
-                         "split": "test"})
+            rows.append(
+                {
+                    "id": f"ag_news_test:{i:05d}",
+                    "kind": "news",
+                    "source": "ag_news_test",
+                    "lang": "en",
+                    "title": title,
+                    "text": f"{title}\n{body.replace(chr(92), ' ')}",
+                    "label": AG_LABELS[label],
+                    "raw_label": label,
+                    "date": None,
+                    "url": None,
+                    "split": "test",
+                }
+            )
             if len(rows) >= limit:
                 break
     return rows
@@ -105,10 +149,21 @@ def ag_train_rows(corpora: Path, limit: int = 150) -> list[dict]:
     with zipfile.ZipFile(corpora / AG_ZIP) as archive:
         reader = csv.DictReader(io.TextIOWrapper(archive.open("train.csv"), encoding="utf-8"))
         for i, row in enumerate(reader):
-            rows.append({"id": f"ag_news_train:{i:05d}", "kind": "news", "source": "ag_news_train", "lang": "en",
-                         "title": row["title"], "text": f"{row['title']}\n{row['description']}",
-                         "label": AG_LABELS[row["class_index"]], "raw_label": row["class_index"],
-                         "date": None, "url": None, "split": None})
+            rows.append(
+                {
+                    "id": f"ag_news_train:{i:05d}",
+                    "kind": "news",
+                    "source": "ag_news_train",
+                    "lang": "en",
+                    "title": row["title"],
+                    "text": f"{row['title']}\n{row['description']}",
+                    "label": AG_LABELS[row["class_index"]],
+                    "raw_label": row["class_index"],
+                    "date": None,
+                    "url": None,
+                    "split": None,
+                }
+            )
             if len(rows) >= limit:
                 break
     return rows
@@ -120,11 +175,21 @@ def huffpost_rows(corpora: Path, limit: int = 100) -> list[dict]:
         for line in fh:
             rec = json.loads(line)
             slug = rec["link"].rstrip("/").rsplit("/", 1)[-1]
-            rows.append({"id": f"huffpost:{slug}", "kind": "news", "source": "huffpost", "lang": "en",
-                         "title": rec["headline"], "text": f"{rec['headline']}\n{rec['short_description']}",
-                         "label": HUFF_LABELS.get(rec["category"]), "raw_label": rec["category"],
-                         "date": dt.datetime.fromisoformat(rec["date"]).replace(tzinfo=dt.timezone.utc),
-                         "url": rec["link"], "split": None})
+            rows.append(
+                {
+                    "id": f"huffpost:{slug}",
+                    "kind": "news",
+                    "source": "huffpost",
+                    "lang": "en",
+                    "title": rec["headline"],
+                    "text": f"{rec['headline']}\n{rec['short_description']}",
+                    "label": HUFF_LABELS.get(rec["category"]),
+                    "raw_label": rec["category"],
+                    "date": dt.datetime.fromisoformat(rec["date"]).replace(tzinfo=dt.UTC),
+                    "url": rec["link"],
+                    "split": None,
+                }
+            )
             if len(rows) >= limit:
                 break
     return rows
@@ -138,10 +203,21 @@ def bbc_rows(corpora: Path, per_class: int = 8) -> list[dict]:
         for path in sorted(folder.glob("*.txt"))[:per_class]:
             text = path.read_bytes().decode("utf-8", "replace")
             title, _, body = text.partition("\n")
-            rows.append({"id": f"bbc:{folder.name}/{path.stem}", "kind": "news", "source": "bbc", "lang": "en",
-                         "title": title.strip(), "text": f"{title.strip()}\n{body.strip()}",
-                         "label": BBC_LABELS.get(folder.name), "raw_label": folder.name, "date": None,
-                         "url": None, "split": None})
+            rows.append(
+                {
+                    "id": f"bbc:{folder.name}/{path.stem}",
+                    "kind": "news",
+                    "source": "bbc",
+                    "lang": "en",
+                    "title": title.strip(),
+                    "text": f"{title.strip()}\n{body.strip()}",
+                    "label": BBC_LABELS.get(folder.name),
+                    "raw_label": folder.name,
+                    "date": None,
+                    "url": None,
+                    "split": None,
+                }
+            )
     return rows
 
 
@@ -152,16 +228,46 @@ def planted_rows(ag_test: list[dict], wiki: list[dict]) -> tuple[list[dict], lis
     words = long_para["text"].split(" ")
     words[len(words) // 2] = "zanzibar"
     news = [
-        {**exact_src, "id": "ag_news_train:planted-exact", "source": "ag_news_train", "split": None,
-         "text": "  " + exact_src["text"].upper().replace(" ", "  ") + " !!!"},
-        {**near_src, "id": "ag_news_train:planted-near", "source": "ag_news_train", "split": None,
-         "text": near_src["text"] + " (AP)"},
-        {"id": "huffpost:planted-short", "kind": "news", "source": "huffpost", "lang": "en", "title": "Short",
-         "text": "Short\nToo short to keep.", "label": None, "raw_label": "X", "date": None, "url": None,
-         "split": None},
-        {"id": "huffpost:planted-blank", "kind": "news", "source": "huffpost", "lang": "en", "title": "",
-         "text": "  ... --- !!! ... --- !!! ... --- !!! ... --- !!! ... --- !!! ...  ", "label": None,
-         "raw_label": "X", "date": None, "url": None, "split": None},
+        {
+            **exact_src,
+            "id": "ag_news_train:planted-exact",
+            "source": "ag_news_train",
+            "split": None,
+            "text": "  " + exact_src["text"].upper().replace(" ", "  ") + " !!!",
+        },
+        {
+            **near_src,
+            "id": "ag_news_train:planted-near",
+            "source": "ag_news_train",
+            "split": None,
+            "text": near_src["text"] + " (AP)",
+        },
+        {
+            "id": "huffpost:planted-short",
+            "kind": "news",
+            "source": "huffpost",
+            "lang": "en",
+            "title": "Short",
+            "text": "Short\nToo short to keep.",
+            "label": None,
+            "raw_label": "X",
+            "date": None,
+            "url": None,
+            "split": None,
+        },
+        {
+            "id": "huffpost:planted-blank",
+            "kind": "news",
+            "source": "huffpost",
+            "lang": "en",
+            "title": "",
+            "text": "  ... --- !!! ... --- !!! ... --- !!! ... --- !!! ... --- !!! ...  ",
+            "label": None,
+            "raw_label": "X",
+            "date": None,
+            "url": None,
+            "split": None,
+        },
     ]
     wiki_planted = [{**long_para, "id": "wikitext2:planted-near", "text": " ".join(words)}]
     return news, wiki_planted
@@ -187,7 +293,11 @@ def project_params(root: Path, raw: dict[str, Path], **sections):
     """Params with every path pointed into ``root`` (tests add/override sections)."""
     from pipeline_tasks.config import parse_params
 
-    paths = {"raw_wiki_dir": str(raw["raw_wiki_dir"]), "raw_news_dir": str(raw["raw_news_dir"]),
-             "prepared_dir": str(root / "prepared"), "prepare_reports_dir": str(root / "reports" / "prepare"),
-             "validate_dir": str(root / "reports" / "validate")}
+    paths = {
+        "raw_wiki_dir": str(raw["raw_wiki_dir"]),
+        "raw_news_dir": str(raw["raw_news_dir"]),
+        "prepared_dir": str(root / "prepared"),
+        "prepare_reports_dir": str(root / "reports" / "prepare"),
+        "validate_dir": str(root / "reports" / "validate"),
+    }
     return parse_params({"paths": paths, "prepare": {}, "validate": {}, **sections})

@@ -21,8 +21,14 @@ from _export_project import build_tiny_project
 
 REPO = Path(__file__).resolve().parents[2]
 PASSING = {"accuracy": 0.80, "macro_f1": 0.78, "int8_accuracy_drop": 0.002, "latency_p95_ms": 3.0, "size_mb": 0.4}
-GATES = {"min_accuracy": 0.5, "min_macro_f1": 0.5, "max_int8_accuracy_drop": 0.02, "max_p95_latency_ms": 100.0,
-         "max_size_mb": 50.0, "max_regression": 0.01}
+GATES = {
+    "min_accuracy": 0.5,
+    "min_macro_f1": 0.5,
+    "max_int8_accuracy_drop": 0.02,
+    "max_p95_latency_ms": 100.0,
+    "max_size_mb": 50.0,
+    "max_regression": 0.01,
+}
 
 
 def project(base: Path, corpora: Path):
@@ -38,12 +44,16 @@ def bundles(base: Path, corpora: Path, names: tuple[str, ...] = ("a",)) -> dict[
     for i, name in enumerate(names):
         target = base / "registry_bundles" / name
         if not (target / "bundle" / "manifest.json").is_file():
-            paths = {**tiny.raw["paths"], "bundle_dir": str(target / "bundle"),
-                     "export_reports_dir": str(target / "reports")}
+            paths = {
+                **tiny.raw["paths"],
+                "bundle_dir": str(target / "bundle"),
+                "export_reports_dir": str(target / "reports"),
+            }
             # alternate the serving variant so that versions differ the way real re-exports can
             variant = "int8_dynamic" if i % 2 == 0 else "fp32"
-            export.run(tiny.params(paths=paths, export={"default_variant": variant, "parity_rows": 64,
-                                                        "calibration_rows": 64}))
+            export.run(
+                tiny.params(paths=paths, export={"default_variant": variant, "parity_rows": 64, "calibration_rows": 64})
+            )
         out[name] = target / "bundle"
     return out
 
@@ -58,12 +68,17 @@ def raw_news(out_dir: Path, sources: tuple[str, ...]) -> Path:
         return raw_dir
     section = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["ingest_news"]
     section["sources"] = [s for s in section["sources"] if s["name"] in sources]
-    ingest_news.run(parse_params({"paths": {"raw_news_dir": str(raw_dir), "downloads_dir": str(out_dir / "dl")},
-                                  "ingest_news": section}))
+    ingest_news.run(
+        parse_params(
+            {"paths": {"raw_news_dir": str(raw_dir), "downloads_dir": str(out_dir / "dl")}, "ingest_news": section}
+        )
+    )
     return raw_dir
 
 
-def write_evaluation(evaluate_dir: Path, metrics: dict, champion: dict | None = None, gates: dict | None = None) -> dict:
+def write_evaluation(
+    evaluate_dir: Path, metrics: dict, champion: dict | None = None, gates: dict | None = None
+) -> dict:
     """``metrics.json`` + ``gates.json`` (real gate decision) + a model card; returns gates.json."""
     from pipeline_tasks.ship.gates import GateThresholds, decide
 
@@ -79,10 +94,15 @@ def registry_params(root: Path, bundle_dir: Path, **sections):
     """Params whose paths all live under ``root`` (the bundle excepted)."""
     from pipeline_tasks.config import parse_params
 
-    paths = {"bundle_dir": str(bundle_dir), "evaluate_dir": str(root / "evaluate"),
-             "registry_dir": str(root / "registry"), "register_reports_dir": str(root / "reports/register"),
-             "validate_dir": str(root / "validate"), "monitor_dir": str(root / "monitor"),
-             "champion_metrics_path": str(root / "registry/production_metrics.json")}
+    paths = {
+        "bundle_dir": str(bundle_dir),
+        "evaluate_dir": str(root / "evaluate"),
+        "registry_dir": str(root / "registry"),
+        "register_reports_dir": str(root / "reports/register"),
+        "validate_dir": str(root / "validate"),
+        "monitor_dir": str(root / "monitor"),
+        "champion_metrics_path": str(root / "registry/production_metrics.json"),
+    }
     raw = {"paths": paths, "register": {}, "evaluate": {"gates": GATES}}
     raw.update(sections)
     return parse_params(raw)

@@ -76,7 +76,9 @@ def code_files(root):
     return sorted("pipeline_tasks/" + Path(f).relative_to(package_dir).as_posix() for f in files if f)
 """
 # Runs the stage like `python -m pipeline_tasks STAGE` and writes the files of its module's closure.
-RUNNER = IMPORT_GRAPH + """
+RUNNER = (
+    IMPORT_GRAPH
+    + """
 import json, runpy
 from pipeline_tasks.stages import STAGES
 try:
@@ -85,8 +87,11 @@ finally:
     with open(".imported.json", "w") as fh:
         json.dump(code_files("pipeline_tasks." + STAGES[sys.argv[1]]), fh)
 """
+)
 # Loads params.yaml as the CLI does, then imports every stage module: {stage: files of its closure}.
-IMPORT_PROBE = IMPORT_GRAPH + """
+IMPORT_PROBE = (
+    IMPORT_GRAPH
+    + """
 import importlib, json
 from pipeline_tasks.config import load_params
 from pipeline_tasks.stages import STAGES
@@ -95,6 +100,7 @@ for module in STAGES.values():
     importlib.import_module("pipeline_tasks." + module)
 print(json.dumps({stage: code_files("pipeline_tasks." + module) for stage, module in STAGES.items()}))
 """
+)
 
 
 def params_modules(stage: dict) -> set[str]:
@@ -129,8 +135,14 @@ def _params_variables() -> dict:
 @pytest.fixture(scope="module")
 def import_closures() -> dict[str, list[str]]:
     """{stage: pipeline_tasks files its module imports, transitively}, after loading params.yaml."""
-    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -138,8 +150,11 @@ def import_closures() -> dict[str, list[str]]:
 def test_every_stage_declares_the_code_it_imports(import_closures):
     stages, variables = _dvc_stages(), _params_variables()
     assert set(stages) == set(STAGES)
-    problems = [_missing_report(name, missing) for name, stage in stages.items()
-                if (missing := missing_code_deps(stage, variables, import_closures[name]))]
+    problems = [
+        _missing_report(name, missing)
+        for name, stage in stages.items()
+        if (missing := missing_code_deps(stage, variables, import_closures[name]))
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -148,7 +163,9 @@ def test_dropping_a_code_dep_the_stage_imports_is_reported(import_closures):
     for name, stage in stages.items():
         module_file = f"pipeline_tasks/{STAGES[name].replace('.', '/')}.py"
         assert module_file in import_closures[name]  # the closure starts at the stage's own module
-        imported = [d for d in stage_paths(stage, variables, "deps") if d in import_closures[name] and d not in FOUNDATION]
+        imported = [
+            d for d in stage_paths(stage, variables, "deps") if d in import_closures[name] and d not in FOUNDATION
+        ]
         assert module_file in imported, f"{name}: dvc.yaml does not list its own module {module_file}"
         for dep in imported:
             without = copy.deepcopy(stage)
@@ -157,9 +174,15 @@ def test_dropping_a_code_dep_the_stage_imports_is_reported(import_closures):
 
 
 def _clean_env(corpora: Path, home: Path) -> dict[str, str]:
-    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "HOME": str(home),
-            "LMPIPE_DATA_MIRROR": str(corpora), "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
-            "GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "LMPIPE_DATA_MIRROR": str(corpora),
+        "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -208,8 +231,14 @@ def test_every_stage_runs_from_only_its_declared_inputs_in_a_clean_env(tmp_path,
 
         cmd = shlex.split(stage["cmd"])
         assert cmd[:3] == ["python", "-m", "pipeline_tasks"], f"{name}: cmd {stage['cmd']!r}"
-        proc = subprocess.run([sys.executable, "-c", RUNNER, *cmd[3:]], cwd=workspace, capture_output=True,
-                              text=True, timeout=1800, env=_clean_env(corpora, tmp_path / "home"))
+        proc = subprocess.run(
+            [sys.executable, "-c", RUNNER, *cmd[3:]],
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env=_clean_env(corpora, tmp_path / "home"),
+        )
         assert proc.returncode == 0, f"{name} failed in a clean env:\n{proc.stderr[-4000:]}"
         assert json.loads(proc.stdout.strip().splitlines()[-1]) is not None  # the JSON summary line
 

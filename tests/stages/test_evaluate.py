@@ -20,14 +20,34 @@ from _export_project import build_tiny_project, export_bundle  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-FAST = {"latency_runs": 30, "latency_warmup": 3, "throughput_runs": 3, "bootstrap_resamples": 200,
-        "slice_min_rows": 10, "lm_windows": 4}
-LOOSE = {"min_accuracy": 0.3, "min_macro_f1": 0.25, "max_int8_accuracy_drop": 0.05, "max_p95_latency_ms": 500.0,
-         "max_size_mb": 50.0, "max_regression": 0.01}
+FAST = {
+    "latency_runs": 30,
+    "latency_warmup": 3,
+    "throughput_runs": 3,
+    "bootstrap_resamples": 200,
+    "slice_min_rows": 10,
+    "lm_windows": 4,
+}
+LOOSE = {
+    "min_accuracy": 0.3,
+    "min_macro_f1": 0.25,
+    "max_int8_accuracy_drop": 0.05,
+    "max_p95_latency_ms": 500.0,
+    "max_size_mb": 50.0,
+    "max_regression": 0.01,
+}
 
-SOURCES = {"sources": [{"name": "huffpost", "format": "jsonl", "url": "https://example.org/News_Category_Dataset_v3.json",
-                        "sha256": "2ccd587afdd6cb7bcf2c1dfbd04199278c0405fbda4ac57bec170403a8f12073",
-                        "columns": {"title": "headline", "body": "short_description", "label": "category"}}]}
+SOURCES = {
+    "sources": [
+        {
+            "name": "huffpost",
+            "format": "jsonl",
+            "url": "https://example.org/News_Category_Dataset_v3.json",
+            "sha256": "2ccd587afdd6cb7bcf2c1dfbd04199278c0405fbda4ac57bec170403a8f12073",
+            "columns": {"title": "headline", "body": "short_description", "label": "category"},
+        }
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +59,11 @@ def project(tmp_path_factory, corpora):
 
 def _params(project, tmp_path, gates=None, champion=None):
     champion_path = tmp_path / "production_metrics.json"
-    paths = {**project.raw["paths"], "evaluate_dir": str(tmp_path / "evaluate"),
-             "champion_metrics_path": str(champion_path)}
+    paths = {
+        **project.raw["paths"],
+        "evaluate_dir": str(tmp_path / "evaluate"),
+        "champion_metrics_path": str(champion_path),
+    }
     if champion is not None:
         champion_path.write_text(json.dumps(champion))
     return project.params(paths=paths, ingest_news=SOURCES, evaluate={**FAST, "gates": {**LOOSE, **(gates or {})}})
@@ -83,15 +106,31 @@ def test_evaluate_writes_gates_plots_and_model_card(evaluated):
     gates = json.loads((out / "gates.json").read_text())
     assert gates["passed"] is True and gates["champion"] is None
     assert {g["name"] for g in gates["gates"].values()} >= {"min_accuracy", "no_regression_accuracy"}
-    for name in ("confusion.csv", "per_class.csv", "latency.csv", "slices.csv", "confusion.png", "per_class.png",
-                 "latency.png"):
+    for name in (
+        "confusion.csv",
+        "per_class.csv",
+        "latency.csv",
+        "slices.csv",
+        "confusion.png",
+        "per_class.png",
+        "latency.png",
+    ):
         assert (out / "plots" / name).stat().st_size > 0, name
     confusion = (out / "plots" / "confusion.csv").read_text().splitlines()
-    assert confusion[0] == "actual,predicted" and len(confusion) - 1 == json.loads(
-        (out / "metrics.json").read_text())["n_test"]
+    assert (
+        confusion[0] == "actual,predicted"
+        and len(confusion) - 1 == json.loads((out / "metrics.json").read_text())["n_test"]
+    )
     card = (out / "model_card.md").read_text()
-    for section in ("## Intended use", "## Data", "## Metrics (test split)", "## Slices by source", "## Gates",
-                    "## Limitations", "GATES PASSED"):
+    for section in (
+        "## Intended use",
+        "## Data",
+        "## Metrics (test split)",
+        "## Slices by source",
+        "## Gates",
+        "## Limitations",
+        "GATES PASSED",
+    ):
         assert section in card
     assert "| huffpost | news | https://example.org/News_Category_Dataset_v3.json | publisher copyright" in card
     html = (out / "model_card.html").read_text()
@@ -123,13 +162,25 @@ def test_evaluate_regression_vs_champion_is_a_failed_gate(project, evaluated, tm
 
 def test_evaluate_failed_gate_exits_zero_with_banner(project, tmp_path):
     """Through the real CLI: the stage succeeds, records passed=false and prints the verdict."""
-    params = {"seed": 1337, "paths": {**project.raw["paths"], "evaluate_dir": str(tmp_path / "evaluate"),
-                                      "champion_metrics_path": str(tmp_path / "none.json")},
-              "evaluate": {**FAST, "gates": {**LOOSE, "min_accuracy": 0.99}}}
+    params = {
+        "seed": 1337,
+        "paths": {
+            **project.raw["paths"],
+            "evaluate_dir": str(tmp_path / "evaluate"),
+            "champion_metrics_path": str(tmp_path / "none.json"),
+        },
+        "evaluate": {**FAST, "gates": {**LOOSE, "min_accuracy": 0.99}},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "LMPIPE_PARAMS": str(tmp_path / "params.yaml")}
-    result = subprocess.run([sys.executable, "-m", "pipeline_tasks", "evaluate"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks", "evaluate"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "GATES FAILED: accuracy" in result.stderr
     last = json.loads(result.stdout.strip().splitlines()[-1])

@@ -45,8 +45,14 @@ def test_export_writes_verified_self_contained_bundle(gpt):
 
     bundle_dir = gpt.path("bundle_dir")
     names = {p.name for p in bundle_dir.iterdir()}
-    assert names == {*VARIANT_FILES.values(), "lm_fp32.onnx", "tokenizer.json", "labels.json", "config.json",
-                     "manifest.json"}
+    assert names == {
+        *VARIANT_FILES.values(),
+        "lm_fp32.onnx",
+        "tokenizer.json",
+        "labels.json",
+        "config.json",
+        "manifest.json",
+    }
     manifest = verify_bundle(bundle_dir)
     assert set(manifest["outputs"]) == names - {"manifest.json"}
     assert manifest["opset"] == 18 and {"onnx", "torch"} <= set(manifest["libraries"])
@@ -145,8 +151,10 @@ def test_export_parity_failure_fails_and_keeps_previous_bundle(gpt, tmp_path):
     bundle_dir, reports = tmp_path / "bundle", tmp_path / "reports"
     shutil.copytree(gpt.path("bundle_dir"), bundle_dir)
     before = (bundle_dir / "manifest.json").read_bytes()
-    params = gpt.params(paths={**gpt.raw["paths"], "bundle_dir": str(bundle_dir), "export_reports_dir": str(reports)},
-                        export={"fp32_atol": 1e-12, "export_lm": False, "parity_rows": 32, "calibration_rows": 16})
+    params = gpt.params(
+        paths={**gpt.raw["paths"], "bundle_dir": str(bundle_dir), "export_reports_dir": str(reports)},
+        export={"fp32_atol": 1e-12, "export_lm": False, "parity_rows": 32, "calibration_rows": 16},
+    )
     with pytest.raises(PipelineError, match=r"fp32 ONNX differs from PyTorch: max \|logit diff\| [0-9.e-]+"):
         export.run(params)
     assert (bundle_dir / "manifest.json").read_bytes() == before

@@ -27,12 +27,33 @@ from pipeline_tasks.errors import DataError
 REPO = Path(__file__).resolve().parents[2]
 AG_LABELS = {"1": "world", "2": "sports", "3": "business", "4": "scitech"}
 TINY_MODEL = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 48, "block_size": 64, "dropout": 0.0, "bias": False}
-TINY_PRETRAIN = {"device": "cpu", "num_threads": 1, "max_steps": 40, "micro_batch_size": 8, "tokens_per_step": 512,
-                 "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 4, "eval_interval": 20, "eval_batches": 2,
-                 "checkpoint_interval": 100, "log_interval": 20}
-TINY_FINETUNE = {"device": "cpu", "num_threads": 1, "max_len": 48, "epochs": 8, "batch_size": 16, "lr": 1e-3,
-                 "eval_interval": 0, "patience": 0, "log_interval": 20, "bootstrap_resamples": 200,
-                 "dataset": {"train_sources": ["ag_news_train"], "test_sources": ["ag_news_test"]}}
+TINY_PRETRAIN = {
+    "device": "cpu",
+    "num_threads": 1,
+    "max_steps": 40,
+    "micro_batch_size": 8,
+    "tokens_per_step": 512,
+    "lr": 3e-3,
+    "min_lr": 3e-4,
+    "warmup_steps": 4,
+    "eval_interval": 20,
+    "eval_batches": 2,
+    "checkpoint_interval": 100,
+    "log_interval": 20,
+}
+TINY_FINETUNE = {
+    "device": "cpu",
+    "num_threads": 1,
+    "max_len": 48,
+    "epochs": 8,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "eval_interval": 0,
+    "patience": 0,
+    "log_interval": 20,
+    "bootstrap_resamples": 200,
+    "dataset": {"train_sources": ["ag_news_train"], "test_sources": ["ag_news_test"]},
+}
 # sports vs sci/tech: two real AG News classes a model this small separates within seconds
 N_TRAIN_PER_CLASS, N_VAL_PER_CLASS, N_TEST_PER_CLASS = 150, 25, 100
 CLASSES = ("2", "4")  # AG News class ids kept in the tiny set
@@ -50,8 +71,19 @@ def _ag_rows(corpora: Path) -> tuple[list[dict], list[dict]]:
 
 def _row(source: str, i: int, r: dict, split: str | None) -> dict:
     text = f"{r['title']}\n{r['description'].replace(chr(92), ' ')}"
-    return dict(id=f"{source}:{i}", kind="news", source=source, lang="en", title=r["title"], text=text,
-                label=AG_LABELS[r["class_index"]], raw_label=r["class_index"], date=None, url=None, split=split)
+    return dict(
+        id=f"{source}:{i}",
+        kind="news",
+        source=source,
+        lang="en",
+        title=r["title"],
+        text=text,
+        label=AG_LABELS[r["class_index"]],
+        raw_label=r["class_index"],
+        date=None,
+        url=None,
+        split=split,
+    )
 
 
 def write_prepared(corpora: Path, out_dir: Path) -> dict[str, int]:
@@ -67,10 +99,11 @@ def write_prepared(corpora: Path, out_dir: Path) -> dict[str, int]:
         per_class.setdefault(r["class_index"], []).append((i, r))
     splits: dict[str, list] = {"train": [], "val": [], "test": []}
     for cls, items in sorted(per_class.items()):
-        items = items[::len(items) // (N_TRAIN_PER_CLASS + N_VAL_PER_CLASS)]  # spread over the file
+        items = items[:: len(items) // (N_TRAIN_PER_CLASS + N_VAL_PER_CLASS)]  # spread over the file
         splits["train"] += [_row("ag_news_train", i, r, None) for i, r in items[:N_TRAIN_PER_CLASS]]
-        splits["val"] += [_row("ag_news_train", i, r, None) for i, r in
-                          items[N_TRAIN_PER_CLASS:N_TRAIN_PER_CLASS + N_VAL_PER_CLASS]]
+        splits["val"] += [
+            _row("ag_news_train", i, r, None) for i, r in items[N_TRAIN_PER_CLASS : N_TRAIN_PER_CLASS + N_VAL_PER_CLASS]
+        ]
     counts: dict[str, int] = {}
     for i, r in enumerate(test_src):
         if r["class_index"] in CLASSES and counts.get(r["class_index"], 0) < N_TEST_PER_CLASS:
@@ -78,14 +111,39 @@ def write_prepared(corpora: Path, out_dir: Path) -> dict[str, int]:
             splits["test"].append(_row("ag_news_test", i, r, "test"))
     # noise finetune must skip: unlabelled news, another labelled source (a label AG News lacks)
     noise = dict(kind="news", lang="en", title="t", raw_label=None, date=None, url=None, split=None)
-    splits["train"].append({**noise, "id": "huff:1", "source": "huffpost_v3", "label": None,
-                            "text": "Unlabelled story\nabout nothing in particular."})
-    splits["train"].append({**noise, "id": "bbc:1", "source": "bbc", "label": "politics",
-                            "text": "Election called\nThe prime minister called an election."})
-    schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("lang", pa.string()),
-                        ("title", pa.string()), ("text", pa.string()), ("label", pa.string()),
-                        ("raw_label", pa.string()), ("date", pa.timestamp("s", tz="UTC")), ("url", pa.string()),
-                        ("split", pa.string())])
+    splits["train"].append(
+        {
+            **noise,
+            "id": "huff:1",
+            "source": "huffpost_v3",
+            "label": None,
+            "text": "Unlabelled story\nabout nothing in particular.",
+        }
+    )
+    splits["train"].append(
+        {
+            **noise,
+            "id": "bbc:1",
+            "source": "bbc",
+            "label": "politics",
+            "text": "Election called\nThe prime minister called an election.",
+        }
+    )
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("kind", pa.string()),
+            ("source", pa.string()),
+            ("lang", pa.string()),
+            ("title", pa.string()),
+            ("text", pa.string()),
+            ("label", pa.string()),
+            ("raw_label", pa.string()),
+            ("date", pa.timestamp("s", tz="UTC")),
+            ("url", pa.string()),
+            ("split", pa.string()),
+        ]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), out_dir / f"{name}.parquet")
@@ -97,8 +155,13 @@ def write_params(root: Path, shared: Path, model=None, pretrain=None, finetune=N
     paths = {f: str(root / getattr(PathsParams(), f)) for f in PathsParams.__dataclass_fields__}
     paths["prepared_dir"] = str(shared / "data/prepared")
     paths["tokens_dir"] = str(shared / "data/tokens")
-    doc = {"seed": 1337, "paths": paths, "model": {**TINY_MODEL, **(model or {})},
-           "pretrain": {**TINY_PRETRAIN, **(pretrain or {})}, "finetune": {**TINY_FINETUNE, **(finetune or {})}}
+    doc = {
+        "seed": 1337,
+        "paths": paths,
+        "model": {**TINY_MODEL, **(model or {})},
+        "pretrain": {**TINY_PRETRAIN, **(pretrain or {})},
+        "finetune": {**TINY_FINETUNE, **(finetune or {})},
+    }
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return root / "params.yaml"
@@ -111,9 +174,15 @@ def shared(corpora, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ft_shared")
     write_prepared(corpora, root / "data/prepared")
-    doc = {"seed": 1337, "paths": {"prepared_dir": str(root / "data/prepared"), "tokens_dir": str(root / "data/tokens"),
-                                   "tokenize_reports_dir": str(root / "reports/tokenize")},
-           "tokenize": {"vocab_size": 512}}
+    doc = {
+        "seed": 1337,
+        "paths": {
+            "prepared_dir": str(root / "data/prepared"),
+            "tokens_dir": str(root / "data/tokens"),
+            "tokenize_reports_dir": str(root / "reports/tokenize"),
+        },
+        "tokenize": {"vocab_size": 512},
+    }
     (root / "tok.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
     tokenize.run(load_params(root / "tok.yaml"))
     return root
@@ -186,8 +255,12 @@ def test_finetune_learns_above_chance_and_writes_the_contract(arch, shared, pret
     from pipeline_tasks.train.finetune_loop import predict
 
     rows = read_labelled_split(params.paths.prepared_dir, "test", sources=["ag_news_test"]).to_pydict()
-    seqs = fd.encode_texts(Tokenizer.from_file(str(Path(params.paths.tokens_dir) / "tokenizer.json")), rows["text"],
-                           cls["max_len"], cls["cls_id"])
+    seqs = fd.encode_texts(
+        Tokenizer.from_file(str(Path(params.paths.tokens_dir) / "tokenizer.json")),
+        rows["text"],
+        cls["max_len"],
+        cls["cls_id"],
+    )
     pred = predict(model, seqs, cls["pad_id"], 64, torch.device("cpu"))
     y = fd.labels_to_ids(rows["label"], labels, "test")
     assert float((pred == y).mean()) == pytest.approx(metrics["test"]["accuracy"])
@@ -209,8 +282,13 @@ def test_finetune_from_scratch_cli_flag_needs_no_pretrained_model(shared, tmp_pa
     params_path = write_params(tmp_path, shared, finetune={"epochs": 2})
     assert not (tmp_path / "models/pretrain/model.pt").exists()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "pipeline_tasks", "finetune", "--params", str(params_path),
-                           "--from-scratch"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks", "finetune", "--params", str(params_path), "--from-scratch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["from_scratch"] is True
@@ -228,8 +306,9 @@ def test_finetune_without_pretrained_model_fails_with_hint(shared, tmp_path):
 
 def test_finetune_unknown_source_fails_naming_params(shared, tmp_path):
     with pytest.raises(DataError, match=r"train\.parquet: no labelled rows from sources \['agnews'\]"):
-        _finetune_in(tmp_path, shared, from_scratch=True,
-                     dataset={"train_sources": ["agnews"], "test_sources": ["ag_news_test"]})
+        _finetune_in(
+            tmp_path, shared, from_scratch=True, dataset={"train_sources": ["agnews"], "test_sources": ["ag_news_test"]}
+        )
 
 
 @pytest.mark.slow
@@ -237,15 +316,27 @@ def test_finetune_imbalance_options_lr_decay_and_frozen_embeddings_run(shared, p
     from pipeline_tasks.train.finetune_loop import layer_index
 
     root = _with_pretrain(pretrained["gpt"], tmp_path / "a")
-    params, result = _finetune_in(root, shared, sampler="weighted", layer_lr_decay=0.8, freeze_embeddings=True,
-                                  pooling="mean", use_cls=False, max_steps=12, eval_interval=4, patience=1,
-                                  schedule="cosine", min_delta=1.0)  # no gain after step 4 can count: stops at 8
+    params, result = _finetune_in(
+        root,
+        shared,
+        sampler="weighted",
+        layer_lr_decay=0.8,
+        freeze_embeddings=True,
+        pooling="mean",
+        use_cls=False,
+        max_steps=12,
+        eval_interval=4,
+        patience=1,
+        schedule="cosine",
+        min_delta=1.0,
+    )  # no gain after step 4 can count: stops at 8
     ckpt = torch.load(Path(params.paths.finetune_dir) / "model.pt", weights_only=True)
     pre = torch.load(pretrained["gpt"] / "models/pretrain/model.pt", weights_only=True)["model"]
     frozen = [k for k in ckpt["model"] if k.startswith("backbone.") and layer_index(k, 2) == 0]
     assert frozen and all(torch.equal(ckpt["model"][k], pre[k.removeprefix("backbone.")]) for k in frozen)
-    assert not torch.equal(ckpt["model"]["backbone.transformer.h.0.mlp.c_fc.weight"],
-                           pre["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(
+        ckpt["model"]["backbone.transformer.h.0.mlp.c_fc.weight"], pre["transformer.h.0.mlp.c_fc.weight"]
+    )
     assert ckpt["classifier"]["cls_id"] is None and ckpt["classifier"]["pooling"] == "mean"
     metrics = json.loads((Path(params.paths.finetune_reports_dir) / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 8 and metrics["train"]["stop_reason"].startswith("early_stopping")

@@ -29,9 +29,22 @@ def real_out(corpora, repo_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("news") / "raw_news"
     env = {**os.environ, "LMPIPE_DATA_MIRROR": str(corpora)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline_tasks", "ingest_news", "-S", f"paths.raw_news_dir={out}",
-         "-S", f"paths.downloads_dir={out.parent / 'downloads'}"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pipeline_tasks",
+            "ingest_news",
+            "-S",
+            f"paths.raw_news_dir={out}",
+            "-S",
+            f"paths.downloads_dir={out.parent / 'downloads'}",
+        ],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["quarantined"] == 0 and summary["kept"] == summary["records"]
@@ -113,28 +126,48 @@ def test_ingest_news_real_huffpost_v3_dates_labels_and_urls(real_out):
 # ---------------------------------------------------------------------------------------------
 # bad inputs, written by the tests
 # ---------------------------------------------------------------------------------------------
-AG = {"format": "csv", "columns": {"label": 0, "title": 1, "body": 2}, "label_map": {"1": "world", "2": "sports"},
-      "repair_entities": True, "backslash_breaks": True}
-HUFF = {"format": "jsonl", "label_map": {"SPORTS": "sports"}, "id_fields": ["url"],
-        "columns": {"title": "headline", "body": "short_description", "label": "category", "date": "date",
-                    "url": "link"}}
+AG = {
+    "format": "csv",
+    "columns": {"label": 0, "title": 1, "body": 2},
+    "label_map": {"1": "world", "2": "sports"},
+    "repair_entities": True,
+    "backslash_breaks": True,
+}
+HUFF = {
+    "format": "jsonl",
+    "label_map": {"SPORTS": "sports"},
+    "id_fields": ["url"],
+    "columns": {"title": "headline", "body": "short_description", "label": "category", "date": "date", "url": "link"},
+}
 
 
 def make_params(tmp_path: Path, sources: list[dict], **section):
-    return parse_params({
-        "paths": {"raw_news_dir": str(tmp_path / "out"), "downloads_dir": str(tmp_path / "downloads")},
-        "ingest_news": {"sources": sources, **section},
-    })
+    return parse_params(
+        {
+            "paths": {"raw_news_dir": str(tmp_path / "out"), "downloads_dir": str(tmp_path / "downloads")},
+            "ingest_news": {"sources": sources, **section},
+        }
+    )
 
 
 def ag_lines(n: int, start: int = 0) -> bytes:
-    return b"".join(f'"{1 + i % 2}","Title {i}","Body of article {i} #39;s &lt;b&gt;news&lt;/b&gt;"\n'.encode()
-                    for i in range(start, start + n))
+    return b"".join(
+        f'"{1 + i % 2}","Title {i}","Body of article {i} #39;s &lt;b&gt;news&lt;/b&gt;"\n'.encode()
+        for i in range(start, start + n)
+    )
 
 
 def huff_line(i: int, date: str = "2022-01-02", category: str = "SPORTS") -> str:
-    return json.dumps({"link": f"https://example.org/{i}", "headline": f"Headline {i}", "category": category,
-                       "short_description": f"Story {i}", "authors": "A", "date": date})
+    return json.dumps(
+        {
+            "link": f"https://example.org/{i}",
+            "headline": f"Headline {i}",
+            "category": category,
+            "short_description": f"Story {i}",
+            "authors": "A",
+            "date": date,
+        }
+    )
 
 
 def quarantine(tmp_path: Path, source: str) -> list[dict]:
@@ -165,8 +198,13 @@ def test_ingest_news_fails_above_threshold_and_leaves_no_partial_output(tmp_path
     old = tmp_path / "out"
     old.mkdir()
     (old / "previous.parquet").write_text("the last good run")
-    params = make_params(tmp_path, [{"name": "good", "path": str(tmp_path / "good.csv"), **AG},
-                                    {"name": "bad", "path": str(tmp_path / "bad.csv"), **AG}])
+    params = make_params(
+        tmp_path,
+        [
+            {"name": "good", "path": str(tmp_path / "good.csv"), **AG},
+            {"name": "bad", "path": str(tmp_path / "bad.csv"), **AG},
+        ],
+    )
     with pytest.raises(DataError) as err:
         run(params)
     message = str(err.value)
@@ -196,8 +234,9 @@ def test_ingest_news_quarantines_json_that_is_not_json_or_not_an_object(tmp_path
 def test_ingest_news_quarantines_unparsable_date_and_missing_field(tmp_path):
     lines = [huff_line(i) for i in range(50)]
     lines[3] = huff_line(3, date="2022-02-30")
-    lines[7] = json.dumps({"link": "https://example.org/7", "headline": "No date key", "category": "SPORTS",
-                           "short_description": ""})
+    lines[7] = json.dumps(
+        {"link": "https://example.org/7", "headline": "No date key", "category": "SPORTS", "short_description": ""}
+    )
     (tmp_path / "h.json").write_text("\n".join(lines) + "\n")
     run(make_params(tmp_path, [{"name": "h", "path": str(tmp_path / "h.json"), **HUFF}]))
     q = quarantine(tmp_path, "h")
@@ -215,15 +254,25 @@ def test_ingest_news_empty_file_is_a_clear_error(tmp_path):
 
 
 def test_ingest_news_headered_csv_member_streamed_from_zip(tmp_path):
-    member = b"class_index,title,description\n" + b"".join(
-        f"{1 + i % 2},Title {i},\"Body, {i}\"\n".encode() for i in range(12)) + b"2,Title 0,\"Body, 0\"\n"
+    member = (
+        b"class_index,title,description\n"
+        + b"".join(f'{1 + i % 2},Title {i},"Body, {i}"\n'.encode() for i in range(12))
+        + b'2,Title 0,"Body, 0"\n'
+    )
     archive = tmp_path / "archive.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("train.csv", member)
-    source = {"name": "kaggle", "path": str(archive), "member": "train.csv", "header": True,
-              "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
-              "member_sha256": hashlib.sha256(member).hexdigest(), "max_bad_share": 0.1,
-              **AG, "columns": {"label": "class_index", "title": "title", "body": "description"}}
+    source = {
+        "name": "kaggle",
+        "path": str(archive),
+        "member": "train.csv",
+        "header": True,
+        "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+        "member_sha256": hashlib.sha256(member).hexdigest(),
+        "max_bad_share": 0.1,
+        **AG,
+        "columns": {"label": "class_index", "title": "title", "body": "description"},
+    }
     run(make_params(tmp_path, [source]))
     table = read_news_table(tmp_path / "out" / "kaggle.parquet").to_pylist()
     assert len(table) == 12 and table[1] == {**table[1], "label": "sports", "text": "Title 1\nBody, 1"}
@@ -236,8 +285,9 @@ def test_ingest_news_headered_csv_member_streamed_from_zip(tmp_path):
 
 def test_ingest_news_max_records_per_source_gives_a_quick_run(tmp_path):
     (tmp_path / "ag.csv").write_bytes(ag_lines(50))
-    result = run(make_params(tmp_path, [{"name": "ag", "path": str(tmp_path / "ag.csv"), **AG}],
-                             max_records_per_source=7))
+    result = run(
+        make_params(tmp_path, [{"name": "ag", "path": str(tmp_path / "ag.csv"), **AG}], max_records_per_source=7)
+    )
     assert result["kept"] == 7
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["sources"]["ag"]["truncated"] is True
 
@@ -250,8 +300,13 @@ def test_ingest_news_folder_source_verified_by_tree_digest_and_latin1_quarantine
             (root / label / f"{i:03d}.txt").write_text(f"{label} headline {i}\n\nBody {i}.\n\nMore {i}.\n")
     (root / "sport" / "199.txt").write_bytes(b"Chelsea sack Mutu\n\nA \xa315.8m signing.\n")
     (root / "README.TXT").write_text("not an article")
-    source = {"name": "bbc", "path": str(root), "format": "folder", "tree_sha256": tree_digest(root),
-              "label_map": {"sport": "sports", "tech": "scitech"}}
+    source = {
+        "name": "bbc",
+        "path": str(root),
+        "format": "folder",
+        "tree_sha256": tree_digest(root),
+        "label_map": {"sport": "sports", "tech": "scitech"},
+    }
     run(make_params(tmp_path, [source]))
     (entry,) = quarantine(tmp_path, "bbc")
     assert (entry["file"], entry["reason"], entry["record"]) == (str(root / "sport" / "199.txt"), "undecodable", None)

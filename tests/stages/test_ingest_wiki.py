@@ -99,7 +99,11 @@ def test_ingest_bgwiki_reads_utf16_and_localized_namespaces(corpora, tmp_path, d
     assert stats["skipped"] == {"namespace": 2} and stats["lang"] == "bg"
     row = table.to_pylist()[0]
     assert row["title"] == "Григориански календар"
-    assert row["url"] == "https://bg.wikipedia.org/wiki/" + "%D0%93%D1%80%D0%B8%D0%B3%D0%BE%D1%80%D0%B8%D0%B0%D0%BD%D1%81%D0%BA%D0%B8_%D0%BA%D0%B0%D0%BB%D0%B5%D0%BD%D0%B4%D0%B0%D1%80"
+    assert (
+        row["url"]
+        == "https://bg.wikipedia.org/wiki/"
+        + "%D0%93%D1%80%D0%B8%D0%B3%D0%BE%D1%80%D0%B8%D0%B0%D0%BD%D1%81%D0%BA%D0%B8_%D0%BA%D0%B0%D0%BB%D0%B5%D0%BD%D0%B4%D0%B0%D1%80"
+    )
     assert row["text"].startswith("Григорианският календар")
     assert "Файл:" not in row["text"] and "Категория:" not in row["text"]
 
@@ -160,8 +164,13 @@ def test_ingest_same_output_for_every_compression_and_multistream(corpora, tmp_p
     for file_name, data in variants.items():
         (tmp_path / file_name).write_bytes(data)
         for workers, decoder in ((1, "thread"), (2, "thread"), (2, "pool")):  # pool: bz2 blocks in the workers
-            _, table = ingest(corpora, tmp_path, {"name": "v", "path": str(tmp_path / file_name), "lang": "en"},
-                              workers=workers, bz2_decoder=decoder)
+            _, table = ingest(
+                corpora,
+                tmp_path,
+                {"name": "v", "path": str(tmp_path / file_name), "lang": "en"},
+                workers=workers,
+                bz2_decoder=decoder,
+            )
             assert table.column("text").to_pylist() == reference.column("text").to_pylist(), (file_name, decoder)
 
 
@@ -172,16 +181,27 @@ def test_ingest_output_is_identical_with_a_worker_pool(corpora, tmp_path, defaul
     assert serial.equals(pooled)
 
 
-@pytest.mark.skipif(os.environ.get("CI") == "true", reason="wall-clock limit is unreliable on a loaded 2-core CI machine")
+@pytest.mark.skipif(
+    os.environ.get("CI") == "true", reason="wall-clock limit is unreliable on a loaded 2-core CI machine"
+)
 def test_ingest_page_over_time_limit_is_skipped_in_worker(tmp_path):
     slow = " ".join(f"[[Link {i}|text {i}]] ''word''" for i in range(50_000))
-    pages = "".join(f"<page><title>{t}</title><ns>0</ns><id>{i}</id><revision><timestamp>2020-01-01T00:00:00Z"
-                    f"</timestamp><text>{body}</text></revision></page>"
-                    for i, (t, body) in enumerate([("A", "First page text."), ("Slow", slow), ("B", "Last page.")]))
+    pages = "".join(
+        f"<page><title>{t}</title><ns>0</ns><id>{i}</id><revision><timestamp>2020-01-01T00:00:00Z"
+        f"</timestamp><text>{body}</text></revision></page>"
+        for i, (t, body) in enumerate([("A", "First page text."), ("Slow", slow), ("B", "Last page.")])
+    )
     dump = tmp_path / "slow.xml"
     dump.write_text(f"<mediawiki>{pages}</mediawiki>", encoding="utf-8")
-    stats, table = ingest(Path("/"), tmp_path, {"name": "slow", "path": str(dump)}, workers=2,
-                          cleaner="mwparserfromhell", page_timeout_s=0.3, min_chars=1)
+    stats, table = ingest(
+        Path("/"),
+        tmp_path,
+        {"name": "slow", "path": str(dump)},
+        workers=2,
+        cleaner="mwparserfromhell",
+        page_timeout_s=0.3,
+        min_chars=1,
+    )
     assert stats["skipped"] == {"parse_timeout": 1}
     assert table.column("title").to_pylist() == ["A", "B"]
 
@@ -229,15 +249,25 @@ def test_ingest_memory_does_not_grow_with_the_dump_size(corpora, tmp_path, monke
 
 def stage_params(tmp_path: Path, sources: list[dict], **cfg):
     cfg = {"workers": 1, **cfg}
-    return parse_params({"paths": {"raw_wiki_dir": str(tmp_path / "raw" / "wiki"),
-                                   "downloads_dir": str(tmp_path / "downloads")},
-                         "ingest_wiki": {"sources": sources, **cfg}})
+    return parse_params(
+        {
+            "paths": {"raw_wiki_dir": str(tmp_path / "raw" / "wiki"), "downloads_dir": str(tmp_path / "downloads")},
+            "ingest_wiki": {"sources": sources, **cfg},
+        }
+    )
 
 
 def test_run_writes_parquet_stats_and_manifest(corpora, tmp_path, mirror_env):
-    params = stage_params(tmp_path, [{"name": "w2v", "mirror_path": "wikipedia_dumps/wikipedia2vec_wikipedia2vec/"
-                                      "enwiki-pages-articles-sample.xml.bz2",
-                                      "sha256": "c6d24282b7bd5176408f7ae41c997f942a67c9ce4bf3495766ff884935af6886"}])
+    params = stage_params(
+        tmp_path,
+        [
+            {
+                "name": "w2v",
+                "mirror_path": "wikipedia_dumps/wikipedia2vec_wikipedia2vec/enwiki-pages-articles-sample.xml.bz2",
+                "sha256": "c6d24282b7bd5176408f7ae41c997f942a67c9ce4bf3495766ff884935af6886",
+            }
+        ],
+    )
     result = run(params)
     out = tmp_path / "raw" / "wiki"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "stats.json", "w2v.parquet"]
@@ -253,27 +283,46 @@ def _bad_sources(corpora: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     half = tmp_path / "enwiki-half.xml.bz2"
     half.write_bytes(gensim[: len(gensim) // 2])
     bomb = tmp_path / "bomb.xml"
-    bomb.write_text('<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 '
-                    '"&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>\n<mediawiki><page><title>&lol2;</title>'
-                    "<ns>0</ns><id>1</id><revision><text>x</text></revision></page></mediawiki>")
+    bomb.write_text(
+        '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 '
+        '"&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>\n<mediawiki><page><title>&lol2;</title>'
+        "<ns>0</ns><id>1</id><revision><text>x</text></revision></page></mediawiki>"
+    )
     empty = tmp_path / "empty.xml.bz2"
     empty.write_bytes(b"")
-    return {"truncated_bz2": (half, r"enwiki-half\.xml\.bz2: the compressed stream is truncated .*last complete page"),
-            "truncated_xml": (corpora / JAWIKI_TRUNCATED,
-                              r"jawiki-truncated-100k\.xml\.xz: XML ends early .*line 100001.*last complete page: id 452"),
-            "entity_bomb": (bomb, r"bomb\.xml: refused to parse"),
-            "empty": (empty, r"empty\.xml\.bz2: empty file")}
+    return {
+        "truncated_bz2": (half, r"enwiki-half\.xml\.bz2: the compressed stream is truncated .*last complete page"),
+        "truncated_xml": (
+            corpora / JAWIKI_TRUNCATED,
+            r"jawiki-truncated-100k\.xml\.xz: XML ends early .*line 100001.*last complete page: id 452",
+        ),
+        "entity_bomb": (bomb, r"bomb\.xml: refused to parse"),
+        "empty": (empty, r"empty\.xml\.bz2: empty file"),
+    }
 
 
-@pytest.mark.parametrize("case,workers", [("truncated_bz2", 1), ("truncated_bz2", 2), ("truncated_xml", 1),
-                                          ("truncated_xml", 2), ("entity_bomb", 1), ("empty", 1)])
+@pytest.mark.parametrize(
+    "case,workers",
+    [
+        ("truncated_bz2", 1),
+        ("truncated_bz2", 2),
+        ("truncated_xml", 1),
+        ("truncated_xml", 2),
+        ("entity_bomb", 1),
+        ("empty", 1),
+    ],
+)
 def test_run_bad_input_fails_naming_the_file_and_keeps_previous_output(corpora, tmp_path, case, workers):
     path, message = _bad_sources(corpora, tmp_path)[case]
     out = tmp_path / "raw" / "wiki"
     out.mkdir(parents=True)
     (out / "old.parquet").write_bytes(b"previous run")
-    params = stage_params(tmp_path, [{"name": "good", "mirror_path": TINY, "path": str(corpora / TINY)},
-                                     {"name": "bad", "path": str(path)}], workers=workers, bz2_decoder="pool")
+    params = stage_params(
+        tmp_path,
+        [{"name": "good", "mirror_path": TINY, "path": str(corpora / TINY)}, {"name": "bad", "path": str(path)}],
+        workers=workers,
+        bz2_decoder="pool",
+    )
     with pytest.raises(DataError, match=message):
         run(params)
     assert [p.name for p in out.iterdir()] == ["old.parquet"]
@@ -288,12 +337,20 @@ def test_run_bad_input_leaves_no_output_dir_when_there_was_none(corpora, tmp_pat
     assert list((tmp_path / "raw").iterdir()) == []
 
 
-@pytest.mark.parametrize("case,seen,workers", [("truncated_xml", 238, 1), ("truncated_bz2", None, 1),
-                                               ("truncated_bz2", None, 2)])
+@pytest.mark.parametrize(
+    "case,seen,workers", [("truncated_xml", 238, 1), ("truncated_bz2", None, 1), ("truncated_bz2", None, 2)]
+)
 def test_run_keep_complete_pages_of_a_truncated_dump(corpora, tmp_path, case, seen, workers):
     path, _ = _bad_sources(corpora, tmp_path)[case]
-    run(stage_params(tmp_path, [{"name": "cut", "path": str(path)}], on_truncated="keep_complete_pages",
-                     workers=workers, bz2_decoder="pool"))
+    run(
+        stage_params(
+            tmp_path,
+            [{"name": "cut", "path": str(path)}],
+            on_truncated="keep_complete_pages",
+            workers=workers,
+            bz2_decoder="pool",
+        )
+    )
     stats = json.loads((tmp_path / "raw" / "wiki" / "stats.json").read_text())["sources"]["cut"]
     assert stats["truncated_input"] and stats["pages_kept"] > 10
     if seen:
@@ -306,13 +363,28 @@ def test_run_keep_complete_pages_of_a_truncated_dump(corpora, tmp_path, case, se
 def test_cli_runs_the_default_params_from_the_repo_root(repo_root, corpora, tmp_path):
     out = tmp_path / "wiki"
     env = {**os.environ, "LMPIPE_DATA_MIRROR": str(corpora)}
-    proc = subprocess.run([sys.executable, "-m", "pipeline_tasks", "ingest_wiki", "-S", f"paths.raw_wiki_dir={out}"],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks", "ingest_wiki", "-S", f"paths.raw_wiki_dir={out}"],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     stats = json.loads((out / "stats.json").read_text())
-    names = {"enwiki_gensim", "enwiki_tables", "bgwiki_gensim", "enwiki_wikipedia2vec", "enwiki_tiny_dump",
-             "ltgwiki_smallwiki", "wikitext2_valid", "wikitext2_test", "enwiki_wikiextractor"}
+    names = {
+        "enwiki_gensim",
+        "enwiki_tables",
+        "bgwiki_gensim",
+        "enwiki_wikipedia2vec",
+        "enwiki_tiny_dump",
+        "ltgwiki_smallwiki",
+        "wikitext2_valid",
+        "wikitext2_test",
+        "enwiki_wikiextractor",
+    }
     assert set(stats["sources"]) == names and summary["pages_kept"] == stats["totals"]["pages_kept"] > 800
     for name in names:
         assert_clean_table(pq.read_table(out / f"{name}.parquet"), name)
@@ -320,10 +392,21 @@ def test_cli_runs_the_default_params_from_the_repo_root(repo_root, corpora, tmp_
 
 def test_cli_bad_source_exits_1_with_the_file_in_the_message(repo_root, corpora, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"paths": {"raw_wiki_dir": str(tmp_path / "wiki")}, "ingest_wiki": {
-        "sources": [{"name": "bad", "path": str(corpora / JAWIKI_TRUNCATED)}]}}))
-    proc = subprocess.run([sys.executable, "-m", "pipeline_tasks", "ingest_wiki", "--params", str(params)],
-                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "paths": {"raw_wiki_dir": str(tmp_path / "wiki")},
+                "ingest_wiki": {"sources": [{"name": "bad", "path": str(corpora / JAWIKI_TRUNCATED)}]},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks", "ingest_wiki", "--params", str(params)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "jawiki-truncated-100k.xml.xz: XML ends early" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "wiki").exists()

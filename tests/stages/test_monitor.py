@@ -36,17 +36,27 @@ def inputs(tmp_path_factory, corpora):
 
 
 def _params(inputs, tmp_path, **monitor):
-    paths = {"bundle_dir": str(inputs["bundle_dir"]), "raw_news_dir": str(inputs["raw_news_dir"]),
-             "prepared_dir": str(tmp_path / "prepared"), "monitor_dir": str(tmp_path / "monitor")}
+    paths = {
+        "bundle_dir": str(inputs["bundle_dir"]),
+        "raw_news_dir": str(inputs["raw_news_dir"]),
+        "prepared_dir": str(tmp_path / "prepared"),
+        "monitor_dir": str(tmp_path / "monitor"),
+    }
     return {"seed": 1337, "paths": paths, "monitor": monitor}
 
 
 def test_monitor_flags_far_month_writes_report_and_exits_zero(inputs, tmp_path, capsys):
     from pipeline_tasks.cli import main
 
-    raw = _params(inputs, tmp_path, reference=REFERENCE_2018, batch={"source": "huffpost_v3"},
-                  window_start="2022-08-01", window_end="2022-09-01",
-                  timeline={"start": "2018-05-01", "end": "2022-10-01", "step_months": 12})
+    raw = _params(
+        inputs,
+        tmp_path,
+        reference=REFERENCE_2018,
+        batch={"source": "huffpost_v3"},
+        window_start="2022-08-01",
+        window_end="2022-09-01",
+        timeline={"start": "2018-05-01", "end": "2022-10-01", "step_months": 12},
+    )
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
 
@@ -96,15 +106,22 @@ def pool(inputs):
         labels = [v if isinstance(v, str) else None for v in frame["label"]]
         return drift.featurize(bundle, frame["text"].tolist(), labels, np.arange(len(frame)))
 
-    return {"ref": features(REFERENCE_2018),
-            "far": features({"source": "huffpost_v3", "start": "2022-08-01", "end": "2022-09-01"}),
-            "ag": features({"source": "ag_news_test", "max_rows": 1000})}
+    return {
+        "ref": features(REFERENCE_2018),
+        "far": features({"source": "huffpost_v3", "start": "2022-08-01", "end": "2022-09-01"}),
+        "ag": features({"source": "ag_news_test", "max_rows": 1000}),
+    }
 
 
 def _subset(features, idx):
-    return drift.Features({k: v[idx] for k, v in features.descriptors.items()}, np.arange(len(idx)),
-                          features.embeddings[idx], features.predictions[idx],
-                          None if features.labels is None else features.labels[idx], features.bpb[idx])
+    return drift.Features(
+        {k: v[idx] for k, v in features.descriptors.items()},
+        np.arange(len(idx)),
+        features.embeddings[idx],
+        features.predictions[idx],
+        None if features.labels is None else features.labels[idx],
+        features.bpb[idx],
+    )
 
 
 def _decide(ref, cur, settings):
@@ -120,7 +137,7 @@ def test_monitor_false_positive_rate_on_reference_resamples_is_low(pool):
     for _ in range(FPR_RESAMPLES):
         perm = rng.permutation(n)
         # a "month" of 200 rows vs a disjoint reference sample of the default reference size
-        cur, ref = perm[:200], perm[200: 200 + settings.reference_rows]
+        cur, ref = perm[:200], perm[200 : 200 + settings.reference_rows]
         flagged.append(_decide(_subset(pool["ref"], ref), _subset(pool["ref"], cur), settings).drift_detected)
     fpr = sum(flagged) / len(flagged)
     print(f"\nmonitor false-positive rate over {FPR_RESAMPLES} resamples of HuffPost 2018: {fpr:.2f}")
@@ -150,8 +167,15 @@ def test_monitor_reads_a_folder_of_new_files_without_labels(inputs, tmp_path):
             fh.write(json.dumps({"title": title, "description": text.split("\n", 1)[-1]}) + "\n")
     frame.iloc[40:70][["text"]].to_csv(inbox / "b.csv", index=False)
     (inbox / "c.txt").write_text("\n".join(t.replace("\n", " ") for t in frame["text"][70:90]), encoding="utf-8")
-    raw = _params(inputs, tmp_path, reference={"source": "huffpost_v3", "end": "2019-01-01", "max_rows": 300},
-                  batch={"path": str(inbox)}, reference_rows=200, sample_rows=100, html_report=False)
+    raw = _params(
+        inputs,
+        tmp_path,
+        reference={"source": "huffpost_v3", "end": "2019-01-01", "max_rows": 300},
+        batch={"path": str(inbox)},
+        reference_rows=200,
+        sample_rows=100,
+        html_report=False,
+    )
     result = monitor.run(parse_params(raw))
     summary = json.loads((tmp_path / "monitor" / "drift_summary.json").read_text())
     assert result["rows"] == 90 and summary["batch"]["rows"] == 90
@@ -165,9 +189,15 @@ def test_monitor_outputs_are_swapped_together_and_other_files_kept(inputs, tmp_p
     out.mkdir()
     (out / "notes.txt").write_text("not monitor's\n", encoding="utf-8")  # monitor_dir may be shared
     (out / "reference_stats.json").write_text('{"stale": true}\n', encoding="utf-8")
-    raw = _params(inputs, tmp_path, reference={"source": "huffpost_v3", "end": "2019-01-01", "max_rows": 200},
-                  batch={"source": "huffpost_v3", "start": "2022-08-01", "max_rows": 100},
-                  reference_rows=100, sample_rows=50, html_report=False)
+    raw = _params(
+        inputs,
+        tmp_path,
+        reference={"source": "huffpost_v3", "end": "2019-01-01", "max_rows": 200},
+        batch={"source": "huffpost_v3", "start": "2022-08-01", "max_rows": 100},
+        reference_rows=100,
+        sample_rows=50,
+        html_report=False,
+    )
     monitor.run(parse_params(raw))
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(first) == {*monitor.OUTPUT_NAMES, "notes.txt"} and b"stale" not in first["reference_stats.json"]
@@ -186,7 +216,13 @@ def test_monitor_outputs_are_swapped_together_and_other_files_kept(inputs, tmp_p
 def test_monitor_too_small_window_fails_naming_the_file(inputs, tmp_path):
     from pipeline_tasks.monitor import monitor
 
-    raw = _params(inputs, tmp_path, reference=REFERENCE_2018, batch={"source": "huffpost_v3"},
-                  window_start="2030-01-01", window_end="2030-02-01")
+    raw = _params(
+        inputs,
+        tmp_path,
+        reference=REFERENCE_2018,
+        batch={"source": "huffpost_v3"},
+        window_start="2030-01-01",
+        window_end="2030-02-01",
+    )
     with pytest.raises(DataError, match="huffpost_v3.parquet.*0 rows"):
         monitor.run(parse_params(raw))

@@ -18,8 +18,7 @@ from _export_project import build_tiny_project, export_bundle  # noqa: E402
 pytestmark = pytest.mark.slow
 
 # torch is made unimportable before anything else runs: predict must live on onnxruntime alone
-NO_TORCH = ("import sys; sys.modules['torch'] = None; "
-            "from pipeline_tasks.cli import main; sys.exit(main(sys.argv[1:]))")
+NO_TORCH = "import sys; sys.modules['torch'] = None; from pipeline_tasks.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,14 @@ def project(tmp_path_factory, corpora):
 
 def _predict(args, cwd):
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd), "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1"}
-    return subprocess.run([sys.executable, "-c", NO_TORCH, "predict", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH, "predict", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def _lines(stdout):
@@ -40,8 +45,10 @@ def _lines(stdout):
 
 
 def test_predict_modules_do_not_import_torch():
-    code = ("import sys, pipeline_tasks.serve.predict, pipeline_tasks.ship.bundle, pipeline_tasks.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    code = (
+        "import sys, pipeline_tasks.serve.predict, pipeline_tasks.ship.bundle, pipeline_tasks.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -49,8 +56,10 @@ def test_predict_modules_do_not_import_torch():
 def test_predict_cli_runs_without_torch_from_bundle_path_only(project, tmp_path):
     from pipeline_tasks.ship.bundle import load_bundle
 
-    texts = ["Fed raises interest rates again as inflation persists",
-             "Striker scores twice as champions win the cup final"]
+    texts = [
+        "Fed raises interest rates again as inflation persists",
+        "Striker scores twice as champions win the cup final",
+    ]
     result = _predict([*texts, "--bundle", project.path("bundle_dir")], tmp_path)  # no params.yaml in cwd
     assert result.returncode == 0, result.stderr
     rows = _lines(result.stdout)
@@ -65,12 +74,20 @@ def test_predict_cli_runs_without_torch_from_bundle_path_only(project, tmp_path)
 
 def test_predict_reads_jsonl_and_plain_lines_with_variant(project, tmp_path):
     news = tmp_path / "news.jsonl"
-    news.write_text("\n".join([
-        json.dumps({"id": "a1", "text": "Oil prices climb as supply tightens"}),
-        json.dumps({"title": "New smartphone chip unveiled", "description": "The processor doubles battery life."}),
-        "",
-        "Plain headline: rebels and government sign ceasefire",
-    ]) + "\n", encoding="utf-8")
+    news.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a1", "text": "Oil prices climb as supply tightens"}),
+                json.dumps(
+                    {"title": "New smartphone chip unveiled", "description": "The processor doubles battery life."}
+                ),
+                "",
+                "Plain headline: rebels and government sign ceasefire",
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     result = _predict(["--file", news, "--bundle", project.path("bundle_dir"), "--variant", "fp32"], tmp_path)
     assert result.returncode == 0, result.stderr
     rows = _lines(result.stdout)

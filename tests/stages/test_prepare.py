@@ -31,13 +31,17 @@ def test_prepare_run_writes_splits_stats_and_manifest(project):
     result = prepare.run(params)
     prepared = root / "prepared"
     assert sorted(p.name for p in prepared.iterdir()) == [
-        "dropped.parquet", "manifest.json", "test.parquet", "train.parquet", "val.parquet"]
+        "dropped.parquet",
+        "manifest.json",
+        "test.parquet",
+        "train.parquet",
+        "val.parquet",
+    ]
     expected = prepared_schema()
     for split in SPLITS:
         schema = pq.read_schema(prepared / f"{split}.parquet")
         assert schema.names == list(COLUMNS)
-        assert [str(f.type) for f in schema if f.name != "date"] == \
-            [str(f.type) for f in expected if f.name != "date"]
+        assert [str(f.type) for f in schema if f.name != "date"] == [str(f.type) for f in expected if f.name != "date"]
         frame = _read(prepared / f"{split}.parquet")
         assert frame["id"].tolist() == sorted(frame["id"])  # deterministic order
         assert set(frame["split"]) == {split}
@@ -45,8 +49,11 @@ def test_prepare_run_writes_splits_stats_and_manifest(project):
     assert stats["docs"]["in"] == stats["docs"]["out"] + stats["docs"]["dropped"]
     assert stats["docs"]["out"] == sum(result["splits"].values())
     assert sum(s["in"] for s in stats["sources"].values()) == stats["docs"]["in"]
-    assert {k: stats["dropped"][k] for k in ("duplicate_id", "empty_text", "too_short")} == \
-        {"duplicate_id": 1, "empty_text": 1, "too_short": 1}
+    assert {k: stats["dropped"][k] for k in ("duplicate_id", "empty_text", "too_short")} == {
+        "duplicate_id": 1,
+        "empty_text": 1,
+        "too_short": 1,
+    }
     assert stats["dropped"]["exact_duplicate"] >= 1 and stats["dropped"]["near_duplicate"] >= 2
     assert stats["dedup"]["near_cross_split"] >= 1  # the planted AG train copy of a test row
     assert stats["lang"]["zh"]["script_share"]["cjk"] > 0.5 and stats["lang"]["en"]["script_share"]["latin"] > 0.99
@@ -105,8 +112,7 @@ def test_prepare_new_source_never_moves_existing_documents(project, corpora):
     root, raw, params = project
     prepare.run(params)
     before = {s: set(_read(root / "prepared" / f"{s}.parquet")["id"]) for s in SPLITS}
-    pq.write_table(pa.Table.from_pylist(bbc_rows(corpora), schema=news_schema()),
-                   raw["raw_news_dir"] / "bbc.parquet")
+    pq.write_table(pa.Table.from_pylist(bbc_rows(corpora), schema=news_schema()), raw["raw_news_dir"] / "bbc.parquet")
     prepare.run(params)
     after = {s: set(_read(root / "prepared" / f"{s}.parquet")["id"]) for s in SPLITS}
     for split in SPLITS:

@@ -24,11 +24,23 @@ from _lm_data import write_params, write_prepared
 from pipeline_tasks.config import load_params
 from pipeline_tasks.errors import PipelineError
 
-TINY_MODEL = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0,
-              "bias": False}
-TINY_PRETRAIN = {"device": "cpu", "num_threads": 1, "deterministic": True, "max_steps": 20, "micro_batch_size": 4,
-                 "tokens_per_step": 256, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3, "eval_interval": 5,
-                 "eval_batches": 2, "checkpoint_interval": 5, "keep_last": 3, "log_interval": 5}
+TINY_MODEL = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0, "bias": False}
+TINY_PRETRAIN = {
+    "device": "cpu",
+    "num_threads": 1,
+    "deterministic": True,
+    "max_steps": 20,
+    "micro_batch_size": 4,
+    "tokens_per_step": 256,
+    "lr": 3e-3,
+    "min_lr": 3e-4,
+    "warmup_steps": 3,
+    "eval_interval": 5,
+    "eval_batches": 2,
+    "checkpoint_interval": 5,
+    "keep_last": 3,
+    "log_interval": 5,
+}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,8 +66,16 @@ def read_loss_csv(reports_dir: Path) -> list[str]:
 
 
 def cli(params_path: Path, *extra: str, launcher: tuple[str, ...] = ()) -> list[str]:
-    return [*launcher, *(() if launcher else (sys.executable,)), "-m", "pipeline_tasks", "pretrain",
-            "--params", str(params_path), *extra]
+    return [
+        *launcher,
+        *(() if launcher else (sys.executable,)),
+        "-m",
+        "pipeline_tasks",
+        "pretrain",
+        "--params",
+        str(params_path),
+        *extra,
+    ]
 
 
 def run_dir(params) -> Path:
@@ -102,8 +122,9 @@ def straight_run(tokens_dir, tmp_path_factory) -> Path:
     """An uninterrupted subprocess run: the reference trajectory for the resume tests."""
     tmp = tmp_path_factory.mktemp("straight")
     params_path = make_params(tmp, tokens_dir, RESUME_MODEL, **RESUME_PRETRAIN)
-    subprocess.run(cli(params_path), check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        cli(params_path), check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=300
+    )
     return tmp
 
 
@@ -198,7 +219,10 @@ def test_pretrain_falls_back_to_previous_checkpoint_when_newest_is_corrupt(token
     assert all(torch.equal(first[k], again[k]) for k in first)  # the re-done steps are identical
     assert read_loss_csv(Path(params.paths.pretrain_reports_dir)) == first_loss
     assert sorted(p.name for p in ckpt_dir.glob("step_*.pt")) == [
-        "step_0000005.pt", "step_0000010.pt", "step_0000015.pt"]
+        "step_0000005.pt",
+        "step_0000010.pt",
+        "step_0000015.pt",
+    ]
 
 
 def test_pretrain_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tokens_dir, tmp_path):
@@ -206,10 +230,14 @@ def test_pretrain_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoi
     from pipeline_tasks.train.training import CheckpointManager
 
     # an absurd learning rate with no warm-up: step 1 is fine, its update overflows the weights
-    params = load_params(make_params(tmp_path, tokens_dir, lr=1e30, min_lr=1e29, warmup_steps=0,
-                                     checkpoint_interval=1, max_steps=10))
-    with pytest.raises(PipelineError, match=r"non-finite training loss .* at step 2; last good checkpoint .*"
-                                            r"step_0000001\.pt is kept"):
+    params = load_params(
+        make_params(tmp_path, tokens_dir, lr=1e30, min_lr=1e29, warmup_steps=0, checkpoint_interval=1, max_steps=10)
+    )
+    with pytest.raises(
+        PipelineError,
+        match=r"non-finite training loss .* at step 2; last good checkpoint .*"
+        r"step_0000001\.pt is kept",
+    ):
         pretrain.run(params)
     manager = CheckpointManager(run_dir(params))
     path, state = manager.load_latest()

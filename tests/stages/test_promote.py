@@ -28,8 +28,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "lm-pipeline-news-classifier"
 MLFLOW = Path(sys.executable).with_name("mlflow")
-NO_TORCH = ("import sys; sys.modules['torch'] = None; "
-            "from pipeline_tasks.cli import main; sys.exit(main(sys.argv[1:]))")
+NO_TORCH = "import sys; sys.modules['torch'] = None; from pipeline_tasks.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +49,26 @@ def mlflow_server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(MLFLOW),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -97,13 +112,20 @@ def registry(request, tmp_path, monkeypatch):
 
 def _raw(registry, bundle_dir: Path) -> dict:
     root = registry["root"]
-    return {"seed": 1, "paths": {"bundle_dir": str(bundle_dir), "evaluate_dir": str(root / "evaluate"),
-                                 "registry_dir": str(root / "registry"),
-                                 "register_reports_dir": str(root / "reports/register"),
-                                 "validate_dir": str(root / "validate"), "monitor_dir": str(root / "monitor"),
-                                 "champion_metrics_path": str(root / "registry/production_metrics.json")},
-            "register": {"model_name": registry["name"]},
-            "evaluate": {"gates": GATES}}
+    return {
+        "seed": 1,
+        "paths": {
+            "bundle_dir": str(bundle_dir),
+            "evaluate_dir": str(root / "evaluate"),
+            "registry_dir": str(root / "registry"),
+            "register_reports_dir": str(root / "reports/register"),
+            "validate_dir": str(root / "validate"),
+            "monitor_dir": str(root / "monitor"),
+            "champion_metrics_path": str(root / "registry/production_metrics.json"),
+        },
+        "register": {"model_name": registry["name"]},
+        "evaluate": {"gates": GATES},
+    }
 
 
 def _register(registry, bundle_dir: Path, metrics: dict) -> dict:
@@ -156,7 +178,10 @@ def test_promote_moves_alias_rollback_restores_and_regressions_are_refused(regis
 
     history = read_history(root / "registry")
     assert [(h["action"], h["from"], h["to"]) for h in history] == [
-        ("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
+        ("promote", None, "1"),
+        ("promote", "1", "2"),
+        ("rollback", "2", "1"),
+    ]
     assert [h["seq"] for h in history] == [1, 2, 3] and all(h["actor"] == "ci-bot" and h["when"] for h in history)
     from pipeline_tasks.registry.store import connect
 
@@ -190,8 +215,16 @@ def _race(commands: list[list[str]], params_file: Path, registry) -> list[tuple[
             env["MLFLOW_TRACKING_URI"] = registry["uri"]
         else:
             env.pop("MLFLOW_TRACKING_URI", None)
-        procs.append(subprocess.Popen([sys.executable, "-c", RACER, *args, "--params", str(params_file)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, *args, "--params", str(params_file)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=root,
+            )
+        )
     deadline = time.monotonic() + 240
     while not all(Path(str(go) + f".ready{i}").exists() for i in range(len(commands))):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "racers did not start"
@@ -211,8 +244,11 @@ def test_concurrent_promotions_exactly_one_wins(registry, versions):
     params_file.write_text(yaml.safe_dump(_raw(registry, versions["a"])), encoding="utf-8")
 
     # three processes race to move production from 1 to 2 with a compare-and-set on "1"
-    results = _race([["promote", "--version", "2", "--expect-production", "1", "--reason", f"racer {i}"]
-                     for i in range(3)], params_file, registry)
+    results = _race(
+        [["promote", "--version", "2", "--expect-production", "1", "--reason", f"racer {i}"] for i in range(3)],
+        params_file,
+        registry,
+    )
     winners = [json.loads(out.strip().splitlines()[-1]) for rc, out, _ in results if rc == 0]
     losers = [err for rc, _, err in results if rc != 0]
     assert len(winners) == 1 and winners[0]["status"] == "promoted", results
@@ -224,8 +260,10 @@ def test_concurrent_promotions_exactly_one_wins(registry, versions):
 
     # the same race without a CAS token on the default @challenger: one change, the rest no-ops
     _register(registry, versions["c"], {**PASSING, "accuracy": 0.85})
-    statuses = sorted(json.loads(out.strip().splitlines()[-1])["status"] for _, out, _ in
-                      _race([["promote"], ["promote"]], params_file, registry))
+    statuses = sorted(
+        json.loads(out.strip().splitlines()[-1])["status"]
+        for _, out, _ in _race([["promote"], ["promote"]], params_file, registry)
+    )
     assert statuses == ["noop", "promoted"]
     assert [(h["from"], h["to"]) for h in read_history(root / "registry")][-1] == ("2", "3")
     assert len(read_history(root / "registry")) == 3
@@ -239,12 +277,31 @@ def test_predict_serves_production_from_the_registry_without_torch(registry, ver
     change_production(_params(registry, versions["b"]), "promote")
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(_raw(registry, versions["b"])), encoding="utf-8")
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(root), "LANG": "C.UTF-8",
-           **({"MLFLOW_TRACKING_URI": registry["uri"]} if registry["uri"] else {})}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(root),
+        "LANG": "C.UTF-8",
+        **({"MLFLOW_TRACKING_URI": registry["uri"]} if registry["uri"] else {}),
+    }
     texts = ["Central bank raises interest rates", "New smartphone chip doubles battery life"]
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, "predict", *texts, "--model",
-                           f"models:/{registry['name']}@production", "--params", str(params_file)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_TORCH,
+            "predict",
+            *texts,
+            "--model",
+            f"models:/{registry['name']}@production",
+            "--params",
+            str(params_file),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     expected = load_bundle(versions["b"]).predict(texts)

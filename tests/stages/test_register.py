@@ -52,15 +52,24 @@ stages:
     - path: models/bundle
       md5: 333.dir
 """)
-    assert dvc_lock_hashes(lock) == {"data/prepared/train.parquet": "111", "data/prepared/val.parquet": "222",
-                                     "models/bundle": "333.dir"}
+    assert dvc_lock_hashes(lock) == {
+        "data/prepared/train.parquet": "111",
+        "data/prepared/val.parquet": "222",
+        "models/bundle": "333.dir",
+    }
     assert dvc_lock_hashes(None) == {} and dvc_lock_hashes({"stages": {}}) == {}
 
 
 def test_lineage_tags_record_every_gate_verdict_and_metrics():
-    gates = {"passed": False, "summary": "GATES FAILED: x", "gates": {
-        "min_accuracy": {"passed": False, "skipped": False}, "max_size_mb": {"passed": True, "skipped": True},
-        "min_macro_f1": {"passed": True, "skipped": False}}}
+    gates = {
+        "passed": False,
+        "summary": "GATES FAILED: x",
+        "gates": {
+            "min_accuracy": {"passed": False, "skipped": False},
+            "max_size_mb": {"passed": True, "skipped": True},
+            "min_macro_f1": {"passed": True, "skipped": False},
+        },
+    }
     tags = lineage_tags(gates, {"accuracy": 0.4, "flag": True, "variants": {}}, "abc", {"p": "1"}, "deadbeef")
     assert tags["lmpipe.gates_passed"] == "false" and tags["lmpipe.git_sha"] == "deadbeef"
     assert tags["lmpipe.gate.min_accuracy"] == "fail" and tags["lmpipe.gate.max_size_mb"] == "skipped"
@@ -72,11 +81,14 @@ def test_lineage_tags_record_every_gate_verdict_and_metrics():
     assert summary["entries"] == 400 and len(summary["sha256"]) == 64  # too long for a tag: hashed, not cut
 
 
-@pytest.mark.parametrize("section, match", [
-    ({"model_name": "bad name"}, "model_name"),
-    ({"challenger_alias": "production"}, "must differ"),
-    ({"history_tag_entries": 0}, "history_tag_entries"),
-])
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"model_name": "bad name"}, "model_name"),
+        ({"challenger_alias": "production"}, "must differ"),
+        ({"history_tag_entries": 0}, "history_tag_entries"),
+    ],
+)
 def test_register_params_reject_bad_values(section, match):
     with pytest.raises(ConfigError, match=match):
         parse_params({"register": section})
@@ -184,13 +196,26 @@ def test_registered_model_predicts_in_clean_subprocess_without_torch(bundle_dir,
         "import pipeline_tasks\n"
         "try:\n    import torch; importable = True\nexcept ImportError:\n    importable = False\n"
         "print(json.dumps({'rows': out.to_dict(orient='records'), 'torch_importable': importable,\n"
-        "                  'torch_loaded': 'torch' in sys.modules, 'package': pipeline_tasks.__file__}))\n")
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "LANG": "C.UTF-8",
-           "PYTHONPATH": str(_clean_site(tmp_path)), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'registry/mlflow.db'}"}
+        "                  'torch_loaded': 'torch' in sys.modules, 'package': pipeline_tasks.__file__}))\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(_clean_site(tmp_path)),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'registry/mlflow.db'}",
+    }
     # -S: no site-packages of the venv at all, only the torch-less copy on PYTHONPATH
-    proc = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tempfile.mkdtemp(dir=tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env=env,
+        cwd=tempfile.mkdtemp(dir=tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["torch_importable"] is False and out["torch_loaded"] is False

@@ -87,7 +87,8 @@ def test_validate_fails_on_corrupted_split_and_names_each_failure(project):
     assert failed[("expect_column_values_to_be_in_set", "label")]["partial_unexpected_list"] == ["politics"]
     assert failed[("expect_column_values_to_be_unique", "id")]["unexpected_count"] == 2
     assert ("expect_column_values_to_be_unique", "id") in {
-        (f["expectation"], f["column"]) for f in summary["suites"]["cross_split"]["failures"]}
+        (f["expectation"], f["column"]) for f in summary["suites"]["cross_split"]["failures"]
+    }
     assert (root / "reports" / "validate" / "data_docs" / "index.html").is_file()
 
 
@@ -113,8 +114,10 @@ def test_validate_fails_when_documents_move_between_splits(project):
     train = pq.read_table(root / "prepared" / "train.parquet")
     moved = [r for r in train.to_pylist() if r["source"] == "huffpost"][:10]
     ids = {r["id"] for r in moved}
-    pq.write_table(train.filter(pa.compute.invert(pa.compute.is_in(train.column("id"), pa.array(sorted(ids))))),
-                   root / "prepared" / "train.parquet")
+    pq.write_table(
+        train.filter(pa.compute.invert(pa.compute.is_in(train.column("id"), pa.array(sorted(ids))))),
+        root / "prepared" / "train.parquet",
+    )
     _rewrite(root / "prepared" / "val.parquet", lambda rows: rows.extend({**r, "split": "val"} for r in moved))
     with pytest.raises(ValidationFailedError, match=r"cross_split: .*_split_mode.*inconsistent:huffpost"):
         validate.run(params)

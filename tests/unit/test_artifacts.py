@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from pipeline_tasks.artifacts import (atomic_dir, atomic_path, atomic_write_json, hash_tree, sha256_file,
-                                      write_manifest)
+from pipeline_tasks.artifacts import atomic_dir, atomic_path, atomic_write_json, hash_tree, sha256_file, write_manifest
 
 
 def test_atomic_dir_replaces_old_content_on_success(tmp_path):

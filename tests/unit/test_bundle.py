@@ -17,25 +17,32 @@ import pytest
 from pipeline_tasks.artifacts import write_manifest
 from pipeline_tasks.ship.bundle import BundleError, check_external_data, encode_texts, make_session, verify_bundle
 
-TEXTS = ["Stocks rally as the Fed holds rates", "Late goal sends United through to the final",
-         "New chip promises faster phones", "Talks resume after border clash"] * 20
+TEXTS = [
+    "Stocks rally as the Fed holds rates",
+    "Late goal sends United through to the final",
+    "New chip promises faster phones",
+    "Talks resume after border clash",
+] * 20
 
 
 def _tokenizer():
     from pipeline_tasks.dataset.tokenize import train_tokenizer
 
-    return train_tokenizer(iter([TEXTS]), vocab_size=300, min_frequency=1,
-                           special_tokens=("<|endoftext|>", "<|pad|>", "<|cls|>"))
+    return train_tokenizer(
+        iter([TEXTS]), vocab_size=300, min_frequency=1, special_tokens=("<|endoftext|>", "<|pad|>", "<|cls|>")
+    )
 
 
 def _onnx_model(weight: np.ndarray):
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(weight, "w")])
+        [numpy_helper.from_array(weight, "w")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
@@ -45,8 +52,9 @@ def _make_bundle(root: Path, external: bool = False) -> Path:
     root.mkdir(parents=True)
     model = _onnx_model(np.arange(16, dtype=np.float32).reshape(4, 4))
     if external:
-        onnx.save(model, str(root / "model_fp32.onnx"), save_as_external_data=True, location="weights.bin",
-                  size_threshold=0)
+        onnx.save(
+            model, str(root / "model_fp32.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0
+        )
     else:
         onnx.save(model, str(root / "model_fp32.onnx"))
     _tokenizer().save(str(root / "tokenizer.json"))
@@ -154,7 +162,7 @@ def test_encode_texts_right_pads_and_appends_cls():
     assert ids.dtype == np.int64 and ids.shape == (3, 12)
     lengths = mask.sum(1)
     assert lengths[1] == 12 and ids[1, 11] == cls  # truncated, CLS kept last
-    assert ids[0, lengths[0] - 1] == cls and (ids[0, lengths[0]:] == pad).all() and not mask[0, lengths[0]:].any()
+    assert ids[0, lengths[0] - 1] == cls and (ids[0, lengths[0] :] == pad).all() and not mask[0, lengths[0] :].any()
     assert lengths[2] == 1  # an empty text still has one attended position
     ids, mask = encode_texts(tok, ["New chip"], max_len=12, pad_id=pad, cls_id=None)
     assert cls not in ids and mask.all()
@@ -184,8 +192,9 @@ def test_bundle_refuses_config_pointing_outside(tmp_path):
     from pipeline_tasks.ship.bundle import Bundle
 
     root = _make_bundle(tmp_path / "b")
-    (root / "config.json").write_text(json.dumps({"format_version": 1, "default_variant": "fp32",
-                                                  "variants": {"fp32": {"file": "../evil.onnx"}}}))
+    (root / "config.json").write_text(
+        json.dumps({"format_version": 1, "default_variant": "fp32", "variants": {"fp32": {"file": "../evil.onnx"}}})
+    )
     _refresh_manifest(root)  # even a consistent manifest cannot make config.json point outside
     bundle = Bundle(root)
     with pytest.raises(BundleError, match="not a verified file of the bundle"):

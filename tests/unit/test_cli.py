@@ -13,8 +13,9 @@ from pipeline_tasks.stages import COMMANDS, STAGES
 
 
 def test_help_lists_every_stage_and_command(repo_root):
-    out = subprocess.run([sys.executable, "-m", "pipeline_tasks", "--help"], cwd=repo_root,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks", "--help"], cwd=repo_root, capture_output=True, text=True, check=True
+    ).stdout
     for name in [*STAGES, *COMMANDS]:
         assert name in out
 

@@ -7,8 +7,16 @@ from typing import Literal
 
 import pytest
 
-from pipeline_tasks.config import (ConfigError, Params, apply_override, build_dataclass, load_params, load_yaml,
-                                   parse_params, to_plain)
+from pipeline_tasks.config import (
+    ConfigError,
+    Params,
+    apply_override,
+    build_dataclass,
+    load_params,
+    load_yaml,
+    parse_params,
+    to_plain,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +119,20 @@ def test_load_params_extends_cycle_is_an_error(tmp_path):
         load_params(tmp_path / "a.yaml")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("3e-3", 0.003), ("1e5", 100000.0), ("1.0e-4", 0.0001), ("-2E+2", -200.0), (".5", 0.5),
-    ("12", 12), ('"3e-3"', "3e-3"), ("1.2.3", "1.2.3"), ("e5", "e5"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("3e-3", 0.003),
+        ("1e5", 100000.0),
+        ("1.0e-4", 0.0001),
+        ("-2E+2", -200.0),
+        (".5", 0.5),
+        ("12", 12),
+        ('"3e-3"', "3e-3"),
+        ("1.2.3", "1.2.3"),
+        ("e5", "e5"),
+    ],
+)
 def test_load_yaml_reads_yaml12_floats(text, expected):
     value = load_yaml(text)
     assert value == expected and type(value) is type(expected)

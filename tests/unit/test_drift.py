@@ -173,29 +173,42 @@ def test_month_windows_cut_at_calendar_months():
     utc = dt.UTC
     windows = month_windows(dt.datetime(2021, 11, 15, tzinfo=utc), dt.datetime(2022, 2, 10, tzinfo=utc), 1)
     assert [(a.date().isoformat(), b.date().isoformat()) for a, b in windows] == [
-        ("2021-11-15", "2021-12-01"), ("2021-12-01", "2022-01-01"), ("2022-01-01", "2022-02-01"),
-        ("2022-02-01", "2022-02-10")]
+        ("2021-11-15", "2021-12-01"),
+        ("2021-12-01", "2022-01-01"),
+        ("2022-01-01", "2022-02-01"),
+        ("2022-02-01", "2022-02-10"),
+    ]
 
 
 def test_monitor_params_build_main_and_timeline_windows():
     from pipeline_tasks.monitor.monitor import batch_windows
 
-    params = parse_params({"monitor": {"window_start": "2022-08-01", "window_end": "2022-09-01",
-                                       "windows": [{"start": "2019-01-01", "end": "2019-02-01"}],
-                                       "timeline": {"start": "2022-01-01", "end": "2022-07-01", "step_months": 3}}})
+    params = parse_params(
+        {
+            "monitor": {
+                "window_start": "2022-08-01",
+                "window_end": "2022-09-01",
+                "windows": [{"start": "2019-01-01", "end": "2019-02-01"}],
+                "timeline": {"start": "2022-01-01", "end": "2022-07-01", "step_months": 3},
+            }
+        }
+    )
     names = [w[0] for w in batch_windows(params.monitor)]
     assert names == ["main", "2019-01-01..2019-02-01", "2022-01-01..2022-04-01", "2022-04-01..2022-07-01"]
 
 
-@pytest.mark.parametrize("section, match", [
-    ({"batch": {"source": "a", "path": "b"}}, "exactly one"),
-    ({"reference": {}}, "exactly one"),
-    ({"window_start": "last tuesday"}, "ISO date"),
-    ({"timeline": {"start": "2022-01-01"}}, "both start and end"),
-    ({"descriptor_method": "vibes"}, "descriptor_method"),
-    ({"min_signals": 0}, "min_signals"),
-    ({"thresholds": {"embeding": 0.1}}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"batch": {"source": "a", "path": "b"}}, "exactly one"),
+        ({"reference": {}}, "exactly one"),
+        ({"window_start": "last tuesday"}, "ISO date"),
+        ({"timeline": {"start": "2022-01-01"}}, "both start and end"),
+        ({"descriptor_method": "vibes"}, "descriptor_method"),
+        ({"min_signals": 0}, "min_signals"),
+        ({"thresholds": {"embeding": 0.1}}, "unknown key"),
+    ],
+)
 def test_monitor_params_reject_bad_values(section, match):
     with pytest.raises(ConfigError, match=match):
         parse_params({"monitor": section})

@@ -30,38 +30,54 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>", "<|cls|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|pad|>", "<|cls|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(TEXTS, trainer)
     return tok
 
 
 # -- params ----------------------------------------------------------------------------------
 
+
 def test_finetune_params_load_nested_dataset_section():
-    params = parse_params({"finetune": {"dataset": {"train_sources": ["a", "b"], "test_sources": []},
-                                        "pooling": "mean", "layer_lr_decay": 0.8}})
+    params = parse_params(
+        {
+            "finetune": {
+                "dataset": {"train_sources": ["a", "b"], "test_sources": []},
+                "pooling": "mean",
+                "layer_lr_decay": 0.8,
+            }
+        }
+    )
     assert params.finetune.dataset.train_sources == ("a", "b")
     assert params.finetune.dataset.test_sources == ()
     assert params.finetune.pooling == "mean"
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"pooling": "max"}, "finetune.pooling: expected one of"),
-    ({"class_weighting": "balanced"}, "finetune.class_weighting"),
-    ({"batch_size": 0}, "batch_size must be >= 1"),
-    ({"layer_lr_decay": 0.0}, "layer_lr_decay"),
-    ({"max_len": 1}, "max_len must be >= 2"),
-    ({"class_weighting": "inverse_freq", "sampler": "weighted"}, "not both"),
-    ({"epochs_typo": 3}, "finetune.epochs_typo: unknown key"),
-    ({"backbone_dropout": 1.0}, "backbone_dropout must be in"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"pooling": "max"}, "finetune.pooling: expected one of"),
+        ({"class_weighting": "balanced"}, "finetune.class_weighting"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"layer_lr_decay": 0.0}, "layer_lr_decay"),
+        ({"max_len": 1}, "max_len must be >= 2"),
+        ({"class_weighting": "inverse_freq", "sampler": "weighted"}, "not both"),
+        ({"epochs_typo": 3}, "finetune.epochs_typo: unknown key"),
+        ({"backbone_dropout": 1.0}, "backbone_dropout must be in"),
+    ],
+)
 def test_finetune_params_reject_bad_values(section, message):
     with pytest.raises(ConfigError, match=message):
         parse_params({"finetune": section})
 
 
 # -- labelled rows ---------------------------------------------------------------------------
+
 
 def test_label_vocabulary_is_sorted_and_unknown_test_label_fails():
     vocab = fd.label_vocabulary(["world", "sports", "business", "scitech", "sports"])
@@ -72,6 +88,7 @@ def test_label_vocabulary_is_sorted_and_unknown_test_label_fails():
 
 
 # -- encoding and padding --------------------------------------------------------------------
+
 
 def test_encode_texts_truncates_to_max_len_and_appends_cls(tokenizer):
     full = tokenizer.encode(TEXTS[0], add_special_tokens=False).ids
@@ -114,7 +131,9 @@ def test_padded_batch_gives_the_same_logits_as_each_text_alone(tokenizer, arch, 
     from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
 
     torch.manual_seed(0)
-    config = ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tokenizer.get_vocab_size())
+    config = ModelConfig(
+        arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tokenizer.get_vocab_size()
+    )
     model = SequenceClassifier(build_lm(config), 4, pooling=pooling, pad_id=1).eval()
     seqs = fd.encode_texts(tokenizer, [*TEXTS[:3], "Short one"], max_len=40, cls_id=2)
     assert len({len(s) for s in seqs}) > 1  # the batch really needs padding
@@ -126,6 +145,7 @@ def test_padded_batch_gives_the_same_logits_as_each_text_alone(tokenizer, arch, 
 
 
 # -- batching and imbalance ------------------------------------------------------------------
+
 
 def test_length_bucketed_batches_cover_every_index_once_with_little_padding():
     rng = np.random.default_rng(0)
@@ -178,6 +198,7 @@ def test_sample_weights_give_every_class_equal_mass():
 
 
 # -- optimiser groups and schedule -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_param_groups_place_every_weight_and_decay_lr_from_the_top(arch):

@@ -8,8 +8,14 @@ import pytest
 
 from pipeline_tasks.ship.gates import GateThresholds, decide
 
-THRESHOLDS = GateThresholds(min_accuracy=0.80, min_macro_f1=0.78, max_int8_accuracy_drop=0.01,
-                            max_p95_latency_ms=20.0, max_size_mb=50.0, max_regression=0.005)
+THRESHOLDS = GateThresholds(
+    min_accuracy=0.80,
+    min_macro_f1=0.78,
+    max_int8_accuracy_drop=0.01,
+    max_p95_latency_ms=20.0,
+    max_size_mb=50.0,
+    max_regression=0.005,
+)
 GOOD = {"accuracy": 0.90, "macro_f1": 0.89, "int8_accuracy_drop": 0.002, "latency_p95_ms": 5.0, "size_mb": 3.0}
 CHAMPION = {"accuracy": 0.88, "macro_f1": 0.87}
 
@@ -28,24 +34,61 @@ CASES = [
     ("int8_drop_too_big", _with(int8_accuracy_drop=0.02), None, THRESHOLDS, False, {"max_int8_accuracy_drop"}),
     ("latency_too_slow", _with(latency_p95_ms=25.0), None, THRESHOLDS, False, {"max_p95_latency_ms"}),
     ("model_too_big", _with(size_mb=51.0), None, THRESHOLDS, False, {"max_size_mb"}),
-    ("regression_vs_champion", _with(accuracy=0.87, macro_f1=0.86), {"accuracy": 0.90, "macro_f1": 0.89},
-     THRESHOLDS, False, {"no_regression_accuracy", "no_regression_macro_f1"}),
-    ("regression_within_tolerance", _with(accuracy=0.896), {"accuracy": 0.90, "macro_f1": 0.89},
-     THRESHOLDS, True, set()),
-    ("champion_missing_one_metric_skips_that_gate", GOOD, {"accuracy": 0.99}, THRESHOLDS, False,
-     {"no_regression_accuracy"}),
-    ("missing_metric_fails", {k: v for k, v in GOOD.items() if k != "latency_p95_ms"}, None, THRESHOLDS, False,
-     {"max_p95_latency_ms"}),
+    (
+        "regression_vs_champion",
+        _with(accuracy=0.87, macro_f1=0.86),
+        {"accuracy": 0.90, "macro_f1": 0.89},
+        THRESHOLDS,
+        False,
+        {"no_regression_accuracy", "no_regression_macro_f1"},
+    ),
+    (
+        "regression_within_tolerance",
+        _with(accuracy=0.896),
+        {"accuracy": 0.90, "macro_f1": 0.89},
+        THRESHOLDS,
+        True,
+        set(),
+    ),
+    (
+        "champion_missing_one_metric_skips_that_gate",
+        GOOD,
+        {"accuracy": 0.99},
+        THRESHOLDS,
+        False,
+        {"no_regression_accuracy"},
+    ),
+    (
+        "missing_metric_fails",
+        {k: v for k, v in GOOD.items() if k != "latency_p95_ms"},
+        None,
+        THRESHOLDS,
+        False,
+        {"max_p95_latency_ms"},
+    ),
     ("nan_metric_fails", _with(size_mb=float("nan")), None, THRESHOLDS, False, {"max_size_mb"}),
-    ("disabled_gates_pass", _with(accuracy=0.1, macro_f1=0.1), {"accuracy": 0.99, "macro_f1": 0.99},
-     GateThresholds(max_int8_accuracy_drop=0.01, max_p95_latency_ms=20.0, max_size_mb=50.0), True, set()),
-    ("several_failures", _with(accuracy=0.5, size_mb=500.0), CHAMPION, THRESHOLDS, False,
-     {"min_accuracy", "max_size_mb", "no_regression_accuracy"}),
+    (
+        "disabled_gates_pass",
+        _with(accuracy=0.1, macro_f1=0.1),
+        {"accuracy": 0.99, "macro_f1": 0.99},
+        GateThresholds(max_int8_accuracy_drop=0.01, max_p95_latency_ms=20.0, max_size_mb=50.0),
+        True,
+        set(),
+    ),
+    (
+        "several_failures",
+        _with(accuracy=0.5, size_mb=500.0),
+        CHAMPION,
+        THRESHOLDS,
+        False,
+        {"min_accuracy", "max_size_mb", "no_regression_accuracy"},
+    ),
 ]
 
 
-@pytest.mark.parametrize("metrics,champion,thresholds,expected,failing",
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "metrics,champion,thresholds,expected,failing", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_decide_reaches_every_gate_branch(metrics, champion, thresholds, expected, failing):
     decision = decide(metrics, champion, thresholds)
     assert decision.passed is expected
@@ -53,8 +96,14 @@ def test_decide_reaches_every_gate_branch(metrics, champion, thresholds, expecte
     assert decision.champion_present is (champion is not None)
     # every gate is reported, with a reason, whether it passed or not
     assert {g.name for g in decision.gates} == {
-        "min_accuracy", "min_macro_f1", "max_int8_accuracy_drop", "max_p95_latency_ms", "max_size_mb",
-        "no_regression_accuracy", "no_regression_macro_f1"}
+        "min_accuracy",
+        "min_macro_f1",
+        "max_int8_accuracy_drop",
+        "max_p95_latency_ms",
+        "max_size_mb",
+        "no_regression_accuracy",
+        "no_regression_macro_f1",
+    }
     assert all(g.why for g in decision.gates)
 
 

@@ -11,38 +11,44 @@ from pipeline_tasks.config import ConfigError, load_params, parse_params
 from pipeline_tasks.ingest import newsformats as nf
 from pipeline_tasks.ingest.params import IngestNewsParams, NewsSourceParams
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 # ---------------------------------------------------------------------------------------------
 # cleaning
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw, expected", [
-    ("&lt;b&gt;Bold&lt;/b&gt; move", "Bold move"),
-    ("Tom &amp; Jerry", "Tom & Jerry"),
-    ("double &amp;lt;i&amp;gt;escaped&amp;lt;/i&amp;gt;", "double escaped"),
-    ("line<br/>break and <a href=\"x\">link</a>", "line break and link"),
-    ("<script>var x = 1;</script>kept <!-- note -->text", "kept text"),
-    ("Texas Instruments Inc. &lt;TXN.N&gt; rose", "Texas Instruments Inc. <TXN.N> rose"),  # ticker, not a tag
-    ("if a < b and c > d", "if a < b and c > d"),
-    ("ﬁnance ＡＢＣ", "finance ABC"),  # NFKC: ligature and full-width letters
-    ("  many\t spaces\n\nand\u00a0nbsp ", "many spaces and nbsp"),
-    ("zero\u200bwidth\x07bell", "zero width bell"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("&lt;b&gt;Bold&lt;/b&gt; move", "Bold move"),
+        ("Tom &amp; Jerry", "Tom & Jerry"),
+        ("double &amp;lt;i&amp;gt;escaped&amp;lt;/i&amp;gt;", "double escaped"),
+        ('line<br/>break and <a href="x">link</a>', "line break and link"),
+        ("<script>var x = 1;</script>kept <!-- note -->text", "kept text"),
+        ("Texas Instruments Inc. &lt;TXN.N&gt; rose", "Texas Instruments Inc. <TXN.N> rose"),  # ticker, not a tag
+        ("if a < b and c > d", "if a < b and c > d"),
+        ("ﬁnance ＡＢＣ", "finance ABC"),  # NFKC: ligature and full-width letters
+        ("  many\t spaces\n\nand\u00a0nbsp ", "many spaces and nbsp"),
+        ("zero\u200bwidth\x07bell", "zero width bell"),
+    ],
+)
 def test_clean_text_strips_html_normalises_and_collapses(raw, expected):
     assert nf.clean_text(raw) == expected
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Bush doesn #39;t agree", "Bush doesn't agree"),
-    ("America #39;s top diplomat", "America's top diplomat"),
-    ("Johnson  amp; Johnson", "Johnson & Johnson"),
-    ("said  quot;no quot; today", 'said "no" today'),
-    ("the  #36;10 million prize", "the $10 million prize"),
-    ("Sony #146;s player", "Sony’s player"),  # cp1252 numeric reference, as browsers read it
-    (" quot;It hurt quot;", '"It hurt"'),
-    ("champ; and lamp;", "champ; and lamp;"),  # a word ending in 'amp;' is not an entity
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Bush doesn #39;t agree", "Bush doesn't agree"),
+        ("America #39;s top diplomat", "America's top diplomat"),
+        ("Johnson  amp; Johnson", "Johnson & Johnson"),
+        ("said  quot;no quot; today", 'said "no" today'),
+        ("the  #36;10 million prize", "the $10 million prize"),
+        ("Sony #146;s player", "Sony’s player"),  # cp1252 numeric reference, as browsers read it
+        (" quot;It hurt quot;", '"It hurt"'),
+        ("champ; and lamp;", "champ; and lamp;"),  # a word ending in 'amp;' is not an entity
+    ],
+)
 def test_clean_text_repairs_ag_news_entities_that_lost_their_ampersand(raw, expected):
     assert nf.clean_text(raw, repair_entities=True) == expected
 
@@ -50,7 +56,8 @@ def test_clean_text_repairs_ag_news_entities_that_lost_their_ampersand(raw, expe
 def test_clean_text_ag_backslash_breaks_keep_the_next_letter():
     raw = r"A second\team of rocketeers for the \$10M prize\\Next paragraph about social\network"
     assert nf.clean_text(raw, backslash_breaks=True) == (
-        "A second team of rocketeers for the $10M prize Next paragraph about social network")
+        "A second team of rocketeers for the $10M prize Next paragraph about social network"
+    )
     assert nf.clean_text(r"a\b") == r"a\b"  # other sources keep backslashes
 
 
@@ -63,14 +70,17 @@ def test_clean_text_multiline_keeps_paragraphs_one_per_line():
 # ---------------------------------------------------------------------------------------------
 # fields
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value, fmt, expected", [
-    ("2022-09-23", None, dt.datetime(2022, 9, 23, tzinfo=UTC)),
-    (" 2018-05-01 ", None, dt.datetime(2018, 5, 1, tzinfo=UTC)),
-    ("2022-09-23T10:30:00Z", None, dt.datetime(2022, 9, 23, 10, 30, tzinfo=UTC)),
-    ("2022-09-23T12:30:00+02:00", None, dt.datetime(2022, 9, 23, 10, 30, tzinfo=UTC)),
-    ("23/09/2022", "%d/%m/%Y", dt.datetime(2022, 9, 23, tzinfo=UTC)),
-    ("Fri, 23 Sep 2022 10:30:00 +0000", "%a, %d %b %Y %H:%M:%S %z", dt.datetime(2022, 9, 23, 10, 30, tzinfo=UTC)),
-])
+@pytest.mark.parametrize(
+    "value, fmt, expected",
+    [
+        ("2022-09-23", None, dt.datetime(2022, 9, 23, tzinfo=UTC)),
+        (" 2018-05-01 ", None, dt.datetime(2018, 5, 1, tzinfo=UTC)),
+        ("2022-09-23T10:30:00Z", None, dt.datetime(2022, 9, 23, 10, 30, tzinfo=UTC)),
+        ("2022-09-23T12:30:00+02:00", None, dt.datetime(2022, 9, 23, 10, 30, tzinfo=UTC)),
+        ("23/09/2022", "%d/%m/%Y", dt.datetime(2022, 9, 23, tzinfo=UTC)),
+        ("Fri, 23 Sep 2022 10:30:00 +0000", "%a, %d %b %Y %H:%M:%S %z", dt.datetime(2022, 9, 23, 10, 30, tzinfo=UTC)),
+    ],
+)
 def test_parse_date_iso_and_declared_format_to_utc(value, fmt, expected):
     got = nf.parse_date(value, fmt)
     assert got == expected and got.utcoffset() == dt.timedelta(0)
@@ -127,15 +137,22 @@ def test_read_csv_headered_maps_columns_by_name_and_strips_bom():
 
 def test_read_csv_header_without_mapped_column_is_a_file_error():
     with pytest.raises(nf.FileFormatError, match=r"lacks mapped column.*description"):
-        csv_records(b"class,title,desc\n1,a,b\n", header=True,
-                    columns={"label": "class", "title": "title", "body": "description"})
+        csv_records(
+            b"class,title,desc\n1,a,b\n",
+            header=True,
+            columns={"label": "class", "title": "title", "body": "description"},
+        )
 
 
 def test_read_csv_flags_wrong_column_count_and_invalid_utf8_per_record():
     data = b'"1","ok","fine"\n"2","too","many","cols"\n"3","caf\xe9","latin-1 byte"\n"4","ok2","fine"\n'
     recs = csv_records(data)
     assert [(r.record, r.error.reason if r.error else None) for r in recs] == [
-        (1, None), (2, "wrong_column_count"), (3, "undecodable"), (4, None)]
+        (1, None),
+        (2, "wrong_column_count"),
+        (3, "undecodable"),
+        (4, None),
+    ]
     assert r"\xe9" in recs[2].raw  # the bad byte is shown, not lost
     fixed = csv_records(data, fallback_encoding="cp1252")
     assert fixed[2].error is None and fixed[2].fields["title"] == "café" and fixed[2].fallback_decoded
@@ -153,22 +170,27 @@ def jsonl_records(data: bytes, **kwargs):
 
 
 def test_read_jsonl_any_key_order_and_last_line_without_newline():
-    data = (b'{"link": "u1", "headline": "H1", "category": "TECH", "short_description": "S1", "date": "2022-01-02"}\n'
-            b'\n'
-            b'{"category": "SPORTS", "headline": "H2", "authors": "", "link": "u2", "short_description": null, '
-            b'"date": "2021-03-04"}')
+    data = (
+        b'{"link": "u1", "headline": "H1", "category": "TECH", "short_description": "S1", "date": "2022-01-02"}\n'
+        b"\n"
+        b'{"category": "SPORTS", "headline": "H2", "authors": "", "link": "u2", "short_description": null, '
+        b'"date": "2021-03-04"}'
+    )
     recs = jsonl_records(data)
     assert [r.record for r in recs] == [1, 3]
     assert recs[1].fields == {"title": "H2", "body": "", "label": "SPORTS", "date": "2021-03-04", "url": "u2"}
 
 
-@pytest.mark.parametrize("line, reason", [
-    (b'{"headline": "broken', "invalid_json"),
-    (b'["a", "list"]', "not_an_object"),
-    (b'{"headline": "H", "category": "X", "date": "2020-01-01", "link": "u"}', "missing_field"),
-    (b'{"headline": ["H"], "short_description": "", "category": "X", "date": "", "link": "u"}', "bad_value"),
-    (b'{"headline": "caf\xe9", "short_description": "", "category": "X", "date": "", "link": "u"}', "undecodable"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        (b'{"headline": "broken', "invalid_json"),
+        (b'["a", "list"]', "not_an_object"),
+        (b'{"headline": "H", "category": "X", "date": "2020-01-01", "link": "u"}', "missing_field"),
+        (b'{"headline": ["H"], "short_description": "", "category": "X", "date": "", "link": "u"}', "bad_value"),
+        (b'{"headline": "caf\xe9", "short_description": "", "category": "X", "date": "", "link": "u"}', "undecodable"),
+    ],
+)
 def test_read_jsonl_bad_lines_carry_reason(line, reason):
     (rec,) = jsonl_records(line + b"\n")
     assert rec.fields is None and rec.error.reason == reason and rec.record == 1
@@ -194,8 +216,15 @@ def test_read_folder_ignores_root_files_and_uses_folder_label(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # rows
 # ---------------------------------------------------------------------------------------------
-OPTS = nf.RowOptions(source="ag", lang="en", label_map={"1": "world"}, split="test", id_fields=("title", "body"),
-                     backslash_breaks=True, repair_entities=True)
+OPTS = nf.RowOptions(
+    source="ag",
+    lang="en",
+    label_map={"1": "world"},
+    split="test",
+    id_fields=("title", "body"),
+    backslash_breaks=True,
+    repair_entities=True,
+)
 
 
 def raw_record(**fields):
@@ -228,9 +257,13 @@ def test_build_row_empty_text_and_bad_date_raise_record_errors():
 
 
 def test_build_row_uses_layout_key_and_parses_date():
-    rec = nf.RawRecord("sport/1.txt", None, "raw", fields={"title": "T", "body": "B", "label": "x",
-                                                             "date": "2020-02-29", "url": " http://u "},
-                       key="sport/1.txt")
+    rec = nf.RawRecord(
+        "sport/1.txt",
+        None,
+        "raw",
+        fields={"title": "T", "body": "B", "label": "x", "date": "2020-02-29", "url": " http://u "},
+        key="sport/1.txt",
+    )
     row = nf.build_row(rec, nf.RowOptions(source="bbc", lang="en", label_map={}))
     assert row["id"] == "bbc:sport/1.txt"
     assert row["date"] == dt.datetime(2020, 2, 29, tzinfo=UTC) and row["url"] == "http://u"
@@ -256,8 +289,14 @@ def test_source_stats_check_names_file_share_and_top_reasons():
 # params
 # ---------------------------------------------------------------------------------------------
 def news_section(**source_overrides):
-    source = {"name": "ag", "path": "x.csv", "format": "csv", "columns": {"label": 0, "title": 1, "body": 2},
-              "label_map": {"1": "world"}, **source_overrides}
+    source = {
+        "name": "ag",
+        "path": "x.csv",
+        "format": "csv",
+        "columns": {"label": 0, "title": 1, "body": 2},
+        "label_map": {"1": "world"},
+        **source_overrides,
+    }
     return {"ingest_news": {"sources": [source]}}
 
 
@@ -267,18 +306,21 @@ def test_params_accept_a_valid_source():
     assert isinstance(params.ingest_news.sources[0], NewsSourceParams)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"label_map": {"1": "politics"}}, "not canonical"),
-    ({"columns": {"label": "class", "title": "title"}}, "column indices"),
-    ({"header": True}, "column / key names"),
-    ({"columns": {"label": 0, "headline": 1}}, "columns must map"),
-    ({"id_fields": ["url"]}, "id_fields"),
-    ({"fallback_encoding": "klingon-8"}, "unknown fallback_encoding"),
-    ({"name": "Bad Name"}, "name must match"),
-    ({"format": "folder"}, "takes no columns"),
-    ({"split": "holdout"}, "expected one of"),
-    ({"colums": {}}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"label_map": {"1": "politics"}}, "not canonical"),
+        ({"columns": {"label": "class", "title": "title"}}, "column indices"),
+        ({"header": True}, "column / key names"),
+        ({"columns": {"label": 0, "headline": 1}}, "columns must map"),
+        ({"id_fields": ["url"]}, "id_fields"),
+        ({"fallback_encoding": "klingon-8"}, "unknown fallback_encoding"),
+        ({"name": "Bad Name"}, "name must match"),
+        ({"format": "folder"}, "takes no columns"),
+        ({"split": "holdout"}, "expected one of"),
+        ({"colums": {}}, "unknown key"),
+    ],
+)
 def test_params_reject_bad_source_settings(override, message):
     with pytest.raises(ConfigError, match=message):
         parse_params(news_section(**override))

@@ -18,10 +18,24 @@ from pipeline_tasks.ingest import bz2blocks
 from pipeline_tasks.ingest.bz2blocks import ParallelBz2Reader, decode_segment, iter_segments
 from pipeline_tasks.ingest.ingest_wiki import CleanOptions, _prefilter, clean_batch, worker_pool
 from pipeline_tasks.ingest.params import IngestWikiParams, WikiSourceParams
-from pipeline_tasks.ingest.wikidump import (RawPage, SiteInfo, TruncatedInputError, iter_jsonl, iter_mediawiki,
-                                             iter_wikiextractor, iter_wikitext_raw, open_decompressed)
-from pipeline_tasks.ingest.wikitext import (clean_wikitext, has_forbidden_markup, is_disambiguation, is_redirect,
-                                             namespace_aliases, normalize_plain)
+from pipeline_tasks.ingest.wikidump import (
+    RawPage,
+    SiteInfo,
+    TruncatedInputError,
+    iter_jsonl,
+    iter_mediawiki,
+    iter_wikiextractor,
+    iter_wikitext_raw,
+    open_decompressed,
+)
+from pipeline_tasks.ingest.wikitext import (
+    clean_wikitext,
+    has_forbidden_markup,
+    is_disambiguation,
+    is_redirect,
+    namespace_aliases,
+    normalize_plain,
+)
 
 CLEANERS = ["fast", "mwparserfromhell"]
 FORBIDDEN = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref")
@@ -43,9 +57,11 @@ def test_clean_wikitext_removes_nested_templates(cleaner):
 
 @pytest.mark.parametrize("cleaner", CLEANERS)
 def test_clean_wikitext_removes_refs_plain_named_and_self_closing(cleaner):
-    text = ('Water boils at 100 C.<ref>{{cite book|title=Heat|page=3}}</ref> It freezes at 0 C.<ref name="a"/> '
-            "Ice floats<REF NAME=b>Archimedes, ''On floating bodies''</REF> on water.<ref name=\"c\" />\n"
-            "==References==\n<references/>\n<references>\n<ref name=d>x</ref>\n</references>")
+    text = (
+        'Water boils at 100 C.<ref>{{cite book|title=Heat|page=3}}</ref> It freezes at 0 C.<ref name="a"/> '
+        "Ice floats<REF NAME=b>Archimedes, ''On floating bodies''</REF> on water.<ref name=\"c\" />\n"
+        "==References==\n<references/>\n<references>\n<ref name=d>x</ref>\n</references>"
+    )
     out = clean_wikitext(text, cleaner=cleaner)
     assert out.split("\n") == ["Water boils at 100 C. It freezes at 0 C. Ice floats on water.", "References"]
     assert_clean(out)
@@ -53,8 +69,10 @@ def test_clean_wikitext_removes_refs_plain_named_and_self_closing(cleaner):
 
 @pytest.mark.parametrize("cleaner", CLEANERS)
 def test_clean_wikitext_removes_tables_including_nested(cleaner):
-    text = ("Intro line.\n{| class=\"wikitable\"\n|-\n! Year !! Value\n|-\n| 2001 || {{n/a}}\n|-\n|\n"
-            "{|\n| inner cell\n|}\n|}\nOutro line.")
+    text = (
+        'Intro line.\n{| class="wikitable"\n|-\n! Year !! Value\n|-\n| 2001 || {{n/a}}\n|-\n|\n'
+        "{|\n| inner cell\n|}\n|}\nOutro line."
+    )
     out = clean_wikitext(text, cleaner=cleaner)
     assert out.split() == ["Intro", "line.", "Outro", "line."]
     assert_clean(out)
@@ -62,8 +80,10 @@ def test_clean_wikitext_removes_tables_including_nested(cleaner):
 
 @pytest.mark.parametrize("cleaner", CLEANERS)
 def test_clean_wikitext_drops_files_categories_and_interlanguage_links(cleaner):
-    text = ("[[File:Eiffel.jpg|thumb|left|The [[Eiffel Tower]] at night]]The tower is tall."
-            "[[Image:Map.png|200px]]\n[[Category:Towers]]\n[[category:Paris| ]]\n[[de:Eiffelturm]]")
+    text = (
+        "[[File:Eiffel.jpg|thumb|left|The [[Eiffel Tower]] at night]]The tower is tall."
+        "[[Image:Map.png|200px]]\n[[Category:Towers]]\n[[category:Paris| ]]\n[[de:Eiffelturm]]"
+    )
     out = clean_wikitext(text, cleaner=cleaner)
     assert out == "The tower is tall."
 
@@ -76,8 +96,10 @@ def test_clean_wikitext_drops_localized_namespaces_from_siteinfo():
 
 
 def test_clean_wikitext_drops_file_aliases_and_links_with_image_options():
-    text = ("[[Attēls:Puma.jpg|thumb|250px|]][[Bilde:X.png|200px|Caption]][[Datei:Y.svg|mini|Bild]]Puma concolor "
-            "[[wikt:puma|puma]] [[Kategoreja:Dzeivnīki]].")
+    text = (
+        "[[Attēls:Puma.jpg|thumb|250px|]][[Bilde:X.png|200px|Caption]][[Datei:Y.svg|mini|Bild]]Puma concolor "
+        "[[wikt:puma|puma]] [[Kategoreja:Dzeivnīki]]."
+    )
     assert clean_wikitext(text) == "Puma concolor puma."
 
 
@@ -88,9 +110,11 @@ def test_clean_wikitext_unclosed_table_loses_only_its_markup_lines():
 
 @pytest.mark.parametrize("cleaner", CLEANERS)
 def test_clean_wikitext_keeps_heading_text_and_link_text(cleaner):
-    text = ("'''Anarchism''' is a [[political philosophy]] that rejects [[State (polity)|states]] and "
-            "[[hierarchy|hierarchies]]. [[Dog]]s bark.\n\n== History ==\n=== Origins ===\nSee "
-            "[https://example.org the archive] and [https://example.org/x].")
+    text = (
+        "'''Anarchism''' is a [[political philosophy]] that rejects [[State (polity)|states]] and "
+        "[[hierarchy|hierarchies]]. [[Dog]]s bark.\n\n== History ==\n=== Origins ===\nSee "
+        "[https://example.org the archive] and [https://example.org/x]."
+    )
     out = clean_wikitext(text, cleaner=cleaner)
     lines = out.split("\n")
     assert lines[0] == "Anarchism is a political philosophy that rejects states and hierarchies. Dogs bark."
@@ -105,8 +129,10 @@ def test_clean_wikitext_pipe_trick_shows_the_title_without_parenthesis():
 
 @pytest.mark.parametrize("cleaner", CLEANERS)
 def test_clean_wikitext_removes_comments_magic_words_and_markup(cleaner):
-    text = ("__NOTOC__\nA<!-- hidden [[x]] note -->B is ''italic'' and <b>bold</b> and <span style=\"x\">s</span>."
-            "<br/>\n* first item\n# second item\n----\nEnd &amp; more&nbsp;text.<!-- never closed")
+    text = (
+        "__NOTOC__\nA<!-- hidden [[x]] note -->B is ''italic'' and <b>bold</b> and <span style=\"x\">s</span>."
+        "<br/>\n* first item\n# second item\n----\nEnd &amp; more&nbsp;text.<!-- never closed"
+    )
     out = clean_wikitext(text, cleaner=cleaner)
     assert out.startswith("AB is italic and bold and s.")
     assert "first item" in out and "second item" in out
@@ -119,11 +145,20 @@ def test_clean_wikitext_normalises_whitespace():
     assert out == "Para one has spaces.\n\nPara two, here"
 
 
-@pytest.mark.parametrize("text", [
-    "Unclosed {{template with [[link", "Stray }} and ]] closers", "{| never closed table\n| cell",
-    "Broken [[File:x.jpg|thumb|caption", "<ref>never closed ref", "Mixed {{a|[[b]]}} }} ]] {{ [[",
-    "[[[[x]]]] {{{{y}}}} {{{param}}}", "A [{{x}}[ tricky ]{{y}}] join", "&lt;ref&gt;escaped&lt;/ref&gt; {&#123;x}}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Unclosed {{template with [[link",
+        "Stray }} and ]] closers",
+        "{| never closed table\n| cell",
+        "Broken [[File:x.jpg|thumb|caption",
+        "<ref>never closed ref",
+        "Mixed {{a|[[b]]}} }} ]] {{ [[",
+        "[[[[x]]]] {{{{y}}}} {{{param}}}",
+        "A [{{x}}[ tricky ]{{y}}] join",
+        "&lt;ref&gt;escaped&lt;/ref&gt; {&#123;x}}",
+    ],
+)
 @pytest.mark.parametrize("cleaner", CLEANERS)
 def test_clean_wikitext_never_leaves_forbidden_markup(text, cleaner):
     out = clean_wikitext(text, cleaner=cleaner)
@@ -132,9 +167,11 @@ def test_clean_wikitext_never_leaves_forbidden_markup(text, cleaner):
 
 
 def test_clean_wikitext_fast_and_reference_cleaners_agree_on_an_article():
-    text = ("{{Infobox person|name=Ada|birth_date={{birth date|1815|12|10}}}}\n'''Ada Lovelace''' "
-            "was an English [[mathematician]].<ref>{{cite web|url=x}}</ref>\n\n== Work ==\nShe wrote the "
-            "first [[algorithm]] for the [[Analytical Engine]].\n[[Category:1815 births]]")
+    text = (
+        "{{Infobox person|name=Ada|birth_date={{birth date|1815|12|10}}}}\n'''Ada Lovelace''' "
+        "was an English [[mathematician]].<ref>{{cite web|url=x}}</ref>\n\n== Work ==\nShe wrote the "
+        "first [[algorithm]] for the [[Analytical Engine]].\n[[Category:1815 births]]"
+    )
     assert clean_wikitext(text, cleaner="fast") == clean_wikitext(text, cleaner="mwparserfromhell")
 
 
@@ -146,8 +183,17 @@ def test_clean_wikitext_rejects_unknown_cleaner():
 # ---------------------------------------------------------------------------- page checks
 
 
-@pytest.mark.parametrize("text", ["#REDIRECT [[Computer accessibility]]", "#redirect[[X]]", "  #Redirect: [[X]]",
-                                  "#WEITERLEITUNG [[Ziel]]", "#перенаправление [[Цел]]", "#REDIRECTION [[Cible]]"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "#REDIRECT [[Computer accessibility]]",
+        "#redirect[[X]]",
+        "  #Redirect: [[X]]",
+        "#WEITERLEITUNG [[Ziel]]",
+        "#перенаправление [[Цел]]",
+        "#REDIRECTION [[Cible]]",
+    ],
+)
 def test_is_redirect_detects_magic_words_any_case_and_language(text):
     assert is_redirect(text)
 
@@ -157,21 +203,34 @@ def test_is_redirect_ignores_ordinary_text(text):
     assert not is_redirect(text)
 
 
-@pytest.mark.parametrize("title,text", [
-    ("Mercury", "'''Mercury''' may refer to:\n* [[Mercury (planet)]]\n{{disambiguation}}"),
-    ("Aa", "{{Disambiguation|geo}}"), ("Aa River", "{{geodis}}"), ("Smith", "{{hndis|name=Smith}}"),
-    ("Foo", "{{dab}}"), ("Bar", "{{Disambig}}"), ("Baz", "{{Airport disambiguation}}"),
-    ("Austin (disambiguation)", "no template at all"), ("Bank (Begriffsklärung)", ""),
-    ("Paris", "{{Begriffsklärung}}"), ("Лев", "{{пояснение}}"),
-])
+@pytest.mark.parametrize(
+    "title,text",
+    [
+        ("Mercury", "'''Mercury''' may refer to:\n* [[Mercury (planet)]]\n{{disambiguation}}"),
+        ("Aa", "{{Disambiguation|geo}}"),
+        ("Aa River", "{{geodis}}"),
+        ("Smith", "{{hndis|name=Smith}}"),
+        ("Foo", "{{dab}}"),
+        ("Bar", "{{Disambig}}"),
+        ("Baz", "{{Airport disambiguation}}"),
+        ("Austin (disambiguation)", "no template at all"),
+        ("Bank (Begriffsklärung)", ""),
+        ("Paris", "{{Begriffsklärung}}"),
+        ("Лев", "{{пояснение}}"),
+    ],
+)
 def test_is_disambiguation_detects_templates_and_titles(title, text):
     assert is_disambiguation(title, text)
 
 
-@pytest.mark.parametrize("title,text", [
-    ("Mercury (planet)", "{{About|the planet|other uses|Mercury (disambiguation)}} '''Mercury''' is a planet."),
-    ("Dab radio", "{{Infobox}} DAB radio {{dablink|x}}"), ("Disambiguation (linguistics)", "{{lang|en}}"),
-])
+@pytest.mark.parametrize(
+    "title,text",
+    [
+        ("Mercury (planet)", "{{About|the planet|other uses|Mercury (disambiguation)}} '''Mercury''' is a planet."),
+        ("Dab radio", "{{Infobox}} DAB radio {{dablink|x}}"),
+        ("Disambiguation (linguistics)", "{{lang|en}}"),
+    ],
+)
 def test_is_disambiguation_ignores_hatnotes_and_articles(title, text):
     assert not is_disambiguation(title, text)
 
@@ -189,19 +248,28 @@ def test_prefilter_counts_namespace_redirect_and_oversize():
     assert _prefilter(_page(text="#REDIRECT [[X]]"), cfg, False)[0] is None  # plain text has no magic words
     assert _prefilter(_page(text="é" * 600), cfg, True)[0] == "too_large"  # 1200 UTF-8 bytes
     assert _prefilter(_page(text="e" * 600), cfg, True)[0] is None
-    reason, cut = _prefilter(_page(text="é" * 600), IngestWikiParams(max_page_bytes=1001, on_oversize="truncate"),
-                             True)
+    reason, cut = _prefilter(_page(text="é" * 600), IngestWikiParams(max_page_bytes=1001, on_oversize="truncate"), True)
     assert reason == "truncated" and cut.text == "é" * 500
     assert _prefilter(_page(ns=14), IngestWikiParams(namespaces=(0, 14)), True)[0] is None
 
 
 def test_clean_batch_counts_disambiguation_and_short_pages_in_order():
     opts = CleanOptions(min_chars=20)
-    items = [("Ada", "'''Ada''' was a mathematician and writer."), None, ("Ada (disambiguation)", "x"),
-             ("Stub", "Tiny.{{stub}}"), ("Dab", "Words words words words. {{dab}}")]
+    items = [
+        ("Ada", "'''Ada''' was a mathematician and writer."),
+        None,
+        ("Ada (disambiguation)", "x"),
+        ("Stub", "Tiny.{{stub}}"),
+        ("Dab", "Words words words words. {{dab}}"),
+    ]
     out = clean_batch(opts, items)
-    assert out == [(None, "Ada was a mathematician and writer."), None, ("disambiguation", ""),
-                   ("too_short", ""), ("disambiguation", "")]
+    assert out == [
+        (None, "Ada was a mathematician and writer."),
+        None,
+        ("disambiguation", ""),
+        ("too_short", ""),
+        ("disambiguation", ""),
+    ]
 
 
 def test_clean_batch_skips_a_page_over_the_time_limit():
@@ -234,12 +302,14 @@ PAGE = """<page><title>{title}</title><ns>{ns}</ns><id>{id}</id>{redirect}
 
 
 def make_dump(version: str = "0.10", siteinfo: bool = True, db: str = "frwiki", pages=None) -> str:
-    pages = pages or [dict(title="Paris", ns=0, id=5, redirect="", text="'''Paris''' est une ville."),
-                      dict(title="Lutèce", ns=0, id=6, redirect='<redirect title="Paris" />', text="#REDIRECTION [[Paris]]"),
-                      dict(title="Catégorie:Villes", ns=14, id=7, redirect="", text="Liste")]
+    pages = pages or [
+        dict(title="Paris", ns=0, id=5, redirect="", text="'''Paris''' est une ville."),
+        dict(title="Lutèce", ns=0, id=6, redirect='<redirect title="Paris" />', text="#REDIRECTION [[Paris]]"),
+        dict(title="Catégorie:Villes", ns=14, id=7, redirect="", text="Liste"),
+    ]
     xmlns = f' xmlns="http://www.mediawiki.org/xml/export-{version}/" version="{version}"' if version else ""
     body = "".join(PAGE.format(**p) for p in pages)
-    return f"<mediawiki{xmlns} xml:lang=\"fr\">{SITEINFO.format(db=db) if siteinfo else ''}{body}</mediawiki>"
+    return f'<mediawiki{xmlns} xml:lang="fr">{SITEINFO.format(db=db) if siteinfo else ""}{body}</mediawiki>'
 
 
 @pytest.mark.parametrize("version", ["0.9", "0.10", "0.11", ""])
@@ -252,7 +322,10 @@ def test_iter_mediawiki_reads_any_schema_version_with_or_without_siteinfo(versio
     if siteinfo:
         assert infos[0].lang == "fr" and infos[0].namespaces[6] == "Fichier"
     assert [(p.page_id, p.title, p.ns, p.redirect) for p in pages] == [
-        ("5", "Paris", 0, False), ("6", "Lutèce", 0, True), ("7", "Catégorie:Villes", 14, False)]
+        ("5", "Paris", 0, False),
+        ("6", "Lutèce", 0, True),
+        ("7", "Catégorie:Villes", 14, False),
+    ]
     assert pages[0].timestamp == "2020-01-02T03:04:05Z" and pages[0].text == "'''Paris''' est une ville."
 
 
@@ -287,9 +360,12 @@ def test_iter_mediawiki_refuses_entity_declarations(doc):
 
 def test_iter_mediawiki_truncated_xml_names_file_position_and_last_page():
     data = make_dump().encode()
-    cut = data[:data.index(b"<page>", data.index(b"<page>") + 1) + 40]  # inside the second page
-    with pytest.raises(TruncatedInputError, match=r"cut\.xml: XML ends early .* line \d+, column \d+; "
-                                                   r"last complete page: id 5 'Paris'"):
+    cut = data[: data.index(b"<page>", data.index(b"<page>") + 1) + 40]  # inside the second page
+    with pytest.raises(
+        TruncatedInputError,
+        match=r"cut\.xml: XML ends early .* line \d+, column \d+; "
+        r"last complete page: id 5 'Paris'",
+    ):
         list(iter_mediawiki(io.BytesIO(cut), "cut.xml"))
 
 
@@ -312,21 +388,33 @@ def test_iter_mediawiki_reads_concatenated_bz2_streams():
 
 
 def test_iter_wikitext_raw_splits_articles_and_normalises_crlf():
-    raw = (" \r\n = Homarus gammarus = \r\n \r\n Homarus gammarus , known as the European lobster , is a "
-           "crustacean of 0 @.@ 7 – 2 @.@ 2 kg . \r\n \r\n = = Description = = \r\n \r\n It is blue @-@ black . "
-           "\r\n = = = Size = = = \r\n Large . \r\n = Second article = \r\n Body text . \r\n")
+    raw = (
+        " \r\n = Homarus gammarus = \r\n \r\n Homarus gammarus , known as the European lobster , is a "
+        "crustacean of 0 @.@ 7 – 2 @.@ 2 kg . \r\n \r\n = = Description = = \r\n \r\n It is blue @-@ black . "
+        "\r\n = = = Size = = = \r\n Large . \r\n = Second article = \r\n Body text . \r\n"
+    )
     pages = list(iter_wikitext_raw(io.BytesIO(raw.encode()), "wiki.valid.raw"))
     assert [p.title for p in pages] == ["Homarus gammarus", "Second article"]
     text = normalize_plain(pages[0].text)
     assert "\r" not in text and "@" not in text
-    assert text.split("\n") == ["Homarus gammarus, known as the European lobster, is a crustacean of 0.7 – 2.2 kg.",
-                                "", "Description", "", "It is blue-black.", "", "Size", "Large."]
+    assert text.split("\n") == [
+        "Homarus gammarus, known as the European lobster, is a crustacean of 0.7 – 2.2 kg.",
+        "",
+        "Description",
+        "",
+        "It is blue-black.",
+        "",
+        "Size",
+        "Large.",
+    ]
 
 
 def test_iter_wikiextractor_reads_doc_blocks_and_drops_the_title_line():
-    data = ('<doc id="12" url="https://en.wikipedia.org/wiki?curid=12" title="Anarchism &amp; co">\n'
-            "Anarchism &amp; co\n\nAnarchism is a philosophy.\n</doc>\n"
-            '<doc id="25" url="u" title="Autism">\nAutism\n\nText.\n</doc>\n')
+    data = (
+        '<doc id="12" url="https://en.wikipedia.org/wiki?curid=12" title="Anarchism &amp; co">\n'
+        "Anarchism &amp; co\n\nAnarchism is a philosophy.\n</doc>\n"
+        '<doc id="25" url="u" title="Autism">\nAutism\n\nText.\n</doc>\n'
+    )
     pages = list(iter_wikiextractor(io.BytesIO(data.encode()), "wiki_00"))
     assert [(p.page_id, p.title) for p in pages] == [("12", "Anarchism & co"), ("25", "Autism")]
     assert pages[0].text.strip() == "Anarchism is a philosophy."
@@ -387,7 +475,7 @@ def test_bz2_blocks_split_and_decode_equal_bz2_module(tmp_path):
 
 def test_parallel_bz2_reader_handles_multistream_and_truncation(tmp_path, pool):
     data = _text(700_000)
-    multistream = b"".join(bz2.compress(data[i:i + 150_000], 1) for i in range(0, len(data), 150_000))
+    multistream = b"".join(bz2.compress(data[i : i + 150_000], 1) for i in range(0, len(data), 150_000))
     (tmp_path / "m.bz2").write_bytes(multistream)
     assert _read_all(ParallelBz2Reader(tmp_path / "m.bz2", pool)) == data
     single = bz2.compress(data, 1)
@@ -410,7 +498,7 @@ def test_parallel_bz2_reader_rejoins_a_block_split_by_a_false_magic(tmp_path, po
             if i == 1:  # as if the 48-bit magic had occurred by chance in the middle of this block
                 mid = (seg.first + seg.end) // 2
                 yield bz2blocks.Segment(seg.data[: (mid + 7) // 8 - seg.base], seg.base, seg.first, mid)
-                yield bz2blocks.Segment(seg.data[mid // 8 - seg.base:], mid // 8, mid, seg.end)
+                yield bz2blocks.Segment(seg.data[mid // 8 - seg.base :], mid // 8, mid, seg.end)
             else:
                 yield seg
 
@@ -418,11 +506,14 @@ def test_parallel_bz2_reader_rejoins_a_block_split_by_a_false_magic(tmp_path, po
     assert _read_all(bz2blocks.ParallelBz2Reader(tmp_path / "x.bz2", pool)) == data
 
 
-@pytest.mark.parametrize("name, make", [
-    ("multi.bz2", lambda d: bz2.compress(d[:70_000]) + bz2.compress(d[70_000:])),
-    ("garbage.bz2", lambda d: bz2.compress(d) + b"\0\0\0trailing garbage"),
-    ("multi.xz", lambda d: lzma.compress(d[:1000]) + lzma.compress(d[1000:])),
-])
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("multi.bz2", lambda d: bz2.compress(d[:70_000]) + bz2.compress(d[70_000:])),
+        ("garbage.bz2", lambda d: bz2.compress(d) + b"\0\0\0trailing garbage"),
+        ("multi.xz", lambda d: lzma.compress(d[:1000]) + lzma.compress(d[1000:])),
+    ],
+)
 def test_open_decompressed_reads_concatenated_streams(tmp_path, name, make):
     data = bytes(range(256)) * 300 + "é wiki text ".encode() * 5000
     (tmp_path / name).write_bytes(make(data))

@@ -22,10 +22,25 @@ pytest.importorskip("kfp", reason="kfp 2.17 lives in the tasks env (.venv)")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline_tasks", "kfp-compile", "--output", str(out), "--image",
-         "registry.example/lm-tasks:1.2.3", "--gpu-image", "registry.example/lm-tasks-cuda:1.2.3",
-         "--mlflow-tracking-uri", "http://mlflow:5000"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pipeline_tasks",
+            "kfp-compile",
+            "--output",
+            str(out),
+            "--image",
+            "registry.example/lm-tasks:1.2.3",
+            "--gpu-image",
+            "registry.example/lm-tasks-cuda:1.2.3",
+            "--mlflow-tracking-uri",
+            "http://mlflow:5000",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     docs = list(yaml.safe_load_all(out.read_text()))
@@ -58,7 +73,7 @@ def test_kfp_steps_run_the_dvc_stage_command_in_the_task_image(compiled):
         args = container["args"]
         assert container["command"] == ["tini", "--"]
         assert args[:3] == ["python", "-m", "pipeline_tasks.orchestration"]
-        assert args[args.index("--") + 1:] == shlex.split(cmd)
+        assert args[args.index("--") + 1 :] == shlex.split(cmd)
         assert "--direct" in args and "--copy-from" in args
         expected = "registry.example/lm-tasks-cuda:1.2.3" if name in GPU_STAGES else "registry.example/lm-tasks:1.2.3"
         assert container["image"] == expected

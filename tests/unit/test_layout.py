@@ -26,8 +26,19 @@ RANK = {"core": 0, "ingest": 1, "dataset": 2, "train": 3, "ship": 4, "monitor": 
 ONLY_CORE = {"orchestration"}
 FAMILIES = (set(RANK) | ONLY_CORE) - {"core"}
 DAG_IMPORTS = {"pipeline_tasks.orchestration.settings", "pipeline_tasks.stages"}
-HEAVY = ("torch", "pandas", "pyarrow", "numpy", "great_expectations", "onnx", "onnxruntime", "mlflow",
-         "evidently", "tokenizers", "sklearn")
+HEAVY = (
+    "torch",
+    "pandas",
+    "pyarrow",
+    "numpy",
+    "great_expectations",
+    "onnx",
+    "onnxruntime",
+    "mlflow",
+    "evidently",
+    "tokenizers",
+    "sklearn",
+)
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -90,7 +101,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if nxt not in graph:
                 continue
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -131,17 +142,21 @@ def test_rule_catches_an_added_backward_import(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(body)
     assert backward_edges(import_graph(tmp_path)) == [
-        "pipeline_tasks.orchestration.settings (orchestration) imports pipeline_tasks.train.model (train)"]
+        "pipeline_tasks.orchestration.settings (orchestration) imports pipeline_tasks.train.model (train)"
+    ]
     assert cycles(import_graph(tmp_path)) == []
 
-    (tmp_path / "pipeline_tasks/dataset/prepare.py").write_text(textwrap.dedent("""\
+    (tmp_path / "pipeline_tasks/dataset/prepare.py").write_text(
+        textwrap.dedent("""\
         def shortcut():
             from pipeline_tasks.ship.bundle import load_bundle
-        """))
+        """)
+    )
     graph = import_graph(tmp_path)
     assert "pipeline_tasks.dataset.prepare (dataset) imports pipeline_tasks.ship.bundle (ship)" in backward_edges(graph)
-    assert cycles(graph) == [["pipeline_tasks.dataset.prepare", "pipeline_tasks.ship.bundle",
-                              "pipeline_tasks.dataset.prepare"]]
+    assert cycles(graph) == [
+        ["pipeline_tasks.dataset.prepare", "pipeline_tasks.ship.bundle", "pipeline_tasks.dataset.prepare"]
+    ]
 
 
 def test_dag_files_import_only_the_settings_and_the_stage_list():
@@ -152,8 +167,10 @@ def test_dag_files_import_only_the_settings_and_the_stage_list():
 
 
 def test_loading_params_imports_no_ml_library():
-    code = ("import sys, pipeline_tasks.config as c; c.load_params('params.yaml'); "
-            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        "import sys, pipeline_tasks.config as c; c.load_params('params.yaml'); "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
 

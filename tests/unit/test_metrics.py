@@ -42,8 +42,9 @@ def test_precision_recall_f1_per_class_match_sklearn(random_labels):
 
 def test_confusion_matrix_matches_sklearn(random_labels):
     y_true, y_pred, k = random_labels
-    np.testing.assert_array_equal(metrics.confusion_matrix(y_true, y_pred, k),
-                                  skm.confusion_matrix(y_true, y_pred, labels=list(range(k))))
+    np.testing.assert_array_equal(
+        metrics.confusion_matrix(y_true, y_pred, k), skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
+    )
 
 
 def test_metrics_absent_class_scores_zero_like_sklearn():
@@ -57,7 +58,8 @@ def test_metrics_absent_class_scores_zero_like_sklearn():
     np.testing.assert_allclose(f, ef)
     assert not np.isnan(f).any()
     assert metrics.macro_f1(y_true, y_pred, 4) == pytest.approx(
-        skm.f1_score(y_true, y_pred, average="macro", labels=[0, 1, 2, 3], zero_division=0))
+        skm.f1_score(y_true, y_pred, average="macro", labels=[0, 1, 2, 3], zero_division=0)
+    )
 
 
 def test_confusion_matrix_rejects_out_of_range_label():
@@ -106,8 +108,9 @@ def test_bootstrap_ci_works_with_macro_f1_and_narrows_with_more_data():
 
 def test_bootstrap_ci_seed_changes_interval(random_labels):
     y_true, y_pred, _ = random_labels
-    assert (metrics.bootstrap_ci(y_true, y_pred, n_resamples=200, seed=1)
-            != metrics.bootstrap_ci(y_true, y_pred, n_resamples=200, seed=2))
+    assert metrics.bootstrap_ci(y_true, y_pred, n_resamples=200, seed=1) != metrics.bootstrap_ci(
+        y_true, y_pred, n_resamples=200, seed=2
+    )
 
 
 def test_bootstrap_ci_rejects_bad_confidence():

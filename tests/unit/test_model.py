@@ -61,12 +61,12 @@ def test_lm_is_causal(arch):
     idx = torch.randint(0, 320, (2, 20))
     t = 9
     changed = idx.clone()
-    changed[:, t + 1:] = (changed[:, t + 1:] + 7) % 320
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % 320
     with torch.no_grad():
         a, _ = model(idx)
         b, _ = model(changed)
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
-    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])  # the later positions do see the change
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])  # the later positions do see the change
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -128,16 +128,24 @@ def test_classifier_rejects_bad_pooling():
 def test_load_lm_and_load_classifier_read_eager_and_compiled_checkpoints(prefix, tmp_path):
     config = tiny_config("gpt")
     lm = build_lm(config)
-    torch.save({"model": {prefix + k: v for k, v in lm.state_dict().items()}, "model_config": config.to_dict()},
-               tmp_path / "lm.pt")
+    torch.save(
+        {"model": {prefix + k: v for k, v in lm.state_dict().items()}, "model_config": config.to_dict()},
+        tmp_path / "lm.pt",
+    )
     loaded, config_dict = load_lm(tmp_path / "lm.pt")
     assert config_dict == config.to_dict() and not loaded.training
     assert all(torch.equal(v, lm.state_dict()[k]) for k, v in loaded.state_dict().items())
 
     clf = SequenceClassifier(lm, num_classes=3, pooling="mean", pad_id=1)
     classifier = {"labels": ["a", "b", "c"], "pooling": "mean", "pad_id": 1}
-    torch.save({"model": {prefix + k: v for k, v in clf.state_dict().items()}, "model_config": config.to_dict(),
-                "classifier": classifier}, tmp_path / "clf.pt")
+    torch.save(
+        {
+            "model": {prefix + k: v for k, v in clf.state_dict().items()},
+            "model_config": config.to_dict(),
+            "classifier": classifier,
+        },
+        tmp_path / "clf.pt",
+    )
     loaded_clf, meta = load_classifier(tmp_path / "clf.pt")
     assert meta["classifier"]["num_classes"] == 3 and meta["classifier"]["cls_id"] is None
     assert meta["from_scratch"] is False and loaded_clf.pooling == "mean"
@@ -161,11 +169,14 @@ def test_model_config_roundtrips_through_dict_and_rejects_unknown_keys():
         ModelConfig.from_dict({**config.to_dict(), "rope": True})
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(n_embd=30, n_head=4), "divisible"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(dropout=1.0), "dropout"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(n_embd=30, n_head=4), "divisible"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
 def test_model_params_reject_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         ModelParams(**bad)
@@ -175,8 +186,11 @@ def test_model_params_reject_bad_values(bad, match):
 def test_flops_per_token_counts_every_matmul_weight(arch):
     config = tiny_config(arch, bias=True)
     model = build_lm(config)
-    matmul_weights = {id(p): p.numel() for n, p in model.named_parameters()
-                      if (n.endswith("weight") and p.ndim == 2 and "wpe" not in n) or "weight_" in n}
+    matmul_weights = {
+        id(p): p.numel()
+        for n, p in model.named_parameters()
+        if (n.endswith("weight") and p.ndim == 2 and "wpe" not in n) or "weight_" in n
+    }
     expected = 6 * sum(matmul_weights.values())
     if arch == "gpt":
         expected += 12 * config.n_layer * config.n_embd * config.block_size
@@ -206,8 +220,8 @@ def test_lm_loss_falls_on_real_text(arch, corpora):
     losses = []
     for _ in range(30):
         starts = torch.randint(0, len(data) - config.block_size - 1, (16,), generator=g)
-        x = torch.stack([data[s: s + config.block_size] for s in starts.tolist()])  # (B, T)
-        y = torch.stack([data[s + 1: s + 1 + config.block_size] for s in starts.tolist()])  # (B, T)
+        x = torch.stack([data[s : s + config.block_size] for s in starts.tolist()])  # (B, T)
+        y = torch.stack([data[s + 1 : s + 1 + config.block_size] for s in starts.tolist()])  # (B, T)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,15 +242,22 @@ def test_classifier_exports_to_onnx_with_dynamic_batch_and_sequence(arch, tmp_pa
     mask = torch.ones_like(ids)
     path = tmp_path / "clf.onnx"
     batch, seq = Dim("batch"), Dim("seq")
-    torch.onnx.export(clf, (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
-                      output_names=["logits"], external_data=False,
-                      dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+    torch.onnx.export(
+        clf,
+        (ids, mask),
+        str(path),
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        external_data=False,
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+    )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in [(2, 12), (5, 27)]:
         x = torch.randint(1, 320, shape)
         m = torch.ones_like(x)
-        m[0, shape[1] // 2:] = 0
-        x[0, shape[1] // 2:] = 0
+        m[0, shape[1] // 2 :] = 0
+        x[0, shape[1] // 2 :] = 0
         got = session.run(None, {"input_ids": x.numpy(), "attention_mask": m.numpy()})[0]
         with torch.no_grad():
             want = clf(x, m).numpy()

@@ -24,8 +24,19 @@ def paragraphs(corpora) -> list[str]:
 
 
 def doc(doc_id: str, text: str, **fields) -> dict:
-    row = {"id": doc_id, "kind": "news", "source": (doc_id or "").split(":")[0], "lang": "en", "title": None,
-           "text": text, "label": None, "raw_label": None, "date": None, "url": None, "split": None}
+    row = {
+        "id": doc_id,
+        "kind": "news",
+        "source": (doc_id or "").split(":")[0],
+        "lang": "en",
+        "title": None,
+        "text": text,
+        "label": None,
+        "raw_label": None,
+        "date": None,
+        "url": None,
+        "split": None,
+    }
     row.update(fields)
     return row
 
@@ -103,8 +114,11 @@ def test_prepare_unknown_fixed_split_names_file_and_record():
 
 def test_exact_dedup_prefers_fixed_test_then_label_then_smallest_id():
     text = "Stocks rally as oil prices fall sharply"
-    rows = [doc("a:1", text), doc("b:2", text.upper() + "!!", label="business"),
-            doc("c:3", "  " + text.lower(), split="test")]
+    rows = [
+        doc("a:1", text),
+        doc("b:2", text.upper() + "!!", label="business"),
+        doc("c:3", "  " + text.lower(), split="test"),
+    ]
     kept, dropped, stats = run_core(rows)
     assert kept["id"].tolist() == ["c:3"]
     assert set(dropped["duplicate_of"]) == {"c:3"} and stats["dropped"]["exact_duplicate"] == 2
@@ -123,19 +137,31 @@ def test_exact_dedup_result_does_not_depend_on_input_order(paragraphs):
 
 
 def test_duplicate_ids_keep_one_row_and_count_it():
-    kept, dropped, stats = run_core([doc("a:1", "First version of the text"),
-                                     doc("a:1", "Second version of the text", label="world")])
+    kept, dropped, stats = run_core(
+        [doc("a:1", "First version of the text"), doc("a:1", "Second version of the text", label="world")]
+    )
     assert kept["text"].tolist() == ["Second version of the text"]
     assert stats["dropped"]["duplicate_id"] == 1 and stats["sources"]["a"]["dropped"]["duplicate_id"] == 1
 
 
 def test_filters_count_each_reason_per_source():
-    rows = [doc("n:1", "tiny"), doc("n:2", "x" * 500), doc("n:3", "12 34 56 78 90 12 34 56 ab"),
-            doc("n:4", "A normal sentence about the weather today."), doc("n:5", "   "), doc(None, "No id here", source="n")]
+    rows = [
+        doc("n:1", "tiny"),
+        doc("n:2", "x" * 500),
+        doc("n:3", "12 34 56 78 90 12 34 56 ab"),
+        doc("n:4", "A normal sentence about the weather today."),
+        doc("n:5", "   "),
+        doc(None, "No id here", source="n"),
+    ]
     kept, dropped, stats = run_core(rows, max_chars=400)
     assert kept["id"].tolist() == ["n:4"]
-    assert {k: v for k, v in stats["dropped"].items() if v} == \
-        {"too_short": 1, "too_long": 1, "nonletter": 1, "empty_text": 1, "missing_id": 1}
+    assert {k: v for k, v in stats["dropped"].items() if v} == {
+        "too_short": 1,
+        "too_long": 1,
+        "nonletter": 1,
+        "empty_text": 1,
+        "missing_id": 1,
+    }
     assert stats["sources"]["n"]["in"] == 6 and stats["sources"]["n"]["out"] == 1
 
 
@@ -147,8 +173,9 @@ def test_near_duplicate_pair_is_found_and_different_texts_are_not(paragraphs):
     original = paragraphs[0]
     words = original.split()
     words[len(words) // 2] = "zanzibar"
-    rows = [doc("w:1", original), doc("w:2", " ".join(words))] + \
-        [doc(f"w:{i + 3}", p) for i, p in enumerate(paragraphs[1:40])]
+    rows = [doc("w:1", original), doc("w:2", " ".join(words))] + [
+        doc(f"w:{i + 3}", p) for i, p in enumerate(paragraphs[1:40])
+    ]
     kept, dropped, stats = run_core(rows)
     assert dropped["id"].tolist() == ["w:2"] and dropped["reason"].tolist() == ["near_duplicate"]
     assert dropped["duplicate_of"].tolist() == ["w:1"] and dropped["similarity"].iloc[0] >= 0.8
@@ -156,10 +183,17 @@ def test_near_duplicate_pair_is_found_and_different_texts_are_not(paragraphs):
 
 
 def test_near_duplicates_in_cjk_text_use_character_shingles():
-    text = ("数学是利用符号语言研究数量、结构、变化以及空间等概念的一门学科，从某种角度看属于形式科学的一种。"
-            "数学透过抽象化和逻辑推理的使用，由计数、计算、量度和对物体形状及运动的观察而产生。")
-    kept, dropped, _ = run_core([doc("zh:1", text, lang="zh"), doc("zh:2", text + "参见", lang="zh"),
-                                 doc("zh:3", "北京是中华人民共和国的首都，是全国的政治中心和文化中心，历史悠久。", lang="zh")])
+    text = (
+        "数学是利用符号语言研究数量、结构、变化以及空间等概念的一门学科，从某种角度看属于形式科学的一种。"
+        "数学透过抽象化和逻辑推理的使用，由计数、计算、量度和对物体形状及运动的观察而产生。"
+    )
+    kept, dropped, _ = run_core(
+        [
+            doc("zh:1", text, lang="zh"),
+            doc("zh:2", text + "参见", lang="zh"),
+            doc("zh:3", "北京是中华人民共和国的首都，是全国的政治中心和文化中心，历史悠久。", lang="zh"),
+        ]
+    )
     assert kept["id"].tolist() == ["zh:1", "zh:3"] and dropped["reason"].tolist() == ["near_duplicate"]
 
 
@@ -170,8 +204,7 @@ def test_leakage_rule_drops_the_train_candidate_never_the_test_row(paragraphs):
     kept, dropped, stats = run_core(rows)
     assert kept["id"].tolist() == ["z:test"] and kept["split"].tolist() == ["test"]
     assert dropped["id"].tolist() == ["a:train"] and dropped["reason"].tolist() == ["near_duplicate"]
-    assert stats["dedup"]["near_cross_split"] == (hash_split("a:train", "lm-pipeline-split-v1",
-                                                                     0.05, 0.05) != "test")
+    assert stats["dedup"]["near_cross_split"] == (hash_split("a:train", "lm-pipeline-split-v1", 0.05, 0.05) != "test")
 
 
 def test_minhash_estimate_tracks_exact_jaccard(paragraphs):
@@ -213,8 +246,10 @@ def test_shingle_hashes_of_a_huge_document_match_a_split_computation(paragraphs)
 
 
 def test_stats_flag_language_script_mismatch():
-    rows = [doc("zh:1", "This page is in English although it is labelled Chinese.", lang="zh"),
-            doc("zh:2", "北京是中华人民共和国的首都，是全国的政治中心和文化中心。", lang="zh")]
+    rows = [
+        doc("zh:1", "This page is in English although it is labelled Chinese.", lang="zh"),
+        doc("zh:2", "北京是中华人民共和国的首都，是全国的政治中心和文化中心。", lang="zh"),
+    ]
     stats = run_core(rows)[2]
     assert stats["lang"]["zh"]["docs"] == 2 and stats["lang"]["zh"]["script_mismatch"] == 1
 

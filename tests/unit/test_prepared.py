@@ -13,8 +13,15 @@ LABELS = ["business", "sports", "world"]
 
 
 def _write_split(path, rows):
-    schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("text", pa.string()),
-                        ("label", pa.string())])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("kind", pa.string()),
+            ("source", pa.string()),
+            ("text", pa.string()),
+            ("label", pa.string()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
@@ -23,12 +30,15 @@ def _row(doc_id: str, label: str | None, kind: str = "news", text: str = "some t
 
 
 def test_read_labelled_split_keeps_labelled_rows_of_selected_sources(tmp_path):
-    _write_split(tmp_path / "train.parquet", [
-        {"id": "ag:1", "kind": "news", "source": "ag", "text": "a", "label": "sports"},
-        {"id": "ag:2", "kind": "news", "source": "ag", "text": "b", "label": None},
-        {"id": "bbc:1", "kind": "news", "source": "bbc", "text": "c", "label": "business"},
-        {"id": "wiki:1", "kind": "wiki", "source": "wiki", "text": "d", "label": None},
-    ])
+    _write_split(
+        tmp_path / "train.parquet",
+        [
+            {"id": "ag:1", "kind": "news", "source": "ag", "text": "a", "label": "sports"},
+            {"id": "ag:2", "kind": "news", "source": "ag", "text": "b", "label": None},
+            {"id": "bbc:1", "kind": "news", "source": "bbc", "text": "c", "label": "business"},
+            {"id": "wiki:1", "kind": "wiki", "source": "wiki", "text": "d", "label": None},
+        ],
+    )
     assert read_labelled_split(tmp_path, "train", sources=["ag"])["id"].to_pylist() == ["ag:1"]
     # None or () = every labelled source
     assert read_labelled_split(tmp_path, "train", sources=[])["id"].to_pylist() == ["ag:1", "bbc:1"]
@@ -38,9 +48,16 @@ def test_read_labelled_split_keeps_labelled_rows_of_selected_sources(tmp_path):
 
 
 def test_read_labelled_split_filters_labels_and_kinds_and_adds_label_idx(tmp_path):
-    _write_split(tmp_path / "test.parquet", [
-        _row("ag:1", "world"), _row("ag:2", "scitech"), _row("bbc:1", "business"), _row("wiki:1", "sports", "wiki"),
-        _row("bbc:2", None)])
+    _write_split(
+        tmp_path / "test.parquet",
+        [
+            _row("ag:1", "world"),
+            _row("ag:2", "scitech"),
+            _row("bbc:1", "business"),
+            _row("wiki:1", "sports", "wiki"),
+            _row("bbc:2", None),
+        ],
+    )
     table = read_labelled_split(tmp_path, "test", labels=LABELS, kinds=("news",))
     assert table["id"].to_pylist() == ["ag:1", "bbc:1"]  # file order; unknown label, wiki, unlabelled dropped
     assert table["label_idx"].type == pa.int64() and table["label_idx"].to_pylist() == [2, 0]
@@ -57,8 +74,10 @@ def test_read_labelled_split_sample_matches_pandas_sample(tmp_path):
 
 
 def test_read_labelled_split_returns_the_prepared_types(tmp_path):
-    table = pa.Table.from_pylist([{"id": "ag:1", "kind": "news", "source": "ag", "lang": "en", "text": "t",
-                                   "label": "world", "split": "test"}], schema=prepared_schema())
+    table = pa.Table.from_pylist(
+        [{"id": "ag:1", "kind": "news", "source": "ag", "lang": "en", "text": "t", "label": "world", "split": "test"}],
+        schema=prepared_schema(),
+    )
     pq.write_table(table, tmp_path / "test.parquet")
     frame = read_labelled_split(tmp_path, "test", labels=LABELS).to_pandas()
     assert list(frame.columns) == [*prepared_schema().names, "label_idx"]

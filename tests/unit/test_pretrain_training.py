@@ -123,5 +123,7 @@ def test_log_step_writes_one_line_with_eta(caplog):
     with caplog.at_level(logging.INFO, logger=log.name):
         log_step(log, 10, 70, 5.123456, 3e-4, throughput="20 ms/step | 51,200 tok/s", seconds_per_step=2.0)
         log_step(log, 10, 20, 0.5, 1e-3, throughput="1428 ex/s", seconds_per_step=0.5, detail="epoch 2")
-    assert caplog.messages == ["step 10/70 | loss 5.1235 | lr 3.00e-04 | 20 ms/step | 51,200 tok/s | eta 2m00s",
-                               "step 10/20 | epoch 2 | loss 0.5000 | lr 1.00e-03 | 1428 ex/s | eta 0m05s"]
+    assert caplog.messages == [
+        "step 10/70 | loss 5.1235 | lr 3.00e-04 | 20 ms/step | 51,200 tok/s | eta 2m00s",
+        "step 10/20 | epoch 2 | loss 0.5000 | lr 1.00e-03 | 1428 ex/s | eta 0m05s",
+    ]

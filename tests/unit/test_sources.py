@@ -103,8 +103,9 @@ def sleeps():
 
 
 def fetch(server, tmp_path, sleeps, checksums=None):
-    return download(server.url, tmp_path / "dl" / "file.bin", checksums or {"sha256": SHA256}, POLICY,
-                    sleep=sleeps.append)
+    return download(
+        server.url, tmp_path / "dl" / "file.bin", checksums or {"sha256": SHA256}, POLICY, sleep=sleeps.append
+    )
 
 
 def leftovers(tmp_path) -> list[str]:
@@ -275,14 +276,17 @@ def test_resolve_source_reports_failed_download(tmp_path, server, monkeypatch):
         resolve_source(spec, tmp_path / "dl", tmp_path, POLICY)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"url": "http://127.0.0.1/x"}, "needs sha256"),
-    ({"url": "ftp://127.0.0.1/x", "sha256": SHA256}, "must be http"),
-    ({"path": "a.zip", "member": "../evil.csv"}, "unsafe archive member"),
-    ({"path": "a.zip", "member": "/etc/passwd"}, "unsafe archive member"),
-    ({"path": "a.zip", "sha256": "xyz"}, "64 hex digits"),
-    ({}, "at least one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"url": "http://127.0.0.1/x"}, "needs sha256"),
+        ({"url": "ftp://127.0.0.1/x", "sha256": SHA256}, "must be http"),
+        ({"path": "a.zip", "member": "../evil.csv"}, "unsafe archive member"),
+        ({"path": "a.zip", "member": "/etc/passwd"}, "unsafe archive member"),
+        ({"path": "a.zip", "sha256": "xyz"}, "64 hex digits"),
+        ({}, "at least one of"),
+    ],
+)
 def test_source_spec_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SourceSpec(name="s", **kwargs)
@@ -301,8 +305,14 @@ def make_tree(root: Path) -> Path:
 
 def test_tree_digest_matches_sha256sum_recipe(tmp_path):
     root = make_tree(tmp_path / "tree")
-    recipe = subprocess.run("find . -type f | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum",
-                            shell=True, cwd=root, capture_output=True, text=True, check=True).stdout.split()[0]
+    recipe = subprocess.run(
+        "find . -type f | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum",
+        shell=True,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[0]
     assert tree_digest(root) == recipe
 
 

@@ -9,8 +9,10 @@ from pipeline_tasks.config import load_params
 
 
 def _params(tmp_path):
-    (tmp_path / "params.yaml").write_text("paths:\n  prepare_reports_dir: r/prepare\n  evaluate_dir: r/evaluate\n"
-                                         "  register_reports_dir: r/register\n", encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(
+        "paths:\n  prepare_reports_dir: r/prepare\n  evaluate_dir: r/evaluate\n  register_reports_dir: r/register\n",
+        encoding="utf-8",
+    )
     return load_params(tmp_path / "params.yaml")
 
 
@@ -22,12 +24,29 @@ def _write(path, data):
 def test_summary_lines_from_reports_and_missing_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = _params(tmp_path)
-    _write(tmp_path / "r/prepare/stats.json", {"docs": {"in": 45450, "out": 43908},
-                                               "splits": {"train": {"docs": 10}, "val": {"docs": 2}, "test": {"docs": 3}}})
-    _write(tmp_path / "r/evaluate/gates.json", {"summary": "GATES FAILED (1 of 5)",
-                                                "gates": {"min_accuracy": {"passed": False}, "max_size_mb": {"passed": True}}})
-    _write(tmp_path / "r/evaluate/metrics.json", {"serving_variant": "int8_dynamic", "accuracy": 0.5, "n_test": 4,
-                                                  "slices": {"source": {"ag": {"accuracy": 0.25}, "tiny": {"n": 2}}}})
+    _write(
+        tmp_path / "r/prepare/stats.json",
+        {
+            "docs": {"in": 45450, "out": 43908},
+            "splits": {"train": {"docs": 10}, "val": {"docs": 2}, "test": {"docs": 3}},
+        },
+    )
+    _write(
+        tmp_path / "r/evaluate/gates.json",
+        {
+            "summary": "GATES FAILED (1 of 5)",
+            "gates": {"min_accuracy": {"passed": False}, "max_size_mb": {"passed": True}},
+        },
+    )
+    _write(
+        tmp_path / "r/evaluate/metrics.json",
+        {
+            "serving_variant": "int8_dynamic",
+            "accuracy": 0.5,
+            "n_test": 4,
+            "slices": {"source": {"ag": {"accuracy": 0.25}, "tiny": {"n": 2}}},
+        },
+    )
     (tmp_path / "r/register").mkdir(parents=True)
     (tmp_path / "r/register/registration.json").write_text("{not json", encoding="utf-8")
     lines = dict(summary.rows(params))

@@ -21,7 +21,7 @@ def corpus_texts(corpora) -> list[str]:
     en = (corpora / "wikitext2/DRAGNLabs_LLMHumanModeling/wiki.valid.raw").read_text(encoding="utf-8")[:150_000]
     with open(corpora / "wikipedia_text/jastfkjg_Chinese-relation-extraction/wiki_00", encoding="utf-8") as fh:
         zh = [json.loads(next(fh))["text"][:20_000] for _ in range(3)]
-    return [en[i: i + 5000] for i in range(0, len(en), 5000)] + zh
+    return [en[i : i + 5000] for i in range(0, len(en), 5000)] + zh
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,15 @@ def test_tokenizer_roundtrips_english_and_chinese_exactly(tokenizer, corpus_text
     assert len(tokenizer.encode(english).ids) < 0.6 * len(english.encode("utf-8"))
 
 
-@pytest.mark.parametrize("text", [
-    "Привет, мир! 👋🏽 naïve café\t\u00a0x", "  leading spaces\n\nand\r\n trailing ",
-    "日本語のテキストと emoji 🚀", "\x00\x01 control bytes \ufeff",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Привет, мир! 👋🏽 naïve café\t\u00a0x",
+        "  leading spaces\n\nand\r\n trailing ",
+        "日本語のテキストと emoji 🚀",
+        "\x00\x01 control bytes \ufeff",
+    ],
+)
 def test_tokenizer_roundtrips_unseen_text_without_unknown_tokens(tokenizer, text):
     ids = tokenizer.encode(text).ids
     assert tokenizer.decode(ids) == text

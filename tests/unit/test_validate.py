@@ -38,8 +38,10 @@ def test_cross_split_frame_classifies_hash_fixed_and_inconsistent_sources():
     hashed = [{"id": i, "source": "h", "split": split_of(i)} for i in ids]
     fixed = [{"id": f"t:{i}", "source": "t", "split": "test"} for i in range(20)]
     # a source whose rows neither follow the hash nor share one split
-    moved = [{"id": i, "source": "m", "split": "val" if split_of(i) == "train" else "train"}
-             for i in (f"m:{k}" for k in range(10))]
+    moved = [
+        {"id": i, "source": "m", "split": "val" if split_of(i) == "train" else "train"}
+        for i in (f"m:{k}" for k in range(10))
+    ]
     frames = {}
     for split in prepared.SPLITS:
         rows = [r for r in hashed + fixed + moved if r["split"] == split]
@@ -54,10 +56,16 @@ def test_cross_split_frame_classifies_hash_fixed_and_inconsistent_sources():
 def test_schema_frame_accepts_parquet_ms_timestamps_and_flags_wrong_types():
     import pyarrow as pa
 
-    good = pa.schema([f if f.name != "date" else pa.field("date", pa.timestamp("ms", tz="UTC"))
-                      for f in prepared.prepared_schema()])
-    bad = pa.schema([f if f.name != "label" else pa.field("label", pa.int64())
-                     for f in prepared.prepared_schema() if f.name != "url"])
+    good = pa.schema(
+        [f if f.name != "date" else pa.field("date", pa.timestamp("ms", tz="UTC")) for f in prepared.prepared_schema()]
+    )
+    bad = pa.schema(
+        [
+            f if f.name != "label" else pa.field("label", pa.int64())
+            for f in prepared.prepared_schema()
+            if f.name != "url"
+        ]
+    )
     table = validate.schema_frame({"train": good, "val": bad})
     mismatched = table[table["arrow_type"] != table["expected_type"]]
     assert mismatched["arrow_type"].tolist() == ["val.label: int64", "val.url: <missing>"]
@@ -74,17 +82,18 @@ def test_validate_params_reject_unquoted_or_bad_dates():
         parse_params({"validate": {"news_date_min": dt.date(2000, 1, 1)}})
     with pytest.raises(ConfigError, match="ISO date"):
         parse_params({"validate": {"news_date_max": "31/12/2030"}})
-    assert parse_params({"validate": {}}).validate.date_bound("news_date_min") == \
-        dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc)
+    assert parse_params({"validate": {}}).validate.date_bound("news_date_min") == dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
 
 
 def test_run_suites_reports_observed_values_of_failures(tmp_path):
     import great_expectations as gx
 
     data = frame([{"id": "a:1", "label": "world"}, {"id": "a:1", "label": "weather"}])
-    expectations = [gx.expectations.ExpectColumnValuesToBeUnique(column="id"),
-                    gx.expectations.ExpectColumnValuesToBeInSet(column="label", value_set=["world"]),
-                    gx.expectations.ExpectTableRowCountToBeBetween(min_value=5)]
+    expectations = [
+        gx.expectations.ExpectColumnValuesToBeUnique(column="id"),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="label", value_set=["world"]),
+        gx.expectations.ExpectTableRowCountToBeBetween(min_value=5),
+    ]
     results = validate.run_suites({"tiny": (data, expectations)}, tmp_path / "docs")
     summary = validate.summarize(results, {"tiny": 2}, {"checked": False})
     assert summary["success"] is False and summary["evaluated"] == 3 and summary["failed"] == 3
