@@ -39,7 +39,6 @@ from lmpipe_common import (
     FILTERS,
     PARAMS,
     RETRAIN_CRON,
-    STAGES,
     START_DATE,
     LmpipeNotifier,
     default_args,
@@ -49,6 +48,8 @@ from lmpipe_common import (
     run_notifier,
     stage_node,
 )
+
+from pipeline_tasks.stages import STAGES
 
 log = logging.getLogger(__name__)
 DAG_ID = "lm_retraining"

@@ -34,7 +34,7 @@ from pipeline_tasks import metrics as mt
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, atomic_write_text, sha256_file, write_manifest
 from pipeline_tasks.errors import DataError, PipelineError
 from pipeline_tasks.train import classifier_data as fd
-from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm
+from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm, read_lm_checkpoint
 from pipeline_tasks.train.training import autocast_context, format_duration, log_step
 
 logger = logging.getLogger(__name__)
@@ -125,17 +125,11 @@ def backbone_config(params, tokenizer, scratch: bool):
     if scratch:
         return ModelConfig.from_params(params.model, vocab), {"kind": "scratch"}
     path = Path(params.paths.pretrain_dir) / "model.pt"
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found: run `python -m pipeline_tasks pretrain` first, or train the "
-            "classifier without pretraining with `finetune --from-scratch`"
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        config = ModelConfig.from_dict(dict(ckpt["model_config"]))
-        state = ckpt["model"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: not a pretrain checkpoint ({exc}); re-run pretrain") from exc
+    config, state, pretrain_step = read_lm_checkpoint(
+        path,
+        "run `python -m pipeline_tasks pretrain` first, or train the classifier without pretraining "
+        "with `finetune --from-scratch`",
+    )
     if config.vocab_size != vocab:
         raise DataError(
             f"{path}: vocab_size {config.vocab_size} differs from the tokenizer's {vocab}; the "
@@ -154,7 +148,7 @@ def backbone_config(params, tokenizer, scratch: bool):
         "path": str(path),
         "sha256": sha256_file(path),
         "state": state,
-        "pretrain_step": int(ckpt.get("step", -1)),
+        "pretrain_step": pretrain_step,
     }
 
 

@@ -232,20 +232,31 @@ def _state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
 
 
-def load_lm(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """``(language model in eval mode, model config dict)`` from ``pretrain_dir/model.pt``.
+def read_lm_checkpoint(path: str | Path, missing_hint: str) -> tuple[ModelConfig, dict[str, Any], int]:
+    """``(model config, weights, step)`` of the pretrain checkpoint ``pretrain_dir/model.pt``.
 
+    The one reader of that file (export, evaluate and finetune's backbone all come here).
     ``torch.load(weights_only=True)``: a checkpoint cannot run pickled code.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path} not found: run `lmpipe pretrain` first, or set export.export_lm: false")
+        raise DataError(f"{path} not found: {missing_hint}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     try:
         config = ModelConfig.from_dict(dict(checkpoint["model_config"]))
-        model = build_lm(config)
-        model.load_state_dict(_state_dict(checkpoint))
-    except (KeyError, RuntimeError, ValueError) as exc:
+        state = _state_dict(checkpoint)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: not a pretrain checkpoint this code can load ({exc}); re-run pretrain") from exc
+    return config, state, int(checkpoint.get("step", -1))
+
+
+def load_lm(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """``(language model in eval mode, model config dict)`` from ``pretrain_dir/model.pt``."""
+    config, state, _ = read_lm_checkpoint(path, "run `lmpipe pretrain` first, or set export.export_lm: false")
+    model = build_lm(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
         raise DataError(f"{path}: not a pretrain checkpoint this code can load ({exc})") from exc
     return model.eval(), config.to_dict()
 
