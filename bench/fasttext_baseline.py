@@ -45,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_tasks import metrics as mt  # noqa: E402
+from pipeline_tasks import metrics  # noqa: E402
 
 logger = logging.getLogger("bench.fasttext_baseline")
 AG_LABELS = {"1": "world", "2": "sports", "3": "business", "4": "scitech"}
@@ -119,11 +119,11 @@ def train_and_score(train: dict, test: dict, labels: list[str], args, seed: int)
     index = {name: i for i, name in enumerate(labels)}
     y = np.array([index[lab] for lab in test["label"]])
     pred = np.array([index[p[0].removeprefix("__label__")] for p in predicted])
-    ci = mt.bootstrap_ci(y, pred, mt.accuracy, n_resamples=1000, seed=seed)
+    ci = metrics.bootstrap_ci(y, pred, metrics.accuracy, n_resamples=1000, seed=seed)
     return {
         "seed": seed,
-        "accuracy": mt.accuracy(y, pred),
-        "macro_f1": mt.macro_f1(y, pred, len(labels)),
+        "accuracy": metrics.accuracy(y, pred),
+        "macro_f1": metrics.macro_f1(y, pred, len(labels)),
         "accuracy_ci95": list(ci),
         "train_s": train_s,
         "predict_s": predict_s,

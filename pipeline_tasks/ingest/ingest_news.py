@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.ingest import newsformats as nf
+from pipeline_tasks.ingest import newsformats
 from pipeline_tasks.ingest.params import IngestNewsParams, NewsSourceParams
 from pipeline_tasks.ingest.sources import open_binary, resolve_source, tree_digest
 
@@ -87,19 +87,22 @@ def open_records(spec: NewsSourceParams, path: Path, raw_chars: int):
     if spec.format == "folder":
         if not path.is_dir():
             raise DataError(f"{path}: source {spec.name!r} has format folder but this is not a folder")
-        files, info["ignored_files"] = nf.list_folder_files(path, spec.file_glob)
+        files, info["ignored_files"] = newsformats.list_folder_files(path, spec.file_glob)
         if not files:
             raise DataError(
                 f"{path}: no article files {spec.file_glob!r} in label sub-folders; is this the {spec.name!r} folder?"
             )
-        yield nf.read_folder_records(path, files, fallback_encoding=spec.fallback_encoding, raw_chars=raw_chars), info
+        yield (
+            newsformats.read_folder_records(path, files, fallback_encoding=spec.fallback_encoding, raw_chars=raw_chars),
+            info,
+        )
         return
     if path.is_dir():
         raise DataError(f"{path}: source {spec.name!r} has format {spec.format} but this is a folder")
     display = f"{path}!{spec.member}" if spec.member else str(path)
     with open_binary(path, spec.member, spec.member_sha256) as stream:
         if spec.format == "csv":
-            records = nf.read_csv_records(
+            records = newsformats.read_csv_records(
                 stream,
                 display,
                 columns=spec.columns,
@@ -109,7 +112,7 @@ def open_records(spec: NewsSourceParams, path: Path, raw_chars: int):
                 raw_chars=raw_chars,
             )
         else:
-            records = nf.read_jsonl_records(
+            records = newsformats.read_jsonl_records(
                 stream, display, columns=spec.columns, fallback_encoding=spec.fallback_encoding, raw_chars=raw_chars
             )
         yield records, info
@@ -117,7 +120,7 @@ def open_records(spec: NewsSourceParams, path: Path, raw_chars: int):
 
 def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: IngestNewsParams) -> dict[str, Any]:
     """Read, clean and write one source; returns its stats. Raises DataError above the bad share."""
-    opts = nf.RowOptions(
+    opts = newsformats.RowOptions(
         source=spec.name,
         lang=spec.lang,
         label_map=spec.label_map,
@@ -127,7 +130,7 @@ def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: Ing
         backslash_breaks=spec.backslash_breaks,
         repair_entities=spec.repair_entities,
     )
-    stats = nf.SourceStats(spec.name, f"{path}!{spec.member}" if spec.member else str(path))
+    stats = newsformats.SourceStats(spec.name, f"{path}!{spec.member}" if spec.member else str(path))
     (out_dir / "quarantine").mkdir(exist_ok=True)
     quarantine_path = out_dir / "quarantine" / f"{spec.name}.jsonl"
     try:
@@ -139,7 +142,7 @@ def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: Ing
             write_records(records, opts, stats, writer, quarantine, params.max_records_per_source)
             stats.ignored_files = info["ignored_files"]
         stats.check(spec.max_bad_share if spec.max_bad_share is not None else params.max_bad_share)
-    except nf.FileFormatError as exc:
+    except newsformats.FileFormatError as exc:
         raise DataError(str(exc)) from None
     if quarantine_path.stat().st_size == 0:
         quarantine_path.unlink()
@@ -155,17 +158,19 @@ def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: Ing
 
 
 def write_records(
-    records, opts: nf.RowOptions, stats: nf.SourceStats, writer, quarantine, limit: int | None = None
+    records, opts: newsformats.RowOptions, stats: newsformats.SourceStats, writer, quarantine, limit: int | None = None
 ) -> None:
     """Clean each record into ``writer`` (in batches) or a quarantine line; counts go to ``stats``."""
     seen: set[str] = set()
     batch: list[dict[str, Any]] = []
     for record in tqdm(records, desc=opts.source, unit=" rec", disable=None):
         try:
-            row = nf.build_row(record, opts)
+            row = newsformats.build_row(record, opts)
             if row["id"] in seen:  # ids must be unique; the same key twice is a duplicate record
-                raise nf.RecordError("duplicate_key", f"id {row['id']} already seen (same {', '.join(opts.id_fields)})")
-        except nf.RecordError as exc:
+                raise newsformats.RecordError(
+                    "duplicate_key", f"id {row['id']} already seen (same {', '.join(opts.id_fields)})"
+                )
+        except newsformats.RecordError as exc:
             stats.add_bad(record, exc)
             quarantine.write(
                 json.dumps(

@@ -90,11 +90,14 @@ class PageTimeoutError(Exception):
     pass
 
 
-_ALARM = {"armed": False}
+_ALARM = {"armed": False, "fired": False}
 
 
 def _on_alarm(signum, frame):
     if _ALARM["armed"]:  # a late signal after the page finished is ignored
+        # remembered as well as raised: code that clears the pending error (a C extension's own
+        # error path) would otherwise let an over-limit page through as if it were on time
+        _ALARM["fired"] = True
         raise PageTimeoutError
 
 
@@ -124,9 +127,10 @@ def clean_batch(opts: CleanOptions, items: list[tuple[str, str] | None]) -> list
                 continue
             try:
                 if timed:
-                    _ALARM["armed"] = True
+                    _ALARM.update(armed=True, fired=False)
                     signal.setitimer(signal.ITIMER_REAL, opts.timeout_s)
-                out.append(clean_page(item[0], item[1], opts))
+                result = clean_page(item[0], item[1], opts)
+                out.append(("parse_timeout", "") if _ALARM["fired"] else result)
             except PageTimeoutError:
                 out.append(("parse_timeout", ""))
             except (RecursionError, ValueError, IndexError) as exc:  # parser trouble on one odd page

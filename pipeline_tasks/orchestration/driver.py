@@ -109,7 +109,6 @@ def init_workspace(
     retraining); its outputs are checked out of the shared cache into the new workspace, so a stage
     can run against exactly that run's data and model without re-running anything upstream.
     """
-
     record_path = workspace / META_DIR / "source.json"
     if record_path.is_file():
         logger.info("workspace %s exists: reusing it (outputs and checkpoints kept)", workspace)
@@ -119,14 +118,47 @@ def init_workspace(
         raise FileNotFoundError(f"{source}: no dvc.yaml / params.yaml: set LMPIPE_SOURCE to the project root")
     staging = workspace.with_name(f".{workspace.name}.init")
     shutil.rmtree(staging, ignore_errors=True)
+    tree_sha256 = _copy_tree(source, staging, files)
+    _write_dvc_config(staging, data_root / "dvc-cache", dvc_remote)
+    applied = _write_run_params(staging, data_root, state_overrides, overrides)
+    record = {
+        "workspace": str(workspace),
+        "source": str(source),
+        "files": len(files),
+        "tree_sha256": tree_sha256,
+        "overrides": applied,
+        **_source_revision(source),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    if reference_lock is not None:
+        record["reference_lock"] = _checkout_reference(staging, reference_lock)
+    atomic_write_json(staging / META_DIR / "source.json", record)
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, workspace)  # a half-copied workspace is never visible
+    logger.info(
+        "workspace %s: %d files from %s (git %s%s)",
+        workspace,
+        len(files),
+        source,
+        record["git_sha"] or "?",
+        ", dirty" if record["git_dirty"] else "",
+    )
+    return {**record, "reused": False}
+
+
+def _copy_tree(source: Path, staging: Path, files: list[str]) -> str:
+    """Copy ``files`` from ``source`` into ``staging``; returns the sha256 of the copied tree."""
     tree = hashlib.sha256()
     for rel in files:
         target = staging / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / rel, target)
         tree.update(f"{rel}\0{sha256_file(target)}\n".encode())
+    return tree.hexdigest()
+
+
+def _write_dvc_config(staging: Path, cache_dir: Path, dvc_remote: str) -> None:
     # The copy is no git repo; all runs share one content-addressed cache (and its run cache).
-    cache_dir = data_root / "dvc-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     local_config = ["[core]", "    no_scm = true", "    analytics = false", "[cache]", f"    dir = {cache_dir}"]
     if dvc_remote:
@@ -136,6 +168,12 @@ def init_workspace(
             local_config += [f"['remote \"{name}\"']", f"    url = {dvc_remote}"]
         local_config[1:1] = [f"    remote = {name}"]
     atomic_write_text(staging / ".dvc" / "config.local", "\n".join(local_config) + "\n")
+
+
+def _write_run_params(
+    staging: Path, data_root: Path, state_overrides: Mapping[str, str], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Shared state paths, then the run's overrides, into the copy's params.yaml (what DVC tracks)."""
     raw = load_yaml((staging / "params.yaml").read_text(encoding="utf-8"))
     applied: dict[str, Any] = {}
     for key, value in state_overrides.items():
@@ -150,43 +188,28 @@ def init_workspace(
             logger.warning("override %s ignored: params.yaml has no section %r", key, key.split(".")[0])
     parse_params(raw, staging / "params.yaml")  # a bad override fails here, naming the key
     atomic_write_text(staging / "params.yaml", yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    return applied
+
+
+def _source_revision(source: Path) -> dict[str, Any]:
+    """``git_sha`` / ``git_dirty`` of a checkout, or the sha baked into the task image."""
     sha = _git(source, "rev-parse", "HEAD")
     status = _git(source, "status", "--porcelain")
     baked = source / META_DIR / "image_source.json"  # written into the task image at build time
-    record = {
-        "workspace": str(workspace),
-        "source": str(source),
-        "files": len(files),
-        "tree_sha256": tree.hexdigest(),
-        "overrides": applied,
+    return {
         "git_sha": sha.strip() if sha else (read_json(baked).get("git_sha") if baked.is_file() else None),
         "git_dirty": bool(status.strip()) if status is not None else None,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    if reference_lock is not None:
-        if reference_lock.is_file():
-            shutil.copy2(reference_lock, staging / "dvc.lock")
-            code, _ = _stream([sys.executable, "-m", "dvc", "checkout", "--allow-missing"], staging)
-            record["reference_lock"] = {
-                "path": str(reference_lock),
-                "sha256": sha256_file(reference_lock),
-                "checkout_returncode": code,
-            }
-        else:
-            logger.warning("no reference %s yet: stages will build their upstream themselves", reference_lock)
-            record["reference_lock"] = None
-    atomic_write_json(staging / META_DIR / "source.json", record)
-    workspace.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, workspace)  # a half-copied workspace is never visible
-    logger.info(
-        "workspace %s: %d files from %s (git %s%s)",
-        workspace,
-        len(files),
-        source,
-        record["git_sha"] or "?",
-        ", dirty" if record["git_dirty"] else "",
-    )
-    return {**record, "reused": False}
+
+
+def _checkout_reference(staging: Path, reference_lock: Path) -> dict[str, Any] | None:
+    """Check the outputs of a published ``dvc.lock`` out of the shared cache into ``staging``."""
+    if not reference_lock.is_file():
+        logger.warning("no reference %s yet: stages will build their upstream themselves", reference_lock)
+        return None
+    shutil.copy2(reference_lock, staging / "dvc.lock")
+    code, _ = _stream([sys.executable, "-m", "dvc", "checkout", "--allow-missing"], staging)
+    return {"path": str(reference_lock), "sha256": sha256_file(reference_lock), "checkout_returncode": code}
 
 
 def _task_env() -> dict[str, str]:

@@ -44,8 +44,7 @@ from tokenizers import Tokenizer
 from pipeline_tasks.artifacts import sha256_file
 from pipeline_tasks.dataset.prepared import read_labelled_split
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.train import classifier_data as fd
-from pipeline_tasks.train import finetune_loop as ft
+from pipeline_tasks.train import classifier_data, finetune_loop
 from pipeline_tasks.train.params import FinetuneParams
 from pipeline_tasks.train.training import configure_runtime, resolve_device, seed_everything
 
@@ -80,16 +79,16 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
     if not tokenizer_path.is_file():
         raise DataError(f"{tokenizer_path} not found; run `python -m pipeline_tasks tokenize` first")
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    pad_id = fd.special_token_id(tokenizer, fd.PAD_TOKEN)
-    cls_id = fd.special_token_id(tokenizer, fd.CLS_TOKEN) if cfg.use_cls else None
+    pad_id = classifier_data.special_token_id(tokenizer, classifier_data.PAD_TOKEN)
+    cls_id = classifier_data.special_token_id(tokenizer, classifier_data.CLS_TOKEN) if cfg.use_cls else None
     prepared = Path(paths.prepared_dir)
     rows = read_rows(prepared, cfg, params.seed)
-    labels = fd.label_vocabulary(rows["train"]["label"])
+    labels = classifier_data.label_vocabulary(rows["train"]["label"])
     if len(labels) < 2:
         raise DataError(f"{prepared / 'train.parquet'}: only labels {labels} in the training rows; need >= 2 classes")
 
     # -- model --------------------------------------------------------------------------------
-    model_config, init = ft.backbone_config(params, tokenizer, scratch)
+    model_config, init = finetune_loop.backbone_config(params, tokenizer, scratch)
     if cfg.backbone_dropout is not None:
         model_config = dataclasses.replace(model_config, dropout=cfg.backbone_dropout)
     max_len = cfg.max_len
@@ -102,7 +101,7 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
         )
         max_len = model_config.block_size
     data = {
-        split: ft.encode_split(tokenizer, r, labels, max_len, cls_id, prepared / f"{split}.parquet")
+        split: finetune_loop.encode_split(tokenizer, r, labels, max_len, cls_id, prepared / f"{split}.parquet")
         for split, r in rows.items()
     }
     logger.info(
@@ -119,15 +118,15 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
         str(dtype).replace("torch.", ""),
         threads,
     )
-    model = ft.build_classifier(model_config, init, len(labels), cfg, pad_id).to(device)
+    model = finetune_loop.build_classifier(model_config, init, len(labels), cfg, pad_id).to(device)
 
     # -- train, then score the best weights -------------------------------------------------------
-    result = ft.train(model, data, cfg, model_config.n_layer, device, dtype, params.seed)
+    result = finetune_loop.train(model, data, cfg, model_config.n_layer, device, dtype, params.seed)
     model.load_state_dict(result.best_state)
     # reported scores in float32: what export ships (fp32 ONNX and its quantised variants) and
     # what evaluate's PyTorch reference reproduces
-    val_pred = ft.predict(model, data["val"]["ids"], pad_id, cfg.eval_batch_size, device)
-    test_pred = ft.predict(model, data["test"]["ids"], pad_id, cfg.eval_batch_size, device)
+    val_pred = finetune_loop.predict(model, data["val"]["ids"], pad_id, cfg.eval_batch_size, device)
+    test_pred = finetune_loop.predict(model, data["test"]["ids"], pad_id, cfg.eval_batch_size, device)
     classifier = {
         "labels": labels,
         "pooling": cfg.pooling,
@@ -137,11 +136,15 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
         "num_classes": len(labels),
         "train_sources": list(cfg.dataset.train_sources),
     }
-    metrics = ft.build_metrics(data, val_pred, test_pred, labels, result, cfg, scratch, model_config, params.seed)
-    inputs = {str(p): sha256_file(p) for p in [tokenizer_path, *(prepared / f"{s}.parquet" for s in fd.SPLITS)]}
+    metrics = finetune_loop.build_metrics(
+        data, val_pred, test_pred, labels, result, cfg, scratch, model_config, params.seed
+    )
+    inputs = {
+        str(p): sha256_file(p) for p in [tokenizer_path, *(prepared / f"{s}.parquet" for s in classifier_data.SPLITS)]
+    }
     if not scratch:
         inputs[init["path"]] = init["sha256"]
-    ft.write_outputs(
+    finetune_loop.write_outputs(
         params,
         model,
         model_config,

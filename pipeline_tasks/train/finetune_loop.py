@@ -30,10 +30,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from pipeline_tasks import metrics as mt
+from pipeline_tasks import metrics as classification_metrics
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, atomic_write_text, sha256_file, write_manifest
 from pipeline_tasks.errors import DataError, PipelineError
-from pipeline_tasks.train import classifier_data as fd
+from pipeline_tasks.train import classifier_data
 from pipeline_tasks.train.model import ModelConfig, SequenceClassifier, build_lm, read_lm_checkpoint
 from pipeline_tasks.train.training import autocast_context, format_duration, log_step
 
@@ -107,13 +107,13 @@ def lr_at(step: int, total: int, cfg) -> float:
 def encode_split(
     tokenizer, rows: dict[str, list], labels: list[str], max_len: int, cls_id: int | None, where: Path
 ) -> dict[str, Any]:
-    ids = fd.encode_texts(tokenizer, rows["text"], max_len, cls_id)
+    ids = classifier_data.encode_texts(tokenizer, rows["text"], max_len, cls_id)
     empty = [rows["id"][i] for i, s in enumerate(ids) if len(s) == 0]
     if empty:
         raise DataError(f"{where}: {len(empty)} texts encode to no tokens (first id {empty[0]!r})")
     return {
         "ids": ids,
-        "y": fd.labels_to_ids(rows["label"], labels, str(where)),
+        "y": classifier_data.labels_to_ids(rows["label"], labels, str(where)),
         "row_id": rows["id"],
         "source": rows["source"],
     }
@@ -172,8 +172,8 @@ def predict(
     was_training = model.training
     model.eval()
     pred = np.empty(len(seqs), dtype=np.int64)
-    for idx in fd.sorted_batches([len(s) for s in seqs], batch_size):
-        ids, mask = fd.pad_batch([seqs[i] for i in idx], pad_id)
+    for idx in classifier_data.sorted_batches([len(s) for s in seqs], batch_size):
+        ids, mask = classifier_data.pad_batch([seqs[i] for i in idx], pad_id)
         with autocast_context(device, dtype):
             logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
         pred[idx] = logits.argmax(dim=-1).cpu().numpy()
@@ -216,7 +216,9 @@ def train(
     loss_weight = _loss_weight(y, model.num_classes, cfg.class_weighting, device)
     rng = np.random.default_rng(seed)
     sampler_gen = torch.Generator().manual_seed(seed)
-    sample_w = torch.as_tensor(fd.sample_weights(y, model.num_classes)) if cfg.sampler == "weighted" else None
+    sample_w = (
+        torch.as_tensor(classifier_data.sample_weights(y, model.num_classes)) if cfg.sampler == "weighted" else None
+    )
 
     result = TrainResult(best_state=copy.deepcopy(model.state_dict()), total_steps=total)
     logger.info(
@@ -300,7 +302,7 @@ def configure_optimizer(model: torch.nn.Module, cfg, n_layer: int, device: torch
 
 
 def _loss_weight(y: np.ndarray, num_classes: int, scheme: str, device: torch.device) -> torch.Tensor | None:
-    weights = fd.class_weights(y, num_classes, scheme)
+    weights = classifier_data.class_weights(y, num_classes, scheme)
     if weights is None:
         return None
     logger.info("finetune: class weights %s", np.round(weights, 3).tolist())
@@ -321,7 +323,7 @@ def _epoch_batches(
             sample_w, len(lengths), replacement=True, generator=sampler_gen
         )
         order = np.fromiter(iter(sampler), dtype=np.int64, count=len(lengths))
-    return fd.length_bucketed_batches(lengths, batch_size, rng, order=order)
+    return classifier_data.length_bucketed_batches(lengths, batch_size, rng, order=order)
 
 
 def _train_batch(
@@ -339,7 +341,7 @@ def _train_batch(
     """One optimizer step on the examples ``idx``; returns the batch's mean loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-    ids, mask = fd.pad_batch([split["ids"][i] for i in idx], model.pad_id)
+    ids, mask = classifier_data.pad_batch([split["ids"][i] for i in idx], model.pad_id)
     x, m = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
     target = torch.from_numpy(split["y"][idx]).to(device)
     with autocast_context(device, dtype):
@@ -362,8 +364,8 @@ def _evaluate(
 ) -> None:
     """Score val, append to the curve and keep a CPU copy of the weights when macro-F1 improved."""
     pred = predict(model, val["ids"], model.pad_id, cfg.eval_batch_size, device, dtype)
-    f1 = mt.macro_f1(val["y"], pred, model.num_classes)
-    acc = mt.accuracy(val["y"], pred)
+    f1 = classification_metrics.macro_f1(val["y"], pred, model.num_classes)
+    acc = classification_metrics.accuracy(val["y"], pred)
     result.curve.append(
         {
             "step": step,
@@ -395,11 +397,13 @@ def _evaluate(
 def build_metrics(
     data, val_pred, test_pred, labels, result: TrainResult, cfg, scratch: bool, model_config, seed: int
 ) -> dict[str, Any]:
-    test = mt.classification_report(data["test"]["y"], test_pred, labels)
+    test = classification_metrics.classification_report(data["test"]["y"], test_pred, labels)
     if cfg.bootstrap_resamples:
-        low, high = mt.bootstrap_ci(data["test"]["y"], test_pred, mt.accuracy, cfg.bootstrap_resamples, 0.95, seed)
+        low, high = classification_metrics.bootstrap_ci(
+            data["test"]["y"], test_pred, classification_metrics.accuracy, cfg.bootstrap_resamples, 0.95, seed
+        )
         test["accuracy_ci95"] = [round(low, 6), round(high, 6)]
-    val = mt.classification_report(data["val"]["y"], val_pred, labels)
+    val = classification_metrics.classification_report(data["val"]["y"], val_pred, labels)
     return {
         "test": test,
         "val": val,
@@ -475,7 +479,8 @@ def write_outputs(
     with atomic_dir(paths.finetune_reports_dir) as rep:
         atomic_write_json(rep / "metrics.json", metrics)
         atomic_write_text(
-            rep / "confusion.csv", _csv_text(["actual", "predicted"], mt.confusion_rows(y_test, test_pred, labels))
+            rep / "confusion.csv",
+            _csv_text(["actual", "predicted"], classification_metrics.confusion_rows(y_test, test_pred, labels)),
         )
         curve_cols = ["step", "epoch", "val_macro_f1", "val_acc", "train_loss"]
         atomic_write_text(
