@@ -61,10 +61,10 @@ from pipeline_tasks.orchestration.settings import (
     COPY_EXCLUDES,
     MAX_INLINE_METRICS_BYTES,
     META_DIR,
+    dvc_cmd_argv,
     load_orchestration_params,
     parse_summary,
     read_dvc_stages,
-    stage_command,
     stage_paths,
 )
 
@@ -267,7 +267,7 @@ def run_stage_node(
     if copy_from is not None and not (workspace / "dvc.yaml").is_file():
         shutil.copytree(copy_from, workspace, symlinks=True, dirs_exist_ok=True)
     stages = read_dvc_stages(workspace / "dvc.yaml")
-    name = next((n for n, s in stages.items() if stage_command(s) == cmd), None)
+    name = next((n for n, s in stages.items() if dvc_cmd_argv(s) == cmd), None)
     if name is None:
         raise ValueError(
             f"{workspace / 'dvc.yaml'}: no stage has cmd {shlex.join(cmd)!r} "

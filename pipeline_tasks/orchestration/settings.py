@@ -197,7 +197,8 @@ def read_dvc_stages(dvc_file: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return dict(stages)
 
 
-def stage_command(stage: Mapping[str, Any]) -> list[str]:
+def dvc_cmd_argv(stage: Mapping[str, Any]) -> list[str]:
+    """The ``cmd`` of a raw ``dvc.yaml`` stage as an argv list."""
     return shlex.split(stage["cmd"])
 
 

@@ -176,13 +176,6 @@ def read_rows(prepared: Path, cfg: FinetuneParams, seed: int) -> dict[str, dict[
         "val": read_labelled_split(prepared, "val", sources=cfg.dataset.train_sources).to_pydict(),
         "test": read_labelled_split(prepared, "test", sources=cfg.dataset.test_sources).to_pydict(),
     }
-    for split, r in rows.items():
-        if not r["id"]:
-            srcs = cfg.dataset.test_sources if split == "test" else cfg.dataset.train_sources
-            raise DataError(
-                f"{prepared / (split + '.parquet')}: no labelled rows from sources {list(srcs)}; "
-                "check finetune.dataset against ingest_news.sources[*].name"
-            )
     if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
         picked = np.random.default_rng(seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
         keep = sorted(picked.tolist())
