@@ -12,6 +12,14 @@ Prints one JSON object per input line on stdout: ``{"label", "probabilities", "t
 ``"line"`` and ``"id"`` when reading a file). The bundle is verified (sha256 of every file)
 before any session is created.
 
+Inputs (:data:`INPUT_RULES`, also shown by ``lmpipe predict --help``): ``--file PATH`` and
+``--file -`` (stdin) follow one rule, decided per line by :func:`parse_input_line`. Every input
+is checked before anything is classified, and the run is refused (exit 1, nothing on stdout) when
+any line is not UTF-8, not a JSON object or has no text, naming each bad line as ``FILE:LINE``
+(``<stdin>:LINE``): a partial output would no longer line up with its input. "No text" is
+prepare's ``empty_text`` rule (:func:`pipeline_tasks.dataset.textstats.normalize_key` is empty:
+no letter or digit), so the model is never asked about inputs it never saw in training.
+
 Which bundle: ``--bundle DIR``; otherwise ``paths.bundle_dir`` of the params file
 (``--params`` / ``$LMPIPE_PARAMS`` / ``./params.yaml``, loaded with
 :func:`pipeline_tasks.config.load_params`, which imports only the torch-free params modules);
@@ -28,10 +36,11 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pipeline_tasks.config import DEFAULT_PARAMS_FILE, PARAMS_FILE_ENV, PathsParams, load_params
+from pipeline_tasks.dataset.textstats import normalize_key
 from pipeline_tasks.errors import DataError
 from pipeline_tasks.ingest.jsonlines import parse_json_line
 from pipeline_tasks.ship.bundle import dumps_line, load_bundle, record_text
@@ -39,6 +48,30 @@ from pipeline_tasks.ship.bundle import dumps_line, load_bundle, record_text
 logger = logging.getLogger(__name__)
 
 REGISTRY_SCHEME = "models:/"
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+MAX_LISTED_PROBLEMS = 10  # enough to see the pattern; the count says how many more
+
+INPUT_RULES = """\
+inputs:
+  TEXT ...        each argument is one text
+  --file PATH     one input per line, UTF-8; --file - reads the same format from stdin
+
+  A line that starts with "{" is a JSON object with "text" (or "title"/"description",
+  joined by a newline as ingest builds text; an "id" is copied to the output); any other
+  line is the text itself. Blank lines are skipped.
+
+  Every input is checked before anything is classified. A line that is not UTF-8, a "{"
+  line that is not a JSON object, or an input with no text to classify (empty, blank or
+  punctuation only: prepare drops such rows as empty_text) refuses the whole run with exit 1 and nothing on stdout, naming
+  each bad line as FILE:LINE (<stdin>:LINE) or "text argument N".
+
+output:
+  one JSON object per input on stdout: label, probabilities, text (+ line and id from --file).
+
+  Long texts are truncated to the model's length: only their first max_len tokens
+  (config.json of the bundle, params finetune.max_len) are classified, the rest is ignored.
+"""
 
 
 def default_bundle_dir(params_file: str | None = None) -> Path:
@@ -70,36 +103,109 @@ def resolve_bundle_dir(reference: str | None, params_file: str | None = None) ->
     return Path(reference)
 
 
-def read_inputs(path: str | os.PathLike) -> Iterator[dict]:
-    """Records from a JSON-lines file (``text`` or ``title``/``description``) or a plain text file.
-
-    The format is decided per line: a line starting with ``{`` must be a JSON object with a
-    text field (:func:`pipeline_tasks.ship.bundle.record_text`), anything else is taken as the
-    text itself. Blank lines are skipped.
-    """
+def read_inputs(path: str | os.PathLike) -> list[dict]:
+    """Records from ``path`` (``-`` = stdin, read as bytes) under :data:`INPUT_RULES`."""
+    if str(path) == STDIN:
+        # bytes, not sys.stdin: the text layer of stdin smuggles undecodable bytes in as lone
+        # surrogates (surrogateescape under a C/UTF-8 locale), which the tokenizer rejects
+        return parse_input_lines(sys.stdin.buffer, STDIN_NAME)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--file {path}: no such file")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if not line.lstrip().startswith("{"):
-                yield {"line": number, "text": line}
-                continue
-            where = f"{path}:{number}"
-            record = parse_json_line(line, where)
-            yield {
-                "line": number,
-                "text": record_text(record, where),
-                **({"id": record["id"]} if "id" in record else {}),
-            }
+    with open(path, "rb") as fh:
+        return parse_input_lines(fh, str(path))
+
+
+def parse_input_lines(lines: Iterable[bytes], name: str) -> list[dict]:
+    """``{"line", "text"[, "id"]}`` for every non-blank line, or a :class:`DataError` naming every bad line."""
+    records, problems, inputs = [], [], 0
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        inputs += 1
+        where = f"{name}:{number}"
+        try:
+            # utf-8-sig on the first line: a byte order mark would hide the "{" of a JSON line
+            line = decode_utf8(raw, where, "utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            records.append(parse_input_line(line, number, where))
+        except DataError as exc:
+            problems.append(str(exc))
+    if not inputs:
+        raise DataError(f"{name}: no text to classify (the input is empty or has only blank lines)")
+    if problems:
+        raise refusal(name, problems, inputs)
+    return records
+
+
+def decode_utf8(raw: bytes, where: str, encoding: str = "utf-8") -> str:
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+            "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
+        ) from None
+
+
+def parse_input_line(line: str, number: int, where: str) -> dict:
+    """One input line: a JSON object when it starts with ``{``, else the text itself."""
+    if not line.lstrip().startswith("{"):
+        return {"line": number, "text": require_text(line, where)}
+    record = parse_json_line(line, where)
+    text = require_text(record_text(record, where), where)
+    return {"line": number, "text": text, **({"id": record["id"]} if "id" in record else {})}
+
+
+def require_text(text: str, where: str) -> str:
+    """``text`` unless it is empty by prepare's ``empty_text`` rule (no letter or digit)."""
+    if not normalize_key(text):
+        raise DataError(f"{where}: no text to classify (empty, blank or punctuation only)")
+    return text
+
+
+def text_arguments(texts: Sequence[str]) -> list[dict]:
+    """The positional texts as records, or a :class:`DataError` naming every unusable argument."""
+    records, problems = [], []
+    for number, text in enumerate(texts, start=1):
+        where = f"text argument {number}"
+        try:
+            records.append({"text": require_text(require_utf8(text, where), where)})
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise refusal("arguments", problems, len(texts))
+    return records
+
+
+def require_utf8(text: str, where: str) -> str:
+    """``text`` unless it carries bytes that were not UTF-8 (lone surrogates from ``surrogateescape``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(text[exc.start]) - 0xDC00  # surrogateescape maps byte b to U+DC00 + b
+        detail = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else f"code point U+{ord(text[exc.start]):04X}"
+        raise DataError(f"{where}: not valid UTF-8 ({detail} at character {exc.start + 1}); pass UTF-8 text") from None
+    return text
+
+
+def refusal(name: str, problems: list[str], inputs: int) -> DataError:
+    if len(problems) == 1:
+        return DataError(f"{problems[0]}; nothing was classified")
+    listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    return DataError(
+        f"{name}: {len(problems)} of {inputs} inputs cannot be classified, nothing was classified:\n  {listed}{more}"
+    )
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Classify news texts with an exported bundle (ONNX Runtime only, no torch)."
+    parser.epilog = INPUT_RULES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the rules' line breaks
     parser.add_argument("text", nargs="*", help="texts to classify (each argument is one text)")
-    parser.add_argument("--file", help="JSON lines (text or title/description) or plain text, one per line; - = stdin")
+    parser.add_argument(
+        "--file", metavar="PATH", help="one input per line, JSON or plain text (see inputs below); - = stdin"
+    )
     parser.add_argument("--bundle", default=None, help="bundle directory (default: paths.bundle_dir or models/bundle)")
     parser.add_argument(
         "--model",
@@ -126,16 +232,18 @@ def cli_predict(args: argparse.Namespace) -> int:
         raise DataError("give --bundle DIR or --model models:/NAME@ALIAS, not both")
     if args.model and not args.model.startswith(REGISTRY_SCHEME):
         raise DataError(f"--model {args.model!r}: expected models:/NAME@alias or models:/NAME/VERSION")
+    # inputs before the bundle: a bad input is refused without paying for sessions (or a registry download)
+    records = read_inputs(args.file) if args.file else text_arguments(args.text)
     bundle_dir = resolve_bundle_dir(args.model or args.bundle, args.params)
     bundle = load_bundle(bundle_dir, device=args.device, intra_op_threads=args.threads)
     variant = args.variant or bundle.default_variant
-    logger.info("bundle %s, variant %s, device %s", bundle_dir, variant, args.device)
-    if args.file == "-":
-        records = [{"line": i, "text": t.rstrip("\n")} for i, t in enumerate(sys.stdin, 1) if t.strip()]
-    elif args.file:
-        records = list(read_inputs(args.file))
-    else:
-        records = [{"text": t} for t in args.text]
+    logger.info(
+        "bundle %s, variant %s, device %s; texts longer than %d tokens are truncated",
+        bundle_dir,
+        variant,
+        args.device,
+        bundle.max_len,
+    )
     count = 0
     for start in range(0, len(records), args.batch_size):
         chunk = records[start : start + args.batch_size]
