@@ -5,20 +5,32 @@ a temporary sibling and renamed (:func:`atomic_write_bytes` and friends); whole 
 directories are built in a temporary sibling directory and swapped in at the end
 (:func:`atomic_dir`). Each output directory gets a ``manifest.json`` (stage, params hash, input
 and output hashes, git sha, library versions).
+
+Temporary siblings are named ``.<name>.<random>.tmp`` (``atomic_path`` keeps the target's
+suffix) and are removed when the body fails, SIGTERM included (the CLI turns it into an
+exception). A process killed outright (SIGKILL, OOM) cannot clean up, so every writer first
+sweeps the stale temporaries of its target: its writer holds an ``flock`` on each temporary
+while it lives, and the kernel drops that lock when the process dies, so a temporary nobody
+holds and older than :data:`STALE_TEMP_AFTER_S` is garbage. Two writers of the same output never
+delete each other's work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -75,6 +87,112 @@ def hash_tree(root: str | os.PathLike, exclude: Iterable[str] = (MANIFEST_NAME,)
     }
 
 
+# An unlocked temporary younger than this may belong to a writer between creating and locking
+# it (microseconds); anything older that nobody holds was left by a dead process.
+STALE_TEMP_AFTER_S = 60.0
+_held_locks: set[int] = set()  # descriptors holding the flock of our live temporaries
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child (a worker pool) must not keep the parent's temporaries locked after the
+    # parent dies. Closing the child's copies keeps the parent's lock: flock belongs to the
+    # open file description, released only when its last descriptor closes.
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextlib.contextmanager
+def _lock_while_written(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the temporary ``path`` (file or folder) while it is in use."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    _held_locks.add(fd)
+    try:
+        with contextlib.suppress(OSError):  # no flock on this filesystem: sweepers cannot lock it either
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        _held_locks.discard(fd)
+        os.close(fd)
+
+
+def _is_abandoned(path: str) -> bool:
+    """True when nobody holds ``path``'s lock: its writer is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:  # EWOULDBLOCK: a live writer; anything else: cannot tell, keep it
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            logger.debug("cannot lock %s to check it is stale: %s", path, exc)
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` that interrupted writers left beside it; returns them.
+
+    Matches only the names this module creates (``.<name>.<8 random chars><.tmp | suffix>``, and
+    the ``.<name>.old-<pid>`` backup of :func:`atomic_dir` once ``path`` exists and that pid is
+    gone), and only those no live writer holds (see the module docstring).
+    """
+    path = Path(path)
+    suffixes = {".tmp", path.suffix} - {""}
+    temp_name = re.compile(
+        re.escape(f".{path.name}.") + r"(?:[a-z0-9_]{8}(?:" + "|".join(map(re.escape, suffixes)) + r")|old-(\d+))"
+    )
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    removed = []
+    now = time.time()
+    for entry in entries:
+        match = temp_name.fullmatch(entry.name)
+        if match is None:
+            continue
+        if match.group(1):  # a backup: garbage once the new output is in place and its writer gone
+            stale = path.exists() and not _pid_alive(int(match.group(1)))
+        else:
+            try:
+                young = now - entry.stat(follow_symlinks=False).st_mtime < STALE_TEMP_AFTER_S
+            except OSError:
+                continue
+            stale = not young and not entry.is_symlink() and _is_abandoned(entry.path)
+        if not stale:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        logger.warning("removed %s, a temporary output left by an interrupted run", entry.path)
+        removed.append(Path(entry.path))
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -83,6 +201,7 @@ def _umask() -> int:
 
 def _tmp_sibling(path: Path, suffix: str = ".tmp") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     # mkstemp creates 0600; outputs are shared with other users (containers, DVC cache readers)
     os.fchmod(fd, 0o666 & ~_umask())
@@ -94,7 +213,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb") as fh, _lock_while_written(tmp):
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -122,7 +241,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = _tmp_sibling(path, suffix=path.suffix or ".tmp")
     try:
-        yield tmp
+        with _lock_while_written(tmp):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -132,35 +252,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Path]:
     """Build a directory in a temporary sibling and swap it in for ``path`` on success.
 
-    On any exception the temporary directory is removed and ``path`` keeps its old content.
-    ``keep`` names entries of the old directory carried into the new one before the body runs
-    (e.g. a training checkpoint directory that must survive a re-run).
+    On any exception (SIGTERM included, see :mod:`pipeline_tasks.cli`) the temporary directory is
+    removed and ``path`` keeps its old content. ``keep`` names entries of the old directory
+    carried into the new one before the body runs (e.g. a training checkpoint directory that
+    must survive a re-run). Stale temporaries of ``path`` are swept first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+    swapped = False
     try:
-        for name in keep:
-            old = path / name
-            if old.exists():
-                shutil.move(str(old), str(tmp / name))
-        yield tmp
-        backup = None
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, backup)
-        os.replace(tmp, path)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        with _lock_while_written(tmp):
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+            for name in keep:
+                old = path / name
+                if old.exists():
+                    shutil.move(str(old), str(tmp / name))
+            yield tmp
+            if path.exists():
+                os.replace(path, backup)
+            os.replace(tmp, path)
+            swapped = True
     except BaseException:
-        for name in keep:  # give kept entries back so a failed run loses nothing
-            moved = tmp / name
-            if moved.exists() and not (path / name).exists():
-                path.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(moved), str(path / name))
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not swapped:
+            if backup.exists() and not path.exists():  # interrupted between the two renames
+                os.replace(backup, path)
+            for name in keep:  # give kept entries back so a failed run loses nothing
+                moved = tmp / name
+                if moved.exists() and not (path / name).exists():
+                    path.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(moved), str(path / name))
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if swapped:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str | None:

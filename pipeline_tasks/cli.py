@@ -5,7 +5,12 @@ arguments, configures logging once, loads and validates ``params.yaml`` (``--par
 key=value`` overrides), runs the stage and maps domain errors to exit codes:
 
 * 0 success, 1 stage error (message, no traceback), 2 configuration error,
-  3 data validation failed, 4 model gates failed (see :mod:`pipeline_tasks.errors`).
+  3 data validation failed, 4 model gates failed (see :mod:`pipeline_tasks.errors`),
+  130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
+
+SIGTERM (``docker stop``, a Kubernetes pod deletion, an Airflow task kill) unwinds the command
+like Ctrl-C, so the temporary outputs of :mod:`pipeline_tasks.artifacts` are removed on the way
+out; ``pretrain`` replaces the handler while it trains, to checkpoint first.
 
 A stage module provides ``run(params, **options)`` and optionally ``add_arguments(parser)``.
 Other commands (``predict``, ``promote`` ...) provide ``add_<name>_arguments(parser)`` and
@@ -15,12 +20,16 @@ Other commands (``predict``, ``promote`` ...) provide ``add_<name>_arguments(par
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pipeline_tasks.config import ConfigError, load_params, load_yaml
@@ -49,6 +58,36 @@ COMMAND_HELP = {
     "kfp-compile": "compile the stages into a Kubeflow Pipelines YAML",
     "summary": "headline numbers of the last run, one line per stage",
 }
+
+
+class TerminatedError(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so ``except Exception`` lets it pass."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`TerminatedError` in the main thread."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+    owner = os.getpid()
+    received = []
+
+    def on_sigterm(signum, _frame):
+        if os.getpid() != owner:  # a forked worker (process pool, data loader) dies as it always did
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if received:  # a repeated SIGTERM must not cut the cleanup short
+            return
+        received.append(signum)
+        raise TerminatedError(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -137,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level)
     try:
-        if args.command in STAGES:
-            result = run_stage(args.command, args)
-            print(json.dumps(result, default=str, sort_keys=True))
-            return 0
-        module = _module(COMMANDS[args.command])
-        return int(getattr(module, f"cli_{args.command.replace('-', '_')}")(args) or 0)
+        with sigterm_unwinds():
+            if args.command in STAGES:
+                result = run_stage(args.command, args)
+                print(json.dumps(result, default=str, sort_keys=True))
+                return 0
+            module = _module(COMMANDS[args.command])
+            return int(getattr(module, f"cli_{args.command.replace('-', '_')}")(args) or 0)
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return 2
@@ -152,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("%s interrupted", args.command)
         return 130
+    except TerminatedError:
+        logger.error("%s stopped by SIGTERM; its unfinished outputs were discarded", args.command)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

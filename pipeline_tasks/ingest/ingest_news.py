@@ -6,8 +6,9 @@ Inputs: every entry of ``ingest_news.sources`` in params.yaml, resolved by
 ``member_sha256``, folder ``tree_sha256``). Layouts (``format``): ``csv`` (AG News, headerless or
 headered, ``columns`` maps the canonical fields ``title, body, label, date, url`` to column
 indices or header names; a zip ``member`` is streamed in place), ``jsonl`` (HuffPost; ``columns``
-maps fields to keys) and ``folder`` (BBC: ``<label>/<n>.txt``). Parsing and cleaning live in
-:mod:`pipeline_tasks.ingest.newsformats`.
+maps fields to keys) and ``folder`` (BBC: ``<label>/<n>.txt``). gzip / bz2 / xz files are
+decompressed whatever their name; a zip without ``member`` or a tar is refused with the fix.
+Parsing and cleaning live in :mod:`pipeline_tasks.ingest.newsformats`.
 
 Outputs (``paths.raw_news_dir``, swapped in atomically, nothing on failure):
 
@@ -21,9 +22,11 @@ Outputs (``paths.raw_news_dir``, swapped in atomically, nothing on failure):
 * ``stats.json`` (per-source counts, reasons, label counts, date range) and ``manifest.json``.
 
 A source whose bad share exceeds ``max_bad_share`` fails the stage with
-:class:`~pipeline_tasks.errors.DataError` (file, share, top reasons, first bad records); an empty
-source file fails too. Single process on purpose: the real sources are a few MB each and parse in
-seconds; the work is I/O and regex bound per record, not worth the pickling of a process pool.
+:class:`~pipeline_tasks.errors.DataError` (file, share, top reasons, first bad records); its
+quarantine is kept as ``failed_quarantine_dir/<source>.jsonl`` (named in the error, removed once
+the source passes) since the output folder is discarded. An empty source file fails too. Single
+process on purpose: the real sources are a few MB each and parse in seconds; the work is I/O and
+regex bound per record, not worth the pickling of a process pool.
 
 Params section: ``ingest_news``. Command: ``python -m pipeline_tasks ingest_news``.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
+from pipeline_tasks.artifacts import atomic_dir, atomic_path, atomic_write_json, sha256_file, write_manifest
 from pipeline_tasks.errors import DataError
 from pipeline_tasks.ingest import newsformats
 from pipeline_tasks.ingest.params import IngestNewsParams, NewsSourceParams
@@ -143,7 +147,15 @@ def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: Ing
             stats.ignored_files = info["ignored_files"]
         stats.check(spec.max_bad_share if spec.max_bad_share is not None else params.max_bad_share)
     except newsformats.FileFormatError as exc:
-        raise DataError(str(exc)) from None
+        kept = ""
+        if stats.quarantined and quarantine_path.exists():  # the output folder goes: keep what a user must see
+            target = keep_failed_quarantine(quarantine_path, Path(params.failed_quarantine_dir))
+            kept = f"; the {stats.quarantined} bad records are kept in {target}"
+        raise DataError(f"{exc}{kept}") from None
+    previous_failure = Path(params.failed_quarantine_dir) / quarantine_path.name
+    if previous_failure.exists():
+        logger.info("%s: passes now; removing %s kept from a failed run", spec.name, previous_failure)
+        previous_failure.unlink()
     if quarantine_path.stat().st_size == 0:
         quarantine_path.unlink()
     if stats.fallback_decoded:
@@ -155,6 +167,14 @@ def ingest_source(spec: NewsSourceParams, path: Path, out_dir: Path, params: Ing
             stats.fallback_decoded[:5],
         )
     return stats.to_dict()
+
+
+def keep_failed_quarantine(quarantine_path: Path, failed_dir: Path) -> Path:
+    """Copy a failed source's quarantine to ``failed_dir`` (atomically) before its run is discarded."""
+    target = failed_dir / quarantine_path.name
+    with atomic_path(target) as tmp:
+        shutil.copyfile(quarantine_path, tmp)
+    return target
 
 
 def write_records(

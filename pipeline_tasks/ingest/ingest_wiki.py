@@ -69,6 +69,7 @@ ROW_GROUP_ROWS = 5_000
 ROW_GROUP_CHARS = 32_000_000  # ~32-100 MB of text per row group
 LOG_EVERY_S = 30.0
 AUTO_POOL_BZ2_WORKERS = 2
+POOL_STOP_S = 10.0  # a terminated pool stops in well under a second unless it is deadlocked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +155,11 @@ def _prefilter(page: RawPage, cfg: IngestWikiParams, markup: bool) -> tuple[str 
         return "namespace", page
     if page.redirect or (markup and is_redirect(page.text)):
         return "redirect", page
-    if len(page.text) * 4 > cfg.max_page_bytes:  # a char is at most 4 UTF-8 bytes: encode only then
+    # A char is at most 4 UTF-8 bytes: encode only then. The reader stopped collecting a longer
+    # text at max_page_bytes chars (flagged oversize), so at most that many chars are encoded.
+    if page.oversize or len(page.text) * 4 > cfg.max_page_bytes:
         data = page.text.encode("utf-8")
-        if len(data) > cfg.max_page_bytes:
+        if page.oversize or len(data) > cfg.max_page_bytes:
             if cfg.on_oversize == "skip":
                 return "too_large", page
             return "truncated", page._replace(text=data[: cfg.max_page_bytes].decode("utf-8", "ignore"))
@@ -245,7 +248,7 @@ def _collect(entry, pool, hard_timeout_s: float, path: Path):
     try:
         return meta, result.get(timeout=hard_timeout_s or None)
     except multiprocessing.TimeoutError:
-        pool.terminate()
+        stop_pool(pool)
         first = next((page for reason, page in meta if reason is None), meta[0][1])
         raise DataError(
             f"{path}: a cleaning worker was stuck for {hard_timeout_s:.0f} s on the batch starting at "
@@ -259,7 +262,7 @@ def _read_pages(path: Path, source: WikiSourceParams, cfg: IngestWikiParams, poo
     try:
         workers = cfg.workers or os.cpu_count() or 1
         use_pool = cfg.bz2_decoder == "pool" or (cfg.bz2_decoder == "auto" and workers >= AUTO_POOL_BZ2_WORKERS)
-        for record in iter_source(path, source.format, pool if use_pool else None):
+        for record in iter_source(path, source.format, pool if use_pool else None, cfg.max_page_bytes):
             if not isinstance(record, SiteInfo):
                 yield record
                 continue
@@ -386,13 +389,40 @@ def worker_pool(workers: int):
         yield None
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers)
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=_leave_the_process_group)
     try:
         yield pool
         pool.close()
     finally:
-        pool.terminate()
+        stop_pool(pool)
+
+
+def stop_pool(pool) -> None:
+    """``Pool.terminate`` and join, killing the workers instead when that hangs.
+
+    ``Pool.terminate`` takes the task and result queue locks, and a worker may hold one for good:
+    blocked writing a large result that nobody reads any more, or killed while waiting for a task.
+    After POOL_STOP_S the workers are killed; the pool's threads are daemons and die with us.
+    """
+    stopper = threading.Thread(target=pool.terminate, name="pool-terminate", daemon=True)
+    stopper.start()
+    stopper.join(POOL_STOP_S)
+    if not stopper.is_alive():
         pool.join()
+        return
+    logger.warning("the cleaning workers did not stop within %.0f s; killing them", POOL_STOP_S)
+    for child in multiprocessing.active_children():  # the pool's workers: this stage starts no other
+        child.kill()
+
+
+def _leave_the_process_group() -> None:
+    """Pool worker initializer: signals sent to the stage's process group do not reach workers.
+
+    An idle worker blocks in the task queue holding its lock; killed there (SIGTERM or Ctrl-C sent
+    to the whole group), it leaves the lock taken and ``Pool.terminate`` waits for it forever.
+    The parent stops its workers itself, with ``Pool.terminate``, when it unwinds.
+    """
+    os.setpgid(0, 0)
 
 
 def run(params, **options) -> dict[str, Any]:

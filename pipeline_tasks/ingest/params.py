@@ -128,6 +128,8 @@ class IngestNewsParams:
     max_bad_share: float = 0.05  # per source; above it the stage fails
     max_raw_chars: int = 1000  # quarantine keeps this much of a bad record
     max_records_per_source: int | None = None  # a quick, smaller run; None reads everything
+    # a source over max_bad_share fails the stage, and its quarantine is kept here to inspect
+    failed_quarantine_dir: str = "reports/ingest_news/quarantine"
     download: DownloadPolicy = DownloadPolicy()
 
     def __post_init__(self):
@@ -141,3 +143,5 @@ class IngestNewsParams:
             raise ValueError("max_bad_share must be within [0, 1]")
         if self.max_raw_chars < 16 or (self.max_records_per_source is not None and self.max_records_per_source < 1):
             raise ValueError("max_raw_chars must be >= 16 and max_records_per_source >= 1")
+        if not self.failed_quarantine_dir.strip():
+            raise ValueError("failed_quarantine_dir must name a folder, e.g. reports/ingest_news/quarantine")

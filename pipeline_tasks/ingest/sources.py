@@ -18,7 +18,9 @@ can never slip in silently (DVC tracks the checksums through params; the files t
 outside the repo). A folder cannot carry a file checksum: it is verified with ``tree_sha256``, the
 "folder digest" of the corpora README (:func:`tree_digest`). ``member`` names a file inside a zip
 archive, read in place by streaming (:func:`open_binary`), never extracted to disk; its own
-``member_sha256`` is optional.
+``member_sha256`` is optional. Compression and archives are recognised by their first bytes, not
+their name (:func:`detect_container`): gzip / bz2 / xz are decompressed on the fly, and a zip
+without ``member``, a tar or a zstd file is refused with the fix.
 
 Written with the standard library only (urllib): the task image needs nothing more, and the
 retry/resume policy must be exact and testable against a fault-injecting local server.
@@ -60,6 +62,18 @@ RETRYABLE_4XX = frozenset({408, 429})
 # Transport failures that a retry can fix. HTTPException covers IncompleteRead / RemoteDisconnected.
 TRANSIENT_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError)
 PROGRESS_EVERY_S = 30.0
+# First bytes of the containers a data file may come in. Empty and spanned zips have their own.
+MAGIC = (
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x1f\x8b", "gzip"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+    (b"PK\x07\x08", "zip"),
+)
+_DECOMPRESS = {"bz2": bz2.open, "xz": lzma.open, "gzip": gzip.open}
+TAR_MAGIC_OFFSET = 257  # "ustar" in the first 512-byte header block (POSIX and GNU tar)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,16 +262,48 @@ def resolve_source(
     raise SourceError(f"source {spec.name!r} not found; tried: " + "; ".join(tried))
 
 
+def detect_container(path: str | os.PathLike) -> str:
+    """``bz2`` | ``xz`` | ``gzip`` | ``zstd`` | ``zip`` | ``none``, from the first bytes of ``path``."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), "none")
+
+
+def _zip_members(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    except (zipfile.BadZipFile, OSError):
+        return "unreadable"
+    return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "") or "none"
+
+
 @contextlib.contextmanager
 def open_binary(path: Path, member: str | None = None, member_sha256: str | None = None) -> Iterator[IO[bytes]]:
     """Open a resolved source file for streaming reads.
 
     With ``member`` the file is a zip archive and the member is streamed from it in place (zipfile
-    checks its CRC at the end). ``.gz`` / ``.bz2`` / ``.xz`` files are decompressed on the fly.
+    checks its CRC at the end). Without it, gzip / bz2 / xz content is decompressed on the fly
+    whatever the file is called, and archives are refused with the fix (:class:`SourceError`):
+    parsed as text, their bytes would be quarantined as junk records or, under a lax
+    ``max_bad_share``, ingested.
     """
     if member is None:
-        opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
-        with opener(path, "rb") as fh:
+        kind = detect_container(path)
+        if kind == "zip":
+            raise SourceError(
+                f"{path}: this is a zip archive: set member to the file to read inside it "
+                f"(members: {_zip_members(path)})"
+            )
+        if kind == "zstd":
+            raise SourceError(f"{path}: zstd-compressed input is not supported; decompress it (zstd -d) first")
+        with _DECOMPRESS.get(kind, open)(path, "rb") as fh:
+            head = fh.read(TAR_MAGIC_OFFSET + 5)
+            if head[TAR_MAGIC_OFFSET:] == b"ustar":
+                raise SourceError(
+                    f"{path}: this is a tar archive; extract the file to read from it and point the source's path at it"
+                )
+            fh.seek(0)
             yield fh
         return
     check_member_name(member, str(path))

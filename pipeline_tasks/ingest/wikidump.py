@@ -1,13 +1,16 @@
 """Streaming readers for Wikipedia sources: MediaWiki XML dumps and three plain-text layouts.
 
 Every reader yields :class:`RawPage` records one at a time, so memory stays bounded by the
-largest page, not by the file (a 20 GB dump streams through a few MB):
+largest page, not by the file (a 20 GB dump streams through a few MB); for XML dumps by
+``max_text_chars`` (``ingest_wiki.max_page_bytes``), not by the largest page:
 
 * ``mediawiki_xml`` — ``pages-articles`` exports, schema 0.9 to 0.11 (elements are matched by
   local name, so the namespace URI of the version does not matter), with or without
-  ``<siteinfo>``, UTF-8 or UTF-16 with a BOM. Parsed with ``defusedxml`` iterparse with DTDs
+  ``<siteinfo>``, UTF-8 or UTF-16 with a BOM. Parsed with ``defusedxml``'s expat parser with DTDs
   forbidden: entity-expansion bombs (billion laughs) and external entities are refused before
-  anything is expanded. Finished ``<page>`` elements are cleared and detached from the root.
+  anything is expanded. No element tree is built: a parser target (:class:`_DumpTarget`) keeps
+  only the fields a page needs, each cut at the cap while it streams in (a 300 MB page in a
+  small compressed dump costs the cap, flagged ``oversize``, not 300 MB).
 * ``wikitext_raw`` — WikiText-2/103 raw files: an article starts at a `` = Title = `` line,
   `` = = Section = = `` lines are headings; the `` @-@ `` / `` @,@ `` / `` @.@ `` escapes are undone.
 * ``wikiextractor`` — ``<doc id=".." url=".." title="..">…</doc>`` blocks.
@@ -25,11 +28,14 @@ naming the file, the position and the last complete page; truncation raises its 
 from __future__ import annotations
 
 import bz2
+import contextlib
+import functools
 import gzip
 import html
 import io
 import logging
 import lzma
+import math
 import os
 import queue
 import re
@@ -39,17 +45,17 @@ from pathlib import Path
 from typing import NamedTuple
 from xml.etree.ElementTree import ParseError
 
-import defusedxml.ElementTree as safe_et
 from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import DefusedXMLParser
 
 from pipeline_tasks.errors import DataError
 from pipeline_tasks.ingest.bz2blocks import ChunkReader, ParallelBz2Reader
 from pipeline_tasks.ingest.jsonlines import iter_json_objects
+from pipeline_tasks.ingest.sources import detect_container
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("mediawiki_xml", "wikitext_raw", "wikiextractor", "jsonl")
-MAGIC = ((b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
 READ_CHUNK = 1 << 18  # 256 KiB; with a queue of 4 at most 1 MiB of decompressed data waits
 # expat codes that mean "the document stopped early": no element found, unclosed token, partial char
 TRUNCATION_CODES = frozenset({3, 5, 6})
@@ -69,6 +75,7 @@ class RawPage(NamedTuple):
     timestamp: str | None
     text: str
     url: str | None = None
+    oversize: bool = False  # the reader kept only the first max_page_bytes characters of the text
 
 
 class SiteInfo(NamedTuple):
@@ -80,12 +87,6 @@ class SiteInfo(NamedTuple):
         """``enwiki`` -> ``en``, ``zh_yuewiki`` -> ``zh-yue``; None for other projects."""
         match = re.fullmatch(r"([a-z][a-z_]*?)wiki", self.dbname or "")
         return match.group(1).replace("_", "-") if match else None
-
-
-def detect_compression(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(6)
-    return next((kind for magic, kind in MAGIC if head.startswith(magic)), "none")
 
 
 class _ReadAhead(ChunkReader):
@@ -186,9 +187,11 @@ def open_decompressed(path: Path, pool=None) -> io.RawIOBase:
 
     With a process ``pool``, bz2 is decompressed block by block in the pool (:mod:`bz2blocks`).
     """
-    kind = detect_compression(path)
+    kind = detect_container(path)
     if kind == "zstd":
         raise DataError(f"{path}: zstd-compressed input is not supported; decompress it (zstd -d) or use bz2/xz")
+    if kind == "zip":
+        raise DataError(f"{path}: this is a zip archive; extract the dump (or its .bz2 / .xz) and point path at it")
     if kind == "none":
         return open(path, "rb")
     if kind == "bz2" and pool is not None:
@@ -214,77 +217,132 @@ def _local(tag: str) -> str:
     return tag[tag.rfind("}") + 1 :]
 
 
-def _siteinfo(elem) -> SiteInfo:
-    dbname, namespaces = None, {}
-    for child in elem:
-        name = _local(child.tag)
-        if name == "dbname":
-            dbname = (child.text or "").strip() or None
-        elif name == "namespaces":
-            for ns in child:
-                try:
-                    namespaces[int(ns.get("key", ""))] = ns.text or ""
-                except ValueError:
-                    continue
-    return SiteInfo(dbname, namespaces)
+# The character data kept, by element path below <page> / <siteinfo>; everything else (comments,
+# contributors, sha1...) is dropped as it streams past, so a hostile dump cannot grow memory there.
+_PAGE_FIELDS = {("title",), ("ns",), ("id",), ("revision", "timestamp"), ("revision", "text")}
+_SITEINFO_FIELDS = {("dbname",), ("namespaces", "namespace")}
+_TEXT = ("revision", "text")
 
 
-def _page(elem, namespaces: dict[int, str]) -> RawPage:
-    title, ns, page_id, redirect, timestamp, text = "", None, "", False, None, ""
-    for child in elem:
-        name = _local(child.tag)
-        if name == "title":
-            title = child.text or ""
-        elif name == "ns":
-            ns = int((child.text or "0").strip() or 0)
-        elif name == "id":
-            page_id = (child.text or "").strip()
-        elif name == "redirect":
-            redirect = True
-        elif name == "revision":  # a history dump has several: the last one wins
-            for part in child:
-                part_name = _local(part.tag)
-                if part_name == "timestamp":
-                    timestamp = (part.text or "").strip() or None
-                elif part_name == "text":
-                    text = part.text or ""
-    if ns is None:  # exports before schema 0.6 have no <ns>: derive it from the title prefix
-        prefix = title.partition(":")[0] if ":" in title else ""
-        ns = next((key for key, name in namespaces.items() if prefix and name == prefix), 0)
-    return RawPage(page_id, title, ns, redirect, timestamp, text)
+class _DumpTarget:
+    """expat target that turns ``<siteinfo>`` and each ``<page>`` into records as they end.
+
+    Only the fields above are collected, each to at most ``max_chars`` characters: the rest of an
+    over-long text streams past uncollected, so memory is bounded by the cap and not by the
+    largest page (a 300 MB page in a small compressed dump). A capped page text sets ``oversize``.
+    """
+
+    def __init__(self, name: str | Path, max_chars: int | None):
+        self.name, self.max_chars = name, max_chars or math.inf
+        self.records: list[SiteInfo | RawPage] = []  # finished, not yet yielded
+        self.last = "none yet"  # the last complete page, for error messages
+        self.root_seen = False
+        self._depth = 0
+        self._path: list[str] = []  # local names from the current <page> / <siteinfo> down
+        self._fields: dict[tuple[str, ...], str] = {}
+        self._key: tuple[str, ...] | None = None  # the field being collected, None when skipping
+        self._chunks: list[str] = []
+        self._room = self.max_chars
+        self._redirect = self._oversize = False
+        self._namespace_key = ""
+        self._site_namespaces: dict[int, str] = {}
+        self._namespaces: dict[int, str] = {}  # from <siteinfo>, for dumps without <ns>
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        self._depth += 1
+        local = _local(tag)
+        if self._depth == 1:
+            if local != "mediawiki":
+                raise DataError(
+                    f"{self.name}: root element is <{local}>, expected <mediawiki> "
+                    "(a MediaWiki pages-articles XML export)"
+                )
+            self.root_seen = True
+        elif self._depth == 2:
+            self._path, self._fields, self._redirect, self._oversize = [local], {}, False, False
+            self._site_namespaces = {}
+        elif self._path:
+            self._path.append(local)
+            key = tuple(self._path[1:])
+            wanted = _PAGE_FIELDS if self._path[0] == "page" else _SITEINFO_FIELDS
+            if key == ("redirect",) and self._path[0] == "page":
+                self._redirect = True
+            elif key in wanted:
+                self._key, self._chunks, self._room = key, [], self.max_chars
+                self._namespace_key = attrib.get("key", "")
+                if key == _TEXT:
+                    self._oversize = False  # a history dump has several revisions: the last one wins
+
+    def data(self, text: str) -> None:
+        if self._key is None:
+            return
+        if len(text) > self._room:
+            text = text[: self._room]
+            self._oversize |= self._key == _TEXT
+        self._room -= len(text)
+        if text:
+            self._chunks.append(text)
+
+    def end(self, tag: str) -> None:
+        self._depth -= 1
+        if not self._path:
+            return
+        if self._depth == 1:
+            kind, self._path = self._path[0], []
+            if kind == "page":
+                self.records.append(self._page())
+            elif kind == "siteinfo":
+                self._namespaces = self._site_namespaces
+                self.records.append(SiteInfo(self._fields.get(("dbname",), "").strip() or None, self._namespaces))
+            return
+        if self._key is not None and len(self._path) == len(self._key) + 1:  # the collected element ends
+            value, self._chunks = "".join(self._chunks), []
+            if self._key == ("namespaces", "namespace"):
+                with contextlib.suppress(ValueError):
+                    self._site_namespaces[int(self._namespace_key)] = value
+            else:
+                self._fields[self._key] = value
+            self._key = None
+        self._path.pop()
+
+    def _page(self) -> RawPage:
+        fields = self._fields
+        title = fields.get(("title",), "")
+        if ("ns",) in fields:
+            ns = int(fields[("ns",)].strip() or 0)
+        else:  # exports before schema 0.6 have no <ns>: derive it from the title prefix
+            prefix = title.partition(":")[0] if ":" in title else ""
+            ns = next((key for key, name in self._namespaces.items() if prefix and name == prefix), 0)
+        page = RawPage(
+            fields.get(("id",), "").strip(),
+            title,
+            ns,
+            self._redirect,
+            fields.get(("revision", "timestamp"), "").strip() or None,
+            fields.get(_TEXT, ""),
+            oversize=self._oversize,
+        )
+        self.last = f"id {page.page_id} {page.title!r}"
+        return page
 
 
-def iter_mediawiki(stream, name: str | Path) -> Iterator[SiteInfo | RawPage]:
-    """Yield the :class:`SiteInfo` (if the dump has one) then every page, streaming."""
-    root, namespaces, last = None, {}, "none yet"
-    events = safe_et.iterparse(
-        stream, events=("start", "end"), forbid_dtd=True, forbid_entities=True, forbid_external=True
-    )
+def iter_mediawiki(stream, name: str | Path, max_text_chars: int | None = None) -> Iterator[SiteInfo | RawPage]:
+    """Yield the :class:`SiteInfo` (if the dump has one) then every page, streaming.
+
+    ``max_text_chars`` caps every collected field (see :class:`_DumpTarget`); None keeps all.
+    """
+    target = _DumpTarget(name, max_text_chars)
+    parser = DefusedXMLParser(target=target, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     try:
-        for event, elem in events:
-            if event == "start":
-                if root is None:
-                    root = elem
-                    if _local(elem.tag) != "mediawiki":
-                        raise DataError(
-                            f"{name}: root element is <{_local(elem.tag)}>, expected <mediawiki> "
-                            "(a MediaWiki pages-articles XML export)"
-                        )
-                continue
-            local = _local(elem.tag)
-            if local == "page":
-                page = _page(elem, namespaces)
-                root.clear()  # detach finished pages from the root: memory stays flat
-                last = f"id {page.page_id} {page.title!r}"
-                yield page
-            elif local == "siteinfo":
-                info = _siteinfo(elem)
-                namespaces = info.namespaces
-                root.clear()
-                yield info
-    except (EOFError, OSError) as exc:  # from the decompressor, raised through iterparse
+        while chunk := stream.read(READ_CHUNK):
+            parser.feed(chunk)
+            yield from target.records
+            target.records.clear()
+        parser.close()
+        yield from target.records
+    except (EOFError, OSError) as exc:  # from the decompressor
         error = _compression_error(Path(name), exc)
-        raise type(error)(f"{error} (last complete page: {last})") from exc
+        raise type(error)(f"{error} (last complete page: {target.last})") from exc
     except DefusedXmlException as exc:
         raise DataError(
             f"{name}: refused to parse: {exc!r}. The XML declares a DTD or entities, which can "
@@ -293,16 +351,16 @@ def iter_mediawiki(stream, name: str | Path) -> Iterator[SiteInfo | RawPage]:
         ) from exc
     except ParseError as exc:
         line, column = exc.position
-        if exc.code == 3 and root is None:
+        if exc.code == 3 and not target.root_seen:
             raise DataError(f"{name}: no XML content (empty document)") from exc
-        where = f"line {line}, column {column}; last complete page: {last}"
+        where = f"line {line}, column {column}; last complete page: {target.last}"
         if exc.code in TRUNCATION_CODES:
             raise TruncatedInputError(
                 f"{name}: XML ends early ({exc}) at {where}; the file is truncated: "
                 "download it again (or set on_truncated: keep_complete_pages)"
             ) from exc
         raise DataError(f"{name}: malformed XML ({exc}) at {where}") from exc
-    if root is None:
+    if not target.root_seen:
         raise DataError(f"{name}: no XML content (empty document)")
 
 
@@ -393,17 +451,18 @@ def iter_jsonl(stream, name) -> Iterator[RawPage]:
         yield RawPage(str(record.get("id", lineno)), title, 0, False, None, text, record.get("url"))
 
 
-def iter_source(path: Path, fmt: str, pool=None) -> Iterator[SiteInfo | RawPage]:
+def iter_source(path: Path, fmt: str, pool=None, max_text_chars: int | None = None) -> Iterator[SiteInfo | RawPage]:
     """Open ``path`` (any compression) and yield its records in format ``fmt``; errors name the file.
 
     ``pool``: a process pool to decompress bz2 blocks in parallel (None: a read-ahead thread).
+    ``max_text_chars``: XML dumps keep at most this much of a page text (see :class:`_DumpTarget`).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes); the download or copy failed: fetch it again")
     reader = {
-        "mediawiki_xml": iter_mediawiki,
+        "mediawiki_xml": functools.partial(iter_mediawiki, max_text_chars=max_text_chars),
         "wikitext_raw": iter_wikitext_raw,
         "wikiextractor": iter_wikiextractor,
         "jsonl": iter_jsonl,

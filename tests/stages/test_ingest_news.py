@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -191,7 +194,8 @@ def test_ingest_news_quarantines_bad_rows_under_threshold(tmp_path):
     assert len(table) == 40 and table[0]["text"] == "Title 0\nBody of article 0's news"
 
 
-def test_ingest_news_fails_above_threshold_and_leaves_no_partial_output(tmp_path):
+def test_ingest_news_fails_above_threshold_and_leaves_no_partial_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the failed source's quarantine is kept under ./reports
     (tmp_path / "good.csv").write_bytes(ag_lines(30))
     bad = b'"1","x"\n"2","caf\xe9","y"\n"1","a","b","c"\n'
     (tmp_path / "bad.csv").write_bytes(ag_lines(10) + bad)
@@ -210,7 +214,7 @@ def test_ingest_news_fails_above_threshold_and_leaves_no_partial_output(tmp_path
     message = str(err.value)
     assert str(tmp_path / "bad.csv") in message and "3 of 13" in message and "23.08%" in message
     assert "wrong_column_count 2, undecodable 1" in message and "max_bad_share" in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "good.csv", "out"]  # no temp dir left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "good.csv", "out", "reports"]  # no temp dir
     assert [p.name for p in old.iterdir()] == ["previous.parquet"]  # the old output is untouched
 
 
@@ -320,3 +324,77 @@ def test_ingest_news_folder_source_verified_by_tree_digest_and_latin1_quarantine
     (root / "tech" / "000.txt").write_text("tampered")
     with pytest.raises(SourceError, match="tree_sha256"):
         run(make_params(tmp_path, [source]))
+
+
+# ---------------------------------------------------------------------------------------------
+# archives and compression recognised by their content, not their name
+# ---------------------------------------------------------------------------------------------
+def test_ingest_news_zip_without_member_is_named_as_an_archive_even_with_a_lax_threshold(tmp_path):
+    archive = tmp_path / "ag_news.csv"  # a zip saved under a CSV name
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train.csv", ag_lines(30))
+        zf.writestr("test.csv", ag_lines(5))
+    with pytest.raises(SourceError) as err:
+        run(make_params(tmp_path, [{"name": "ag", "path": str(archive), **AG}], max_bad_share=1.0))
+    message = str(err.value)
+    assert f"{archive}: this is a zip archive: set member" in message and "train.csv, test.csv" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_ingest_news_compressed_csv_is_read_whatever_its_name(tmp_path):
+    (tmp_path / "gzip_named.csv").write_bytes(gzip.compress(ag_lines(12)))
+    (tmp_path / "bz2_named.csv").write_bytes(bz2.compress(ag_lines(12)))
+    (tmp_path / "plain_named.csv.gz").write_bytes(ag_lines(12))  # not compressed after all
+    sources = [
+        {"name": name.split(".")[0], "path": str(tmp_path / name), **AG}
+        for name in ("gzip_named.csv", "bz2_named.csv", "plain_named.csv.gz")
+    ]
+    result = run(make_params(tmp_path, sources))
+    assert result["sources"] == {"gzip_named": 12, "bz2_named": 12, "plain_named": 12} and result["quarantined"] == 0
+
+
+def test_ingest_news_tar_archive_is_refused_with_a_hint(tmp_path):
+    member = tmp_path / "train.csv"
+    member.write_bytes(ag_lines(12))
+    archive = tmp_path / "ag_news.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(member, arcname="train.csv")
+    with pytest.raises(SourceError, match=rf"{archive}: this is a tar archive.*extract"):
+        run(make_params(tmp_path, [{"name": "ag", "path": str(archive), **AG}], max_bad_share=1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# a source over the bad-record threshold keeps its quarantine for inspection
+# ---------------------------------------------------------------------------------------------
+def test_cli_source_over_threshold_keeps_its_quarantine_under_reports_and_names_it(tmp_path, repo_root):
+    bad = b'"1","x"\n"2","caf\xe9","y"\n"1","a","b","c"\n'
+    (tmp_path / "bad.csv").write_bytes(ag_lines(10) + bad)
+    params = {
+        "paths": {"raw_news_dir": "data/raw/news", "downloads_dir": "data/downloads"},
+        "ingest_news": {"sources": [{"name": "bad", "path": "bad.csv", **AG}]},
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks", "ingest_news"],
+        cwd=tmp_path,  # relative paths in params.yaml are relative to the project root
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    kept = Path("reports") / "ingest_news" / "quarantine" / "bad.jsonl"
+    assert f"the 3 bad records are kept in {kept}" in proc.stderr
+    entries = [json.loads(line) for line in (tmp_path / kept).read_text().splitlines()]
+    assert [(e["record"], e["reason"]) for e in entries] == [
+        (11, "wrong_column_count"),
+        (12, "undecodable"),
+        (13, "wrong_column_count"),
+    ]
+    assert not (tmp_path / "data" / "raw").exists() or list((tmp_path / "data" / "raw").iterdir()) == []
+    # the source fixed: it passes, and the quarantine kept from its failed run goes
+    (tmp_path / "bad.csv").write_bytes(ag_lines(10))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks", "ingest_news"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / kept).exists()

@@ -410,3 +410,64 @@ def test_cli_bad_source_exits_1_with_the_file_in_the_message(repo_root, corpora,
     assert proc.returncode == 1
     assert "jawiki-truncated-100k.xml.xz: XML ends early" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "wiki").exists()
+
+
+# The child reports its peak RSS after imports (pyarrow, the readers) and after the stage, so the
+# difference is what the stage itself held, C buffers (expat, bz2) included.
+PEAK_RSS_SCRIPT = """
+import json, resource, sys
+from pipeline_tasks import cli
+from pipeline_tasks.ingest import ingest_wiki
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = cli.main(["ingest_wiki", "--params", sys.argv[1]])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"code": code, "grew_bytes": (after - before) * 1024}))
+"""
+
+
+def _peak_rss_growth(repo_root: Path, tmp_path: Path, dump: Path) -> tuple[int, dict]:
+    """(bytes the peak RSS grew while ``ingest_wiki`` read ``dump``, its stats + titles kept), in a new process."""
+    out = tmp_path / f"wiki-{dump.stem}"
+    params = tmp_path / f"params-{dump.stem}.yaml"
+    source = {"name": "dump", "path": str(dump)}
+    section = {"workers": 1, "max_page_bytes": 1 << 20, "min_chars": 10, "sources": [source]}
+    params.write_text(
+        yaml.safe_dump({"paths": {"raw_wiki_dir": str(out), "downloads_dir": str(tmp_path)}, "ingest_wiki": section})
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(params)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+    assert report.get("code") == 0, proc.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())["sources"]["dump"]
+    return report["grew_bytes"], {**stats, "titles": pq.read_table(out / "dump.parquet").column("title").to_pylist()}
+
+
+def test_cli_memory_is_bounded_by_max_page_bytes_not_by_a_huge_page(repo_root, tmp_path):
+    small_page = (
+        b"<page><title>Small</title><ns>0</ns><id>2</id><revision><text>"
+        + b"An ordinary article that is kept. " * 5
+        + b"</text></revision></page></mediawiki>"
+    )
+    head = b"<mediawiki><page><title>Huge</title><ns>0</ns><id>1</id><revision><text>"
+    page_bytes = 300 << 20
+    compressor = bz2.BZ2Compressor()
+    parts = [compressor.compress(head)]
+    chunk = b"a" * (1 << 20)  # one letter repeated: 300 MB of page text compress to a few hundred bytes
+    parts += [compressor.compress(chunk) for _ in range(page_bytes // len(chunk))]
+    parts += [compressor.compress(b"</text></revision></page>" + small_page), compressor.flush()]
+    hostile = tmp_path / "hostile.xml.bz2"
+    hostile.write_bytes(b"".join(parts))
+    control = tmp_path / "control.xml.bz2"  # the same dump with a 1 KB page: the stage's own overhead
+    control.write_bytes(bz2.compress(head + b"a" * 1000 + b"</text></revision></page>" + small_page))
+    assert hostile.stat().st_size < 10_000
+
+    grew, stats = _peak_rss_growth(repo_root, tmp_path, hostile)
+    grew_control, _ = _peak_rss_growth(repo_root, tmp_path, control)
+    assert stats["pages_seen"] == 2 and stats["skipped"] == {"too_large": 1} and stats["titles"] == ["Small"]
+    # before the cap was applied while streaming, the page cost ~600 MB (its text twice over)
+    assert grew - grew_control < page_bytes / 10, f"peak RSS grew by {grew} bytes, {grew_control} for the control"

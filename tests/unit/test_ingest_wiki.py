@@ -10,6 +10,7 @@ import io
 import json
 import lzma
 import random
+import zipfile
 
 import pytest
 
@@ -384,6 +385,34 @@ def test_iter_mediawiki_reads_concatenated_bz2_streams():
     assert [p.page_id for p in pages] == ["5", "6", "7"]
 
 
+def test_iter_mediawiki_keeps_at_most_max_text_chars_of_a_page_and_flags_it_oversize():
+    pages = [
+        dict(title="Huge", ns=0, id=1, redirect="", text="x" * 5_000 + " &lt;b&gt;" * 100),
+        dict(title="Exact", ns=0, id=2, redirect="", text="é" * 1_000),
+        dict(title="Small", ns=0, id=3, redirect="", text="'''Small''' page."),
+    ]
+    data = make_dump(pages=pages).encode()
+    huge, exact, small = [r for r in iter_mediawiki(io.BytesIO(data), "d.xml", 1_000) if isinstance(r, RawPage)]
+    assert (huge.title, huge.oversize, huge.text) == ("Huge", True, "x" * 1_000)
+    assert (exact.oversize, exact.text) == (False, "é" * 1_000)  # at the cap in chars: _prefilter checks bytes
+    assert (small.oversize, small.text, small.timestamp) == (False, "'''Small''' page.", "2020-01-02T03:04:05Z")
+    uncapped = [r for r in iter_mediawiki(io.BytesIO(data), "d.xml") if isinstance(r, RawPage)]
+    assert len(uncapped[0].text) == 5_000 + 400 and not uncapped[0].oversize
+
+
+def test_iter_mediawiki_keeps_the_text_around_unescaped_markup_in_a_text_element():
+    data = make_dump(pages=[dict(title="A", ns=0, id=1, redirect="", text="Before <ref>note</ref> after.")])
+    (page,) = [r for r in iter_mediawiki(io.BytesIO(data.encode()), "d.xml") if isinstance(r, RawPage)]
+    assert (page.title, page.text, page.timestamp) == ("A", "Before note after.", "2020-01-02T03:04:05Z")
+
+
+def test_prefilter_skips_or_truncates_a_page_the_reader_flagged_oversize():
+    flagged = _page(text="a" * 1_000, oversize=True)  # the reader stopped at 1000 chars of a longer text
+    assert _prefilter(flagged, IngestWikiParams(max_page_bytes=1_000), True)[0] == "too_large"
+    reason, cut = _prefilter(flagged, IngestWikiParams(max_page_bytes=1_000, on_oversize="truncate"), True)
+    assert reason == "truncated" and cut.text == "a" * 1_000
+
+
 # ---------------------------------------------------------------------------- plain-text readers
 
 
@@ -527,3 +556,11 @@ def test_open_decompressed_cut_stream_raises_eof(tmp_path):
     with pytest.raises(EOFError, match="end-of-stream marker"):
         with open_decompressed(tmp_path / "cut.bz2") as stream:
             b"".join(iter(lambda: stream.read(4096), b""))
+
+
+def test_open_decompressed_refuses_a_zip_archive_by_content(tmp_path):
+    dump = tmp_path / "enwiki.xml"  # a zip whatever its name says
+    with zipfile.ZipFile(dump, "w") as zf:
+        zf.writestr("enwiki.xml", make_dump())
+    with pytest.raises(DataError, match=r"enwiki\.xml: this is a zip archive; extract the dump"):
+        open_decompressed(dump)
