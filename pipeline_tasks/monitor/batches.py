@@ -2,8 +2,10 @@
 
 * :func:`read_news_path` — a file or a folder of ``.parquet`` / ``.jsonl`` / ``.json`` / ``.ndjson``
   / ``.csv`` / ``.txt`` as one table ``id, text, label, date, source, kind`` (missing columns
-  null; JSON and CSV records carry ``text`` or ``title``/``description`` like ``lmpipe predict``,
-  :func:`pipeline_tasks.ship.bundle.record_text`);
+  null; records carry ``text`` or a title and body: ingest's ``title``/``body`` or the fields of
+  ``lmpipe predict``, :func:`pipeline_tasks.ship.bundle.record_text`), with a report of the files
+  read and skipped; :func:`parse_dates` — dates, with counts of missing, unparseable and
+  ambiguous ones;
 * :func:`filter_window`, :func:`month_windows` — date windows;
 * :func:`evidently_report` — the evidently ``Report`` of one window (same tests and thresholds as
   the decision), :func:`write_over_time` — the drift-over-time CSV and PNG.
@@ -12,9 +14,12 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import io
 import logging
+import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,7 +40,30 @@ logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".txt")
 COLUMNS = ["id", "text", "label", "date", "source", "kind"]
+# files named like these are documentation that ships with a corpus (README.txt, LICENSE.txt ...)
+DOCUMENT_STEMS = frozenset(
+    {"readme", "license", "licence", "copying", "notice", "changelog", "authors", "contributing"}
+)
+# news lines (headlines, sentences) have many words; one or two per line is a list (places, topics)
+MIN_TXT_MEDIAN_WORDS = 3
+DOCUMENTATION = "documentation"
+_DAY_MONTH_YEAR = r"^(\d{1,2})[/.\-](\d{1,2})[/.\-]\d{2,4}\b"
 OVER_TIME_FIELDS = ("window", "start", "end", "rows", "sampled", "drift_detected", "fired", *drift.SIGNALS)
+
+
+def news_text(record: dict, where: str) -> str:
+    """The text of one record: ``text``, or title and body under ingest's names or the serving ones.
+
+    Ingest's canonical fields are ``title`` / ``body``; ``lmpipe predict`` also reads
+    ``description`` (AG News) and ``headline`` / ``short_description`` (HuffPost).
+    """
+    body = record.get("body")
+    if isinstance(body, str) and body.strip() and not record.get("description"):
+        record = {**record, "description": body}
+    try:
+        return record_text(record, where)
+    except DataError as exc:
+        raise DataError(f"{where}: record has no 'text' and no 'title'/'body'; keys: {sorted(record)}") from exc
 
 
 def _records_frame(records: Iterable[tuple[str, dict]]):
@@ -43,7 +71,7 @@ def _records_frame(records: Iterable[tuple[str, dict]]):
     rows = [
         {
             "id": rec.get("id"),
-            "text": record_text(rec, where),
+            "text": news_text(rec, where),
             "label": rec.get("label"),
             "date": rec.get("date"),
             "source": rec.get("source"),
@@ -54,13 +82,58 @@ def _records_frame(records: Iterable[tuple[str, dict]]):
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def read_news_file(path: Path):
-    """One file as a DataFrame with ``id, text, label, date, source, kind`` (missing columns null)."""
+def _blank(value) -> bool:
+    return value is None or value is pd.NaT or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def parse_dates(values, date_format: str | None = None):
+    """``(dates, counts)``: the values as UTC timestamps (NaT when unusable) and what happened to them.
+
+    ISO 8601 is always read; ``date_format`` (a strptime format) reads the other values, ``None``
+    reads them month first, as pandas and dateutil do. ``counts``: ``missing`` (no value),
+    ``unparseable`` (a value that is no date, or an impossible one such as 31/02/1987) and, without
+    a format, ``ambiguous`` (day and month could be swapped: 03/04/1987 was read as 4 March).
+    """
+    values = pd.Series(values).reset_index(drop=True)
+    if pd.api.types.is_datetime64_any_dtype(values):
+        dates = values.dt.tz_localize("UTC") if values.dt.tz is None else values.dt.tz_convert("UTC")
+        counts = {"missing": int(dates.isna().sum()), "unparseable": 0, "ambiguous": 0}
+        return dates, {**counts, "unparseable_examples": [], "ambiguous_examples": []}
+    text = pd.Series([None if _blank(v) else str(v).strip() for v in values], dtype=object)
+    present = text.notna() & (text != "")
+    # ISO 8601 (year first) cannot be misread; the rest is read with the format, or month first
+    dates = pd.to_datetime(text.where(present), format="ISO8601", utc=True, errors="coerce")
+    rest = present & dates.isna()
+    if rest.any():
+        others = pd.to_datetime(
+            text.where(rest), format=date_format or "mixed", dayfirst=False, utc=True, errors="coerce"
+        )
+        dates = dates.where(~rest, others)
+    ambiguous = pd.Series(False, index=text.index)
+    if not date_format:
+        day_month = text.where(rest).str.extract(_DAY_MONTH_YEAR).astype(float)
+        ambiguous = rest & dates.notna() & (day_month[0] <= 12) & (day_month[1] <= 12) & (day_month[0] != day_month[1])
+    unparseable = present & dates.isna()
+    counts = {
+        "missing": int((~present).sum()),
+        "unparseable": int(unparseable.sum()),
+        "ambiguous": int(ambiguous.sum()),
+        "unparseable_examples": list(pd.unique(text[unparseable]))[:3],
+        "ambiguous_examples": list(pd.unique(text[ambiguous]))[:3],
+    }
+    return dates, counts
+
+
+def read_news_file(path: Path, date_format: str | None = None):
+    """One file as ``(frame, date counts)``; the frame has ``id, text, label, date, source, kind``."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         frame = pd.read_parquet(path)
-        if "text" not in frame.columns:
-            raise DataError(f"{path}: no 'text' column (columns: {list(frame.columns)})")
+        if "text" not in frame.columns:  # e.g. a table of ingest's raw fields: build the text the same way
+            frame = _records_frame(
+                (f"{path}:row {i}", {k: v for k, v in rec.items() if v is not None})
+                for i, rec in enumerate(frame.to_dict("records"), start=1)
+            )
     elif suffix in (".jsonl", ".json", ".ndjson"):
         frame = _records_frame((f"{path}:{number}", record) for number, record in read_json_lines(path))
     elif suffix == ".csv":
@@ -74,19 +147,86 @@ def read_news_file(path: Path):
     for column in ("id", "label", "date", "source", "kind"):
         if column not in frame.columns:
             frame[column] = None
-    frame["date"] = pd.to_datetime(frame["date"], utc=True, errors="coerce")
-    return frame[COLUMNS]
+    frame = frame.reset_index(drop=True)
+    dates, counts = parse_dates(frame["date"], date_format)
+    if suffix == ".txt":  # a text file has no dates: no row is missing one it could have had
+        counts["missing"] = 0
+    frame["date"] = dates
+    return frame[COLUMNS], counts
 
 
-def read_news_path(root: Path):
-    """Every news file under ``root`` (or ``root`` itself) as one table."""
-    if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-        if not files:
-            raise DataError(f"{root}: no news files ({', '.join(DATA_SUFFIXES)}) in this folder")
-    else:
-        files = [root]
-    return pd.concat([read_news_file(f) for f in files], ignore_index=True)
+def _not_news_reason(path: Path) -> str | None:
+    """Why a file in a batch folder is not read as news (None: it is read)."""
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        return f"not a news file type ({suffix or 'no suffix'})"
+    if suffix == ".txt":
+        if re.split(r"[-_.]", path.stem.lower())[0] in DOCUMENT_STEMS:
+            return DOCUMENTATION
+        words = sorted(len(ln.split()) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
+        if words and words[len(words) // 2] < MIN_TXT_MEDIAN_WORDS:
+            return f"a list, not news text (median {words[len(words) // 2]} words per line)"
+    return None
+
+
+def _add_counts(total: dict, counts: dict) -> None:
+    for key, value in counts.items():
+        if isinstance(value, list):
+            total[key] = list(dict.fromkeys(total.get(key, []) + value))[:3]
+        else:
+            total[key] = total.get(key, 0) + value
+
+
+def read_news_path(root: Path, date_format: str | None = None):
+    """Every news file under ``root`` (or ``root`` itself) as ``(frame, report)``.
+
+    In a folder, files that are not news (other types, word lists, unreadable ones) and
+    documentation (README, LICENSE ...) are skipped and logged with the reason; ``report`` counts
+    the files read and skipped and the dates of :func:`parse_dates`. A folder where more files are
+    skipped than read (documentation aside) is refused: the verdict would be about the wrong data.
+    """
+    if not root.is_dir():
+        frame, dates = read_news_file(root, date_format)
+        return frame, {"path": str(root), "files_read": 1, "files_skipped": 0, "skipped": [], "dates": dates}
+    candidates = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    frames, skipped, dates = [], [], {}
+    for path in candidates:
+        try:
+            reason = _not_news_reason(path)
+            if reason is None:
+                frame, counts = read_news_file(path, date_format)
+                logger.info("batch: read %s (%d rows)", path, len(frame))
+                frames.append(frame)
+                _add_counts(dates, counts)
+                continue
+        except (DataError, UnicodeDecodeError, ValueError, OSError) as exc:
+            reason = f"unreadable: {str(exc).splitlines()[0][:200]}"
+        logger.warning("batch: skipped %s: %s", path, reason)
+        skipped.append({"file": str(path.relative_to(root)), "reason": reason})
+    unrecognised = [s for s in skipped if s["reason"] != DOCUMENTATION]
+    logger.info(
+        "batch %s: %d files read, %d skipped (%d documentation)",
+        root,
+        len(frames),
+        len(skipped),
+        len(skipped) - len(unrecognised),
+    )
+    if not frames or len(unrecognised) > len(frames):
+        shown = "; ".join(f"{s['file']}: {s['reason']}" for s in unrecognised[:5])
+        raise DataError(
+            f"{root}: {len(unrecognised)} files are not news the monitor can read and only {len(frames)} are "
+            f"({shown}{' ...' if len(unrecognised) > 5 else ''}); refusing to judge drift on this folder. "
+            f"Point monitor.batch.path at the news files ({', '.join(DATA_SUFFIXES)} with one record or "
+            "headline per line)"
+        )
+    report = {
+        "path": str(root),
+        "files_read": len(frames),
+        "files_skipped": len(skipped),
+        "skipped": skipped[:20],
+        "dates": dates,
+    }
+    return pd.concat(frames, ignore_index=True), report
 
 
 def filter_window(frame, start: dt.datetime | None, end: dt.datetime | None):
@@ -111,8 +251,10 @@ def month_windows(start: dt.datetime, end: dt.datetime, step: int) -> list[tuple
     return out
 
 
-def evidently_report(reference, current, params):
-    """The evidently Report of the main window (same tests and thresholds as the decision)."""
+def evidently_report(reference, current, params, thresholds: dict | None = None):
+    """The evidently Report of the main window (same tests and thresholds as the decision).
+
+    ``thresholds``: the window's thresholds by signal (default: the configured ones)."""
     ref_frame, cur_frame = reference.sample_frame(), current.sample_frame()
     with_labels = "label" in cur_frame and "label" in ref_frame and (cur_frame["label"] != drift.UNLABELLED).any()
     categorical = ["prediction", *(["label"] if with_labels else [])]
@@ -120,7 +262,7 @@ def evidently_report(reference, current, params):
     definition = DataDefinition(
         numerical_columns=[*drift.DESCRIPTORS, "bpb"], categorical_columns=categorical, embeddings={"pooled": emb_cols}
     )
-    t = params.thresholds
+    t = {**dataclasses.asdict(params.thresholds), **(thresholds or {})}
     metrics = [
         ValueDrift(column=name, method=params.descriptor_method, threshold=params.descriptor_threshold)
         for name in drift.DESCRIPTORS
@@ -130,18 +272,22 @@ def evidently_report(reference, current, params):
         ValueDrift(
             column="prediction",
             method=params.category_method,
-            threshold=t.prediction if t.prediction is not None else 0.1,
+            threshold=t["prediction"] if t["prediction"] is not None else 0.1,
         )
     )
     if with_labels:
         metrics.append(
-            ValueDrift(column="label", method=params.category_method, threshold=t.label if t.label is not None else 0.1)
+            ValueDrift(
+                column="label",
+                method=params.category_method,
+                threshold=t["label"] if t["label"] is not None else 0.1,
+            )
         )
     metrics.append(
         EmbeddingsDrift(
             embeddings_name="pooled",
             drift_method=drift.embedding_drift_method(
-                params.embedding_method, t.embedding, params.embedding_pca_components
+                params.embedding_method, t["embedding"], params.embedding_pca_components
             ),
         )
     )
@@ -184,8 +330,12 @@ def write_over_time(rows: list[dict], csv_path: Path, png_path: Path, thresholds
     ax = fig.subplots()
     xs = list(range(len(evaluated)))
     for name in drift.SIGNALS:
-        threshold = thresholds.get(name)
-        ys = [r[name] / threshold if threshold and r.get(name) not in ("", None) else float("nan") for r in evaluated]
+        # each window against its own threshold (the permutation null raises small windows')
+        limits = [r.get("thresholds", thresholds).get(name) for r in evaluated]
+        ys = [
+            r[name] / limit if limit and r.get(name) not in ("", None) else float("nan")
+            for r, limit in zip(evaluated, limits)
+        ]
         if any(y == y for y in ys):
             ax.plot(xs, ys, marker="o", label=name)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="threshold")

@@ -10,8 +10,10 @@ Inputs:
   that overlap the reference period are compared as they are);
 * the **batch** (``monitor.batch``): an ingested source (``source: huffpost_v3`` ->
   ``paths.raw_news_dir/huffpost_v3.parquet``), a prepared ``split``, or any ``path`` (a file or a
-  folder of ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.txt``; JSON and CSV records
-  carry ``text`` or ``title``/``description``, optional ``date``, ``label``, ``id``). The main
+  folder of ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.txt``; records carry ``text`` or
+  a title and a body (``title``/``body`` as ingest names them, or ``description``), optional
+  ``date`` (ISO, or ``date_format``), ``label``, ``id``; in a folder, files that are not news are
+  skipped and logged, and a folder that is mostly such files is refused). The main
   window is ``window_start`` <= date < ``window_end``; ``windows`` (explicit) or ``timeline``
   (monthly steps) add windows for drift over time;
 * the exported bundle (``paths.bundle_dir``): tokenizer, classifier (embeddings = pooled hidden
@@ -21,9 +23,11 @@ Per window, :func:`pipeline_tasks.monitor.drift.featurize` computes the text des
 and runs the model on a seeded sample of ``sample_rows`` texts (``reference_rows`` for the
 reference); :func:`pipeline_tasks.monitor.drift.compare` tests them with evidently; the decision table
 :func:`pipeline_tasks.monitor.drift.decide_drift` flags drift when ``min_signals`` signals reach their
-``thresholds``. Statistical tests run on fixed-size samples on purpose: a p-value test on 100,000
-rows flags differences nobody cares about, and a fixed size keeps the false-alarm rate the same
-for every batch size. Descriptor statistics in the summary cover every row.
+thresholds: the configured ``thresholds``, raised on small windows to the permutation null of each
+signal at the window's size (:mod:`pipeline_tasks.monitor.permutation`). Statistical tests run on
+fixed-size samples on purpose: a p-value test on 100,000 rows flags differences nobody cares
+about, and a fixed size keeps the false-alarm rate the same for every batch size. Descriptor
+statistics in the summary cover every row.
 
 Outputs (``paths.monitor_dir``, all six built in a temporary folder and swapped in together, so a
 crash never pairs a new summary with an old reference; other files in the folder are kept):
@@ -72,6 +76,7 @@ from pipeline_tasks.monitor.batches import (
     write_over_time,
 )
 from pipeline_tasks.monitor.params import MonitorParams, SliceParams, parse_iso_date
+from pipeline_tasks.monitor.permutation import null_thresholds
 from pipeline_tasks.ship.bundle import load_bundle
 
 logger = logging.getLogger(__name__)
@@ -98,35 +103,74 @@ def slice_path(spec: SliceParams, paths) -> Path:
 
 
 def load_slice(spec: SliceParams, paths, seed: int):
-    """The rows of ``spec`` after its filters, with a clean RangeIndex."""
+    """``(rows, report)``: the rows of ``spec`` after its filters (clean RangeIndex), and what was read.
+
+    ``report``: files read and skipped, the date counts of the rows read (``missing``,
+    ``unparseable``, ``ambiguous``; :func:`pipeline_tasks.monitor.batches.parse_dates`), and
+    ``rows`` / ``undated_rows`` after the source and kind filters, before any date filter.
+    """
     root = slice_path(spec, paths)
     if not root.exists():
         hint = "run `lmpipe ingest_news`" if spec.source else "run `lmpipe prepare`" if spec.split else "check the path"
         raise DataError(f"{root}: not found ({hint}; set in params.yaml monitor.reference / monitor.batch)")
-    frame = read_news_path(root)
+    frame, report = read_news_path(root, spec.date_format)
+    report["rows_read"] = int(len(frame))
     frame = frame[frame["text"].fillna("").str.strip() != ""]
     if spec.sources:
         frame = frame[frame["source"].isin(spec.sources)]
     if spec.kinds:
         frame = frame[frame["kind"].isin(spec.kinds)]
+    # after the source / kind filters: rows of other feeds (wiki articles have no date) do not count
+    report["rows"], report["undated_rows"] = int(len(frame)), int(frame["date"].isna().sum())
     frame = filter_window(frame, parse_iso_date(spec.start, "start"), parse_iso_date(spec.end, "end"))
     if spec.max_rows is not None and len(frame) > spec.max_rows:
         frame = frame.sample(spec.max_rows, random_state=seed).sort_index()
-    return frame.reset_index(drop=True)
+    return frame.reset_index(drop=True), report
+
+
+def report_dates(name: str, report: dict, windowed: bool) -> None:
+    """Log what date parsing did to a slice: rows a date window cannot hold, day/month guesses."""
+    dates = report["dates"]
+    if windowed and report["undated_rows"]:
+        examples = ", ".join(repr(e) for e in dates.get("unparseable_examples", []))
+        logger.warning(
+            "%s: %d of %d rows have no usable date (of all rows read: %d without one, %d unparseable%s); "
+            "they fall in no date window",
+            name,
+            report["undated_rows"],
+            report["rows"],
+            dates.get("missing", 0),
+            dates.get("unparseable", 0),
+            f", e.g. {examples}" if examples else "",
+        )
+    if dates.get("ambiguous"):
+        logger.warning(
+            "%s: %d dates such as %r could be day or month first and were read month first; "
+            "set monitor.%s.date_format (e.g. '%%d/%%m/%%Y') if the day comes first",
+            name,
+            dates["ambiguous"],
+            dates["ambiguous_examples"][0],
+            name,
+        )
 
 
 def load_inputs(p: MonitorParams, paths, seed: int):
-    """``(batch, reference)``, both large enough; reference rows that are in the main window are dropped."""
-    batch = load_slice(p.batch, paths, seed)
-    reference = load_slice(p.reference, paths, seed)
+    """``(batch, reference, reports)``, both large enough; reference rows in the main window are dropped."""
+    batch, batch_report = load_slice(p.batch, paths, seed)
+    reference, reference_report = load_slice(p.reference, paths, seed)
+    batch_windowed = any((p.window_start, p.window_end, p.windows, p.timeline.start, p.batch.start, p.batch.end))
+    report_dates("batch", batch_report, batch_windowed)
+    report_dates("reference", reference_report, bool(p.reference.start or p.reference.end))
     main_rows = filter_window(
         batch, parse_iso_date(p.window_start, "window_start"), parse_iso_date(p.window_end, "window_end")
     )
     if len(main_rows) < p.min_window_rows:
+        undated = batch_report["undated_rows"]
         raise DataError(
             f"batch {slice_path(p.batch, paths)} window [{p.window_start}, {p.window_end}) has "
-            f"{len(main_rows)} rows (need >= {p.min_window_rows}); check monitor.batch / window_start / "
-            "window_end"
+            f"{len(main_rows)} rows (need >= {p.min_window_rows}"
+            + (f"; {undated} of {batch_report['rows']} rows have no usable date" if undated else "")
+            + "); check monitor.batch / window_start / window_end / batch.date_format"
         )
     if main_rows["id"].notna().any() and reference["id"].notna().any():
         overlap = reference["id"].isin(set(main_rows["id"].dropna()))
@@ -138,7 +182,7 @@ def load_inputs(p: MonitorParams, paths, seed: int):
             f"reference {slice_path(p.reference, paths)} has {len(reference)} rows after filters "
             f"(need >= {p.min_window_rows}); widen monitor.reference"
         )
-    return batch, reference
+    return batch, reference, {"batch": batch_report, "reference": reference_report}
 
 
 def batch_windows(params: MonitorParams) -> list[tuple[str, dt.datetime | None, dt.datetime | None]]:
@@ -199,8 +243,11 @@ def evaluate_window(bundle, reference, frame, params: MonitorParams, seed: int, 
     started = time.perf_counter()
     values, details = drift.compare(reference, current, params)
     timings["evidently_s"] = timings.get("evidently_s", 0.0) + time.perf_counter() - started
-    decision = drift.decide_drift(values, threshold_table(params), params.min_signals)
-    return {"features": current, "values": values, "details": details, "decision": decision}
+    started = time.perf_counter()
+    thresholds, details["null"] = null_thresholds(reference, current, params, seed)
+    timings["null_s"] = timings.get("null_s", 0.0) + time.perf_counter() - started
+    decision = drift.decide_drift(values, thresholds, params.min_signals)
+    return {"features": current, "values": values, "details": details, "decision": decision, "thresholds": thresholds}
 
 
 def _window_row(name: str, start, end, rows: int, result: dict | None) -> dict[str, Any]:
@@ -216,6 +263,7 @@ def _window_row(name: str, start, end, rows: int, result: dict | None) -> dict[s
     return {
         **row,
         "sampled": len(result["features"].sample),
+        "thresholds": result["thresholds"],
         "drift_detected": decision.drift_detected,
         "fired": len(decision.fired),
         **{s: ("" if result["values"].get(s) is None else round(float(result["values"][s]), 6)) for s in drift.SIGNALS},
@@ -258,13 +306,16 @@ def reference_statistics(features, frame, spec: SliceParams) -> dict[str, Any]:
     }
 
 
-def write_report(path: Path, reference, current, params: MonitorParams, timings: dict) -> dict | None:
-    """The evidently HTML report of the main window (a placeholder when it is off); its scores."""
+def write_report(path: Path, reference, current, params: MonitorParams, thresholds: dict, timings: dict) -> dict | None:
+    """The evidently HTML report of the main window (a placeholder when it is off); its scores.
+
+    ``thresholds`` are the main window's (after the permutation null), so that the report's test
+    verdicts agree with the decision."""
     if not params.html_report:
         atomic_write_text(path, "<html><body>monitor.html_report is false</body></html>\n")
         return None
     started = time.perf_counter()
-    snapshot, scores = evidently_report(reference, current, params)
+    snapshot, scores = evidently_report(reference, current, params, thresholds)
     snapshot.save_html(str(path))
     timings["html_report_s"] = time.perf_counter() - started
     return scores
@@ -277,6 +328,7 @@ def drift_summary(
     reference,
     ref_features,
     report_scores: dict | None,
+    read_reports: dict,
     bundle_sha: str,
     timings: dict,
 ) -> dict[str, Any]:
@@ -294,8 +346,13 @@ def drift_summary(
                 main["end"].isoformat() if main["end"] else None,
             ],
             "descriptors": drift.describe(main["features"].descriptors),
+            "read": read_reports["batch"],
         },
-        "reference": {"rows": int(len(reference)), "sampled": int(len(ref_features.sample))},
+        "reference": {
+            "rows": int(len(reference)),
+            "sampled": int(len(ref_features.sample)),
+            "read": read_reports["reference"],
+        },
         "evidently_report": report_scores,
         "windows": rows,
         "bundle_manifest_sha256": bundle_sha,
@@ -315,7 +372,7 @@ def run(params, **_options) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     bundle = load_bundle(paths.bundle_dir, intra_op_threads=p.intra_op_threads)
-    batch, reference = load_inputs(p, paths, seed)
+    batch, reference, read_reports = load_inputs(p, paths, seed)
     logger.info(
         "reference: %d rows, batch: %d rows; model on <= %d / %d sampled rows",
         len(reference),
@@ -338,11 +395,11 @@ def run(params, **_options) -> dict[str, Any]:
     bundle_sha = sha256_file(Path(paths.bundle_dir) / "manifest.json")
     out_dir = Path(paths.monitor_dir)
     with atomic_dir(out_dir, keep=_unowned_entries(out_dir)) as out:
-        report_scores = write_report(out / REPORT_NAME, ref_features, main["features"], p, timings)
+        report_scores = write_report(out / REPORT_NAME, ref_features, main["features"], p, main["thresholds"], timings)
         timings["total_s"] = time.perf_counter() - started
         atomic_write_json(
             out / SUMMARY_NAME,
-            drift_summary(main, rows, p, reference, ref_features, report_scores, bundle_sha, timings),
+            drift_summary(main, rows, p, reference, ref_features, report_scores, read_reports, bundle_sha, timings),
         )
         atomic_write_json(out / REFERENCE_STATS_NAME, reference_statistics(ref_features, reference, p.reference))
         write_over_time(rows, out / OVER_TIME_CSV, out / OVER_TIME_PNG, threshold_table(p))

@@ -40,6 +40,19 @@ def parse_iso_date(value: str | None, key: str) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+def check_date_format(fmt: str) -> None:
+    """A strptime format that writes and reads back a day, a month and a year."""
+    if not all(code in fmt for code in ("%d", "%m")) and "%b" not in fmt and "%B" not in fmt:
+        raise ValueError(f"date_format {fmt!r}: needs a day (%d) and a month (%m, %b or %B), e.g. '%d/%m/%Y'")
+    probe = dt.datetime(1987, 4, 3)
+    try:
+        parsed = dt.datetime.strptime(probe.strftime(fmt), fmt)
+    except ValueError as exc:
+        raise ValueError(f"date_format {fmt!r} is not a strptime format that reads its own output") from exc
+    if parsed.date() != probe.date():
+        raise ValueError(f"date_format {fmt!r}: needs a year (%Y or %y)")
+
+
 @dataclasses.dataclass(frozen=True)
 class SliceParams:
     """A set of news rows: exactly one of ``source`` / ``split`` / ``path``, then filters."""
@@ -52,6 +65,9 @@ class SliceParams:
     start: str | None = None  # keep date >= start (ISO); rows without a date are dropped
     end: str | None = None  # keep date < end
     max_rows: int | None = None  # seeded random cap after filtering
+    # strptime format of text dates (e.g. "%d/%m/%Y"); null: ISO 8601, other forms month first
+    # (03/04/1987 is 4 March), and the rows whose day and month could be swapped are counted
+    date_format: str | None = None
 
     def __post_init__(self):
         given = [k for k in ("source", "split", "path") if getattr(self, k)]
@@ -61,6 +77,8 @@ class SliceParams:
             parse_iso_date(getattr(self, key), key)
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows must be >= 1 or null, got {self.max_rows}")
+        if self.date_format is not None:
+            check_date_format(self.date_format)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +132,10 @@ class MonitorParams:
     sample_rows: int = 1000  # batch rows per window that go through the model and the tests
     reference_rows: int = 1000  # reference rows that go through the model and the tests
     min_window_rows: int = 30  # smaller windows are reported as skipped
+    # permutation null per distance signal: a window's threshold is max(configured, 1 - alpha quantile
+    # of the signal over random re-splits of reference + window), so small windows stay quiet (0: off)
+    null_permutations: int = 400
+    null_alpha: float = 0.005
     oov_max_pieces: int = 2  # a word split into more BPE pieces counts as out of vocabulary
     descriptor_method: str = "ks"  # evidently stat test per descriptor column
     descriptor_threshold: float = 0.05  # its threshold (p-value for ks, distance for wasserstein)
@@ -133,6 +155,10 @@ class MonitorParams:
             parse_iso_date(getattr(self, key), key)
         if min(self.sample_rows, self.reference_rows) < 20 or self.min_window_rows < 2:
             raise ValueError("sample_rows and reference_rows must be >= 20 and min_window_rows >= 2")
+        if self.null_permutations < 0:
+            raise ValueError(f"null_permutations must be >= 0 (0: fixed thresholds), got {self.null_permutations}")
+        if not 0 < self.null_alpha < 0.5:
+            raise ValueError(f"null_alpha must be in (0, 0.5), got {self.null_alpha}")
         if self.min_signals < 1:
             raise ValueError(f"min_signals must be >= 1, got {self.min_signals}")
         if self.descriptor_method not in NUMERIC_METHODS:

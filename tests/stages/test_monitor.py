@@ -102,7 +102,7 @@ def pool(inputs):
     bundle = load_bundle(inputs["bundle_dir"])
 
     def features(spec):
-        frame = load_slice(SliceParams(**spec), paths, seed=0)
+        frame, _ = load_slice(SliceParams(**spec), paths, seed=0)
         labels = [v if isinstance(v, str) else None for v in frame["label"]]
         return drift.featurize(bundle, frame["text"].tolist(), labels, np.arange(len(frame)))
 
@@ -124,9 +124,13 @@ def _subset(features, idx):
     )
 
 
-def _decide(ref, cur, settings):
+def _decide(ref, cur, settings, seed=0):
+    """The stage's decision for one window (:func:`pipeline_tasks.monitor.monitor.evaluate_window`)."""
+    from pipeline_tasks.monitor.permutation import null_thresholds
+
     values, _ = drift.compare(ref, cur, settings)
-    return drift.decide_drift(values, {k: getattr(settings.thresholds, k) for k in drift.SIGNALS}, settings.min_signals)
+    thresholds, _ = null_thresholds(ref, cur, settings, seed)
+    return drift.decide_drift(values, thresholds, settings.min_signals)
 
 
 def test_monitor_false_positive_rate_on_reference_resamples_is_low(pool):
@@ -142,6 +146,21 @@ def test_monitor_false_positive_rate_on_reference_resamples_is_low(pool):
     fpr = sum(flagged) / len(flagged)
     print(f"\nmonitor false-positive rate over {FPR_RESAMPLES} resamples of HuffPost 2018: {fpr:.2f}")
     assert fpr <= FPR_BOUND
+
+
+@pytest.mark.parametrize("window_rows", [30, 50])
+def test_monitor_small_windows_of_the_reference_raise_few_false_alarms(pool, window_rows):
+    # the default min_window_rows is 30: a window that small, drawn from the reference's own
+    # distribution, must not page anyone (fixed thresholds flagged ~1 in 3 of them)
+    settings = parse_params({"monitor": {}}).monitor
+    assert settings.min_window_rows <= window_rows
+    rng = np.random.default_rng(11)
+    flagged = []
+    for seed in range(2 * FPR_RESAMPLES):
+        perm = rng.permutation(pool["ref"].rows)
+        cur, ref = perm[:window_rows], perm[window_rows : window_rows + settings.reference_rows]
+        flagged.append(_decide(_subset(pool["ref"], ref), _subset(pool["ref"], cur), settings, seed).drift_detected)
+    assert sum(flagged) / len(flagged) <= FPR_BOUND
 
 
 def test_monitor_flags_far_month_and_other_source_against_2018_reference(pool):
@@ -226,3 +245,123 @@ def test_monitor_too_small_window_fails_naming_the_file(inputs, tmp_path):
     )
     with pytest.raises(DataError, match="huffpost_v3.parquet.*0 rows"):
         monitor.run(parse_params(raw))
+
+
+def _small_run(inputs, tmp_path, batch, **monitor):
+    """Params of a quick run: a 2018 HuffPost reference sample, no HTML report."""
+    return _params(
+        inputs,
+        tmp_path,
+        reference={"source": "huffpost_v3", "end": "2019-01-01", "max_rows": 300},
+        batch=batch,
+        reference_rows=200,
+        sample_rows=100,
+        html_report=False,
+        **monitor,
+    )
+
+
+def _huffpost_rows(inputs, rows):
+    import pandas as pd
+
+    return pd.read_parquet(inputs["raw_news_dir"] / "huffpost_v3.parquet").head(rows)
+
+
+def test_monitor_refuses_a_folder_that_is_mostly_not_news(inputs, tmp_path, capsys):
+    # a corpus distribution as it is unpacked (Reuters-21578 style): SGML articles the monitor cannot
+    # read, a README and lists of places and topics, one line each
+    from pipeline_tasks.cli import main
+
+    inbox = tmp_path / "reuters"
+    inbox.mkdir()
+    for i in range(3):
+        (inbox / f"reut2-00{i}.sgm").write_text("<REUTERS><TEXT>Oil rose.</TEXT></REUTERS>\n", encoding="utf-8")
+    (inbox / "lewis.dtd").write_text("<!ELEMENT REUTERS (DATE, TEXT)>\n", encoding="utf-8")
+    readme = "Reuters-21578 text categorization test collection, distribution 1.0, see the files below.\n"
+    (inbox / "README.txt").write_text(readme * 40, encoding="utf-8")
+    places = "\n".join(f"place{i}" for i in range(60))
+    (inbox / "all-places-strings.lc.txt").write_text(places, encoding="utf-8")
+    (inbox / "all-topics-strings.lc.txt").write_text(places.replace("place", "topic"), encoding="utf-8")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_small_run(inputs, tmp_path, {"path": str(inbox)})), encoding="utf-8")
+
+    root, saved = logging.getLogger(), logging.getLogger().handlers[:]
+    try:
+        code = main(["monitor", "--params", str(params_file)])
+    finally:
+        root.handlers[:] = saved
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert str(inbox) in err and "refusing" in err
+    assert "reut2-000.sgm: not a news file type (.sgm)" in err and "a list, not news text" in err
+    assert not (tmp_path / "monitor" / "drift_summary.json").exists()
+
+
+def test_monitor_logs_and_reports_files_read_and_skipped_in_a_folder(inputs, tmp_path, caplog):
+    from pipeline_tasks.monitor import monitor
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    frame = _huffpost_rows(inputs, 80)
+    frame.iloc[:40][["text"]].to_csv(inbox / "a.csv", index=False)
+    frame.iloc[40:][["text"]].to_csv(inbox / "b.csv", index=False)
+    (inbox / "README.txt").write_text("How this folder was exported.\n", encoding="utf-8")
+    (inbox / "feed.xml").write_text("<rss/>\n", encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="pipeline_tasks.monitor"):
+        monitor.run(parse_params(_small_run(inputs, tmp_path, {"path": str(inbox)})))
+    read = json.loads((tmp_path / "monitor" / "drift_summary.json").read_text())["batch"]["read"]
+    assert read["files_read"] == 2 and read["files_skipped"] == 2 and read["rows_read"] == 80
+    assert {s["file"]: s["reason"] for s in read["skipped"]} == {
+        "README.txt": "documentation",
+        "feed.xml": "not a news file type (.xml)",
+    }
+    assert "2 files read, 2 skipped" in caplog.text and "skipped" in caplog.text and "feed.xml" in caplog.text
+
+
+def test_monitor_counts_rows_without_usable_dates_and_reads_the_configured_date_format(inputs, tmp_path, caplog):
+    from pipeline_tasks.monitor import monitor
+
+    frame = _huffpost_rows(inputs, 120)
+    dates = ["2022-08-10"] * 50 + [None] * 10 + ["31/02/2022"] * 10 + ["08/03/2022"] * 40 + ["not a date"] * 10
+    batch = tmp_path / "batch.jsonl"
+    with open(batch, "w", encoding="utf-8") as fh:
+        for text, date in zip(frame["text"], dates):
+            fh.write(json.dumps({"text": text, **({"date": date} if date else {})}) + "\n")
+    window = {"window_start": "2022-08-01", "window_end": "2022-09-01"}
+
+    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.monitor"):
+        monitor.run(parse_params(_small_run(inputs, tmp_path, {"path": str(batch)}, **window)))
+    summary = json.loads((tmp_path / "monitor" / "drift_summary.json").read_text())
+    read = summary["batch"]["read"]
+    assert read["dates"]["missing"] == 10 and read["dates"]["unparseable"] == 20
+    assert read["dates"]["ambiguous"] == 40 and read["undated_rows"] == 30
+    assert summary["batch"]["rows"] == 90  # 08/03/2022 read month first: 3 August
+    assert "batch: 30 of 120 rows have no usable date" in caplog.text and "'31/02/2022'" in caplog.text
+    assert "40 dates such as '08/03/2022'" in caplog.text and "monitor.batch.date_format" in caplog.text
+
+    day_first = {"path": str(batch), "date_format": "%d/%m/%Y"}
+    monitor.run(parse_params(_small_run(inputs, tmp_path, day_first, **window)))
+    summary = json.loads((tmp_path / "monitor" / "drift_summary.json").read_text())
+    assert summary["batch"]["rows"] == 50  # now 8 March, outside the window; ISO dates still read
+    assert summary["batch"]["read"]["dates"]["ambiguous"] == 0
+
+
+def test_monitor_reads_the_canonical_ingest_fields_title_and_body(inputs, tmp_path):
+    import pandas as pd
+
+    from pipeline_tasks.monitor import monitor
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    body = "The central bank raised rates by half a point on Tuesday, its third rise this year."
+    records = [{"title": f"Rates rise {i}", "body": body, "date": "2022-08-02"} for i in range(40)]
+    with open(inbox / "a.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    pd.DataFrame(records).to_csv(inbox / "b.csv", index=False)
+    pd.DataFrame(records).to_parquet(inbox / "c.parquet")  # ingest's raw fields, no `text` column
+    monitor.run(parse_params(_small_run(inputs, tmp_path, {"path": str(inbox)})))
+    summary = json.loads((tmp_path / "monitor" / "drift_summary.json").read_text())
+    assert summary["batch"]["rows"] == 120
+    chars = summary["batch"]["descriptors"]["chars"]
+    expected = np.mean([len(f"{r['title']}\n{body}") for r in records])
+    assert chars["mean"] == pytest.approx(expected)  # title, newline, body: as ingest builds `text`

@@ -207,8 +207,93 @@ def test_monitor_params_build_main_and_timeline_windows():
         ({"descriptor_method": "vibes"}, "descriptor_method"),
         ({"min_signals": 0}, "min_signals"),
         ({"thresholds": {"embeding": 0.1}}, "unknown key"),
+        ({"null_permutations": -1}, "null_permutations must be >= 0"),
+        ({"null_alpha": 0.5}, "null_alpha must be in"),
+        ({"batch": {"path": "in", "date_format": "%d/%m"}}, "monitor.batch: date_format '%d/%m': needs a year"),
+        ({"batch": {"path": "in", "date_format": "%Y"}}, "monitor.batch: date_format '%Y': needs a day"),
     ],
 )
 def test_monitor_params_reject_bad_values(section, match):
     with pytest.raises(ConfigError, match=match):
         parse_params({"monitor": section})
+
+
+# ---------------------------------------------------------------------------------------------
+# permutation null (sample-size-aware thresholds)
+
+
+def _features(rng, rows, classes=8, shift=0.0):
+    names = np.array([f"c{i}" for i in range(classes)], dtype=object)
+    return drift.Features(
+        {name: rng.normal(size=rows) for name in drift.DESCRIPTORS},
+        np.arange(rows),
+        rng.normal(shift, 1.0, size=(rows, 16)).astype(np.float32),
+        names[rng.integers(0, classes, rows)],
+        names[rng.integers(0, classes, rows)],
+        rng.gamma(20.0, 0.1, rows) + shift,
+    )
+
+
+def test_permutation_statistics_reproduce_evidently_scores():
+    from pipeline_tasks.monitor import permutation
+
+    rng = np.random.default_rng(3)
+    ref, cur = _features(rng, 400), _features(rng, 40, shift=0.3)
+    settings = parse_params({"monitor": {}}).monitor
+    values, _ = drift.compare(ref, cur, settings)
+    # the null is only meaningful on the scale of the value it is compared with
+    observed_js, _ = permutation.category_js_null(ref.predictions, cur.predictions, 10, rng)
+    observed_mmd, _ = permutation.mmd_null(ref.embeddings, cur.embeddings, 10, rng)
+    observed_bpb, _ = permutation.bpb_change_null(ref.bpb, cur.bpb, 10, rng)
+    assert observed_js == pytest.approx(values["prediction"], rel=1e-9)
+    assert observed_mmd == pytest.approx(values["embedding"], rel=1e-4, abs=1e-7)  # evidently works in float32
+    assert observed_bpb == pytest.approx(values["bpb"], rel=1e-9)
+
+
+def test_null_thresholds_keep_small_same_distribution_windows_quiet_and_large_windows_unchanged():
+    from pipeline_tasks.monitor.permutation import null_thresholds
+
+    settings = parse_params({"monitor": {}}).monitor
+    configured = {name: getattr(settings.thresholds, name) for name in drift.SIGNALS}
+    rng = np.random.default_rng(7)
+    fixed_alarms = null_alarms = 0
+    for seed in range(20):  # 30-row windows of the reference's own distribution: every alarm is false
+        ref, cur = _features(rng, 500), _features(rng, 30)
+        values, _ = drift.compare(ref, cur, settings)
+        thresholds, details = null_thresholds(ref, cur, settings, seed)
+        fixed_alarms += drift.decide_drift(values, configured, 1).drift_detected
+        null_alarms += drift.decide_drift(values, thresholds, 1).drift_detected
+        assert details["signals"]["prediction"]["raised"] and thresholds["descriptors"] == configured["descriptors"]
+    assert fixed_alarms >= 10 and null_alarms <= 2
+    # a 1,000-row window: the null sits far below the configured thresholds, which stay in force
+    thresholds, _ = null_thresholds(_features(rng, 1000), _features(rng, 1000), settings, 0)
+    assert thresholds == configured
+    # and a real shift is still flagged at 30 rows
+    ref, shifted = _features(rng, 500), _features(rng, 30, shift=1.0)
+    values, _ = drift.compare(ref, shifted, settings)
+    thresholds, _ = null_thresholds(ref, shifted, settings, 0)
+    assert {"embedding", "bpb"} <= set(drift.decide_drift(values, thresholds, 1).fired)
+
+
+def test_null_thresholds_off_gives_the_configured_thresholds():
+    from pipeline_tasks.monitor.permutation import null_thresholds
+
+    settings = parse_params({"monitor": {"null_permutations": 0}}).monitor
+    rng = np.random.default_rng(0)
+    thresholds, details = null_thresholds(_features(rng, 100), _features(rng, 30), settings, 0)
+    assert thresholds == {name: getattr(settings.thresholds, name) for name in drift.SIGNALS}
+    assert details["signals"] == {}
+
+
+def test_parse_dates_counts_missing_impossible_and_ambiguous_dates():
+    from pipeline_tasks.monitor.batches import parse_dates
+
+    values = ["2022-08-03", "03/04/1987", "13/04/1987", "31/02/1987", None, "", "yesterday"]
+    dates, counts = parse_dates(values)
+    assert dates[1].date() == dt.date(1987, 3, 4)  # month first unless told otherwise ...
+    assert counts["ambiguous"] == 1 and counts["ambiguous_examples"] == ["03/04/1987"]  # ... and counted
+    assert counts["missing"] == 2 and counts["unparseable"] == 2
+    assert counts["unparseable_examples"] == ["31/02/1987", "yesterday"]
+    dates, counts = parse_dates(values, "%d/%m/%Y")
+    assert dates[1].date() == dt.date(1987, 4, 3) and dates[0].date() == dt.date(2022, 8, 3)  # ISO still read
+    assert counts["ambiguous"] == 0 and counts["unparseable"] == 2
