@@ -93,7 +93,9 @@ with DAG(
         path, gates = metrics_file(evaluate_summary, "gates.json")
         if not isinstance(gates, dict) or "passed" not in gates:
             raise ValueError(f"evaluate recorded no gate decision (gates.json at {path}): cannot promote")
-        failed = [g.get("name") for g in gates.get("gates", []) if isinstance(g, dict) and not g.get("passed")]
+        from pipeline_tasks.orchestration.settings import failed_gate_names
+
+        failed = failed_gate_names(gates)
         log.info("gates %s (%s): failed %s", "PASSED" if gates["passed"] else "FAILED", path, failed)
         if not gates["passed"]:
             LmpipeNotifier(

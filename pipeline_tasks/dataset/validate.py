@@ -19,9 +19,10 @@ Suites, defined as code below (thresholds from the ``validate`` params section):
   :func:`pipeline_tasks.dataset.prepared.prepared_schema`.
 
 Outputs (the whole ``paths.validate_dir`` is swapped in atomically): ``data_docs/index.html``
-(GX Data Docs built from an ephemeral context with a filesystem site), ``summary.json`` (per
-suite: success, evaluated / successful / failed counts, each failed expectation with its column
-and observed value), ``manifest.json``. The report is written even when a suite fails; then the
+(GX Data Docs built from an ephemeral context with a filesystem site; the scripts, styles and
+fonts GX links on CDNs are replaced by the copies in ``datadocs_assets/``, so the report renders
+offline), ``summary.json`` (per suite: success, evaluated / successful / failed counts, each
+failed expectation with its column and observed value), ``manifest.json``. The report is written even when a suite fails; then the
 stage raises :class:`~pipeline_tasks.errors.ValidationFailedError` (exit code 3) so that DVC and
 Airflow do not run anything downstream. A stale ``summary.json`` is deleted first, so a crash can
 never leave an old "success" behind.
@@ -36,6 +37,8 @@ import datetime as dt
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,63 @@ DOCS_DIR = "data_docs"
 # derived columns added to every split frame (prefixed "_" so they never clash with data columns)
 COMPUTED = ("_text_key", "_nonletter", "_id_source", "_hash_split")
 STRING_COLUMNS = tuple(c for c in COLUMNS if c != "date")
+
+# Data Docs load their scripts, stylesheets and fonts from public CDNs; offline the index's
+# validation table (filled in by bootstrap-table's JavaScript) stays empty. The same files, from
+# the npm packages of the versions great-expectations links, ship in ASSETS_DIR (sources and
+# licences in its README.md) and are copied into every site at VENDOR_DIR.
+ASSETS_DIR = Path(__file__).with_name("datadocs_assets")
+VENDOR_DIR = "static/vendor"
+CDN_ASSETS = {
+    "https://code.jquery.com/jquery-3.7.1.min.js": "jquery-3.7.1/dist/jquery.min.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/popper.js/1.12.9/umd/popper.min.js": (
+        "popper.js-1.12.9/dist/umd/popper.min.js"
+    ),
+    "https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css": "bootstrap-4.3.1/dist/css/bootstrap.min.css",
+    "https://stackpath.bootstrapcdn.com/bootstrap/4.3.1/js/bootstrap.min.js": "bootstrap-4.3.1/dist/js/bootstrap.min.js",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.css": (
+        "bootstrap-table-1.19.1/dist/bootstrap-table.min.css"
+    ),
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.js": (
+        "bootstrap-table-1.19.1/dist/bootstrap-table.min.js"
+    ),
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/extensions/filter-control/bootstrap-table-filter-control.min.js": (
+        "bootstrap-table-1.19.1/dist/extensions/filter-control/bootstrap-table-filter-control.min.js"
+    ),
+    # GX links the filter-control stylesheet of 1.19.0 (plain and minified): the 1.19.1 copy serves both
+    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.css": (
+        "bootstrap-table-1.19.1/dist/extensions/filter-control/bootstrap-table-filter-control.min.css"
+    ),
+    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.min.css": (
+        "bootstrap-table-1.19.1/dist/extensions/filter-control/bootstrap-table-filter-control.min.css"
+    ),
+    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/css/bootstrap-datepicker.min.css": (
+        "bootstrap-datepicker-1.9.0/dist/css/bootstrap-datepicker.min.css"
+    ),
+    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/js/bootstrap-datepicker.min.js": (
+        "bootstrap-datepicker-1.9.0/dist/js/bootstrap-datepicker.min.js"
+    ),
+    "https://cdnjs.cloudflare.com/ajax/libs/font-awesome/6.6.0/css/all.min.css": "fontawesome-free-6.6.0/css/all.min.css",
+    "https://cdn.jsdelivr.net/npm/@forevolve/bootstrap-dark@1.1.0/dist/css/bootstrap-prefers-dark.css": (
+        "bootstrap-dark-1.1.0/dist/css/bootstrap-prefers-dark.min.css"
+    ),
+}
+_ASSET_TAG = re.compile(r"<(?:script|link)\b[^>]*>", re.IGNORECASE)
+# subresource integrity makes the browser fetch in CORS mode, which it refuses for file:// pages;
+# the vendored popper and bootstrap files are the very files those hashes name
+_SRI_ATTRS = re.compile(r'\s+(?:integrity|crossorigin)="[^"]*"')
+# GX's logo from its S3 bucket; every site has the same image in static/images
+_GX_LOGO = re.compile(
+    r"https://great-expectations-web-assets\.s3\.us-east-2\.amazonaws\.com/(?:logo-long|full_logo_dark)\.png"
+    r"(?:\?[^\"')\s]*)?"
+)
+# vega draws the charts of distribution expectations, which no suite here has: dropped from pages
+# that never call it instead of shipping 0.8 MB of JavaScript
+_VEGA_SCRIPT = re.compile(r'<script src="https://cdn\.jsdelivr\.net/npm/vega(?:-lite|-embed)?@\d+"></script>\n?')
+# GX links the site's own static/ folder one level too shallow from validation pages (the run name
+# is a folder of its own): every such link is made relative to the page's real depth
+_SITE_STATIC = re.compile(r"""(\b(?:href|src)=["'])(?:\.{1,2}/)*static/""", re.IGNORECASE)
+_REMOTE_ASSET = re.compile(r'<(?:script|link|img)\b[^>]*?\b(?:src|href)="((?:https?:)?//[^"]+)"', re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +326,50 @@ def run_suites(datasets: dict[str, tuple[Any, list]], docs_dir: Path) -> dict[st
         )
     started = time.perf_counter()
     context.build_data_docs(site_names=["lmpipe"])
+    localize_data_docs(Path(docs_dir))
     logger.info("data docs built in %.1f s", time.perf_counter() - started)
     return results
+
+
+def localize_page(html: str, to_root: str) -> str:
+    """One Data Docs page with its CDN assets pointed at the site's vendored copies.
+
+    ``to_root`` is the relative path from the page's folder to the site root (``.``, ``../..``).
+    """
+
+    def local_tag(match: re.Match) -> str:
+        tag = match.group(0)
+        for url, local in CDN_ASSETS.items():
+            if f'"{url}"' in tag:
+                return _SRI_ATTRS.sub("", tag.replace(f'"{url}"', f'"{to_root}/{VENDOR_DIR}/{local}"'))
+        return tag
+
+    html = _SITE_STATIC.sub(lambda match: f"{match.group(1)}{to_root}/static/", html)
+    html = _ASSET_TAG.sub(local_tag, html)
+    html = _GX_LOGO.sub(f"{to_root}/static/images/logo-long.png", html)
+    return html if "vegaEmbed" in html else _VEGA_SCRIPT.sub("", html)
+
+
+def localize_data_docs(docs_dir: Path) -> None:
+    """Copy the vendored web assets into a built Data Docs site and link every page to them."""
+    shutil.copytree(ASSETS_DIR, docs_dir / VENDOR_DIR, dirs_exist_ok=True)
+    remote: set[str] = set()
+    for page in docs_dir.rglob("*.html"):
+        to_root = Path(os.path.relpath(docs_dir, page.parent)).as_posix()
+        html = localize_page(page.read_text(encoding="utf-8"), to_root)
+        page.write_text(html, encoding="utf-8")
+        remote.update(_REMOTE_ASSET.findall(html))
+    for stylesheet in (docs_dir / "static" / "styles").glob("*.css"):  # GX's own: its dark-mode logo
+        to_root = Path(os.path.relpath(docs_dir, stylesheet.parent)).as_posix()
+        css = stylesheet.read_text(encoding="utf-8")
+        stylesheet.write_text(_GX_LOGO.sub(f"{to_root}/static/images/logo-long.png", css), encoding="utf-8")
+    if remote:
+        logger.warning(
+            "data docs: %d assets still load from the network (a great-expectations upgrade may link new "
+            "ones: add them to CDN_ASSETS): %s",
+            len(remote),
+            ", ".join(sorted(remote)),
+        )
 
 
 def _plain(value: Any, max_chars: int = 200) -> Any:
