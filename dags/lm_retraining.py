@@ -49,6 +49,7 @@ from lmpipe_common import (
     stage_node,
 )
 
+from pipeline_tasks.orchestration.settings import failed_gate_names
 from pipeline_tasks.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ with DAG(
         path, gates = metrics_file(evaluate_summary, "gates.json")
         if not isinstance(gates, dict) or "passed" not in gates:
             raise ValueError(f"evaluate recorded no gate decision (gates.json at {path}): cannot promote")
-        from pipeline_tasks.orchestration.settings import failed_gate_names
-
         failed = failed_gate_names(gates)
         log.info("gates %s (%s): failed %s", "PASSED" if gates["passed"] else "FAILED", path, failed)
         if not gates["passed"]:

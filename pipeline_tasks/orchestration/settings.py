@@ -32,7 +32,9 @@ from pipeline_tasks.config import load_params
 logger = logging.getLogger(__name__)
 
 META_DIR = ".lmpipe"  # per-workspace bookkeeping (source, lineage)
-# Copied when the source is not a git checkout (an image snapshot is already filtered by .dockerignore).
+# Left out when the source is not a git checkout (an image snapshot is already filtered by
+# .dockerignore): paths relative to the source root, so that the outputs folder `registry/` is left
+# out but the package `pipeline_tasks/registry/` is not ...
 COPY_EXCLUDES = (
     ".git",
     ".venv",
@@ -43,8 +45,6 @@ COPY_EXCLUDES = (
     "registry",
     "mlruns",
     ".dvc-remote",
-    "__pycache__",
-    ".pytest_cache",
     "bench/results",
     ".dvc/cache",
     ".dvc/tmp",
@@ -52,6 +52,8 @@ COPY_EXCLUDES = (
     ".dvc/config.local",
     META_DIR,
 )
+# ... and folder names left out at any depth
+COPY_EXCLUDES_ANYWHERE = ("__pycache__", ".pytest_cache", ".ruff_cache")
 _VAR = re.compile(r"\$\{\s*([A-Za-z0-9_.]+)\s*\}")
 MAX_INLINE_METRICS_BYTES = 8192  # bigger metrics files travel as their top-level scalars only
 
@@ -113,8 +115,11 @@ class DockerParams:
     data_volume: str = "lm-pipeline-data"  # named volume (or host path) mounted at container_data_root
     network_mode: str = "lm-pipeline"  # the compose stack's network (reaches the MLflow server)
     shm_size_mb: int = 2048  # DataLoader workers share tensors through /dev/shm
-    gpus: int = 1  # device_requests count for GPU stages (-1: all)
+    gpus: int = 1  # device_requests count for GPU stages (-1: all; 0: none, a CPU-only engine)
     auto_remove: Literal["success", "force", "never"] = "success"
+    # the offline data mirror (host path or volume), mounted read-only at <container_data_root>/mirror;
+    # "": the mirror is a folder on the data volume
+    mirror_source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,3 +288,15 @@ def parse_summary(output: Any) -> Any:
                     continue
         return {"output": output[-2000:]}
     return output
+
+
+def failed_gate_names(gates: Mapping[str, Any]) -> list[str]:
+    """Names of the failed gates in a ``gates.json`` document, in the order ``evaluate`` wrote them.
+
+    ``gates`` maps each gate name to its result (``GateDecision.to_dict``); a list of results, each
+    with its ``name``, is read too.
+    """
+    entries = gates.get("gates") or {}
+    if isinstance(entries, Mapping):
+        entries = [{"name": name, **result} for name, result in entries.items() if isinstance(result, Mapping)]
+    return [str(entry.get("name")) for entry in entries if isinstance(entry, Mapping) and not entry.get("passed")]
