@@ -111,6 +111,8 @@ def node_env(dag_id: str, **extra: str) -> dict[str, str]:
     if RUNNER != "local":  # containers see only what is passed; local nodes inherit Airflow's env
         env.setdefault("LMPIPE_DATA_MIRROR", f"{PARAMS.container_data_root}/mirror")
         env.update({name: os.environ[name] for name in PARAMS.pass_env if os.environ.get(name)})
+    if RUNNER == "docker":
+        env["LMPIPE_SINGLE_STREAM"] = "true"  # the XCom is the last log line: keep the summary last
     if RUNNER == "kubernetes":
         env["LMPIPE_XCOM_FILE"] = "/airflow/xcom/return.json"  # read by the KubernetesPodOperator sidecar
     return env
@@ -154,30 +156,48 @@ def _local_node(task_id: str, argv: list[str], env: dict[str, str], **kwargs: An
     )
 
 
-def _docker_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: bool, **kwargs: Any):
+def _summary_docker_operator():
     from airflow.providers.docker.operators.docker import DockerOperator
+
+    class LmpipeDockerOperator(DockerOperator):
+        """A DockerOperator whose XCom is the node's summary as a dict (its last log line, parsed),
+        as the local runner's ``output_processor`` and the Kubernetes runner's return.json give it."""
+
+        def execute(self, context: Any) -> Any:
+            return parse_summary(super().execute(context))
+
+    return LmpipeDockerOperator
+
+
+def _docker_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu: bool, **kwargs: Any):
     from docker.types import DeviceRequest, Mount
 
     d = PARAMS.docker
-    volume = Mount(
-        target=PARAMS.container_data_root,
-        source=d.data_volume,
-        type="bind" if d.data_volume.startswith("/") else "volume",
-    )
-    return DockerOperator(
+
+    def mount(source: str, target: str, read_only: bool = False) -> Mount:
+        return Mount(
+            target=target, source=source, type="bind" if source.startswith("/") else "volume", read_only=read_only
+        )
+
+    mounts = [mount(d.data_volume, PARAMS.container_data_root)]
+    if d.mirror_source:
+        mounts.append(mount(d.mirror_source, f"{PARAMS.container_data_root}/mirror", read_only=True))
+    return _summary_docker_operator()(
         task_id=task_id,
         image=PARAMS.gpu_image if gpu else PARAMS.image,
         command=argv,
         environment=env,
         docker_url=d.url,
         network_mode=d.network_mode,
-        mounts=[volume],
+        mounts=mounts,
+        # which run and node a container belongs to, for `docker ps -a --filter label=...`
+        labels={"io.lm-pipeline.dag": env["LMPIPE_DAG_ID"], "io.lm-pipeline.node": task_id},
         mount_tmp_dir=False,
         auto_remove=d.auto_remove,
         shm_size=d.shm_size_mb * 2**20,
         xcom_all=False,
         tty=False,
-        device_requests=[DeviceRequest(count=d.gpus, capabilities=[["gpu"]])] if gpu else None,
+        device_requests=[DeviceRequest(count=d.gpus, capabilities=[["gpu"]])] if gpu and d.gpus else None,
         **kwargs,
     )
 

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -59,6 +60,7 @@ from pipeline_tasks.cli import configure_logging, parse_overrides
 from pipeline_tasks.config import apply_override, load_yaml, parse_params
 from pipeline_tasks.orchestration.settings import (
     COPY_EXCLUDES,
+    COPY_EXCLUDES_ANYWHERE,
     MAX_INLINE_METRICS_BYTES,
     META_DIR,
     dvc_cmd_argv,
@@ -69,6 +71,7 @@ from pipeline_tasks.orchestration.settings import (
 )
 
 logger = logging.getLogger(__name__)
+DVC_STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
 
 def _git(source: Path, *args: str) -> str | None:
@@ -88,7 +91,8 @@ def _source_files(source: Path) -> list[str]:
         if (
             path.is_file()
             and ".egg-info/" not in rel
-            and not any(rel == ex or rel.startswith(ex + "/") or f"/{ex}/" in f"/{rel}" for ex in COPY_EXCLUDES)
+            and not any(rel == ex or rel.startswith(ex + "/") for ex in COPY_EXCLUDES)
+            and not any(f"/{name}/" in f"/{rel}" for name in COPY_EXCLUDES_ANYWHERE)
         ):
             files.append(rel)
     return files
@@ -300,6 +304,12 @@ def run_stage_node(
             [sys.executable, "-m", "dvc", "push", *(["--with-deps"] if with_upstream else []), name], workspace
         )
     ran = any(line.startswith(f"Running stage '{name}'") for line in lines)
+    if code != 0 and not direct:
+        # dvc exits 255 whatever the stage did: report the stage's own code (2 config, 3 data, ...)
+        stage_code = next((int(m.group(1)) for line in reversed(lines) if (m := DVC_STAGE_EXIT.search(line))), None)
+        if stage_code:
+            logger.error("%s: the stage exited with %d (dvc repro: %d)", name, stage_code, code)
+            code = stage_code
     summary = {
         "stage": name,
         "workspace": str(workspace),
@@ -369,6 +379,27 @@ def _emit(summary: dict[str, Any], xcom_file: str | None) -> None:
     print(text, flush=True)  # last stdout line: the node's XCom
 
 
+def write_kfp_executor_output(executor_input: str, summary: dict[str, Any]) -> None:
+    """Declare the step's output artifacts in KFP's executor output file, with the summary's scalars
+    as their metadata (shown per artifact in the KFP UI). A cluster's launcher also finds artifacts a
+    container wrote without it; ``kfp.local`` does not, so every container step writes it."""
+    spec = json.loads(executor_input)
+    outputs = spec.get("outputs") or {}
+    metadata = {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool)) and v is not None}
+    artifacts = {
+        name: {
+            "artifacts": [
+                {"name": a.get("name", ""), "uri": a["uri"], "metadata": metadata} for a in entry["artifacts"]
+            ]
+        }
+        for name, entry in (outputs.get("artifacts") or {}).items()
+    }
+    output_file = outputs.get("outputFile")
+    if output_file:
+        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(output_file), {"artifacts": artifacts})
+
+
 def _workspace(args: argparse.Namespace) -> Path:
     value = args.workspace or os.environ.get("LMPIPE_WORKSPACE")
     if not value:
@@ -383,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--xcom-file",
         default=os.environ.get("LMPIPE_XCOM_FILE"),
         help="also write the summary here (/airflow/xcom/return.json on Kubernetes)",
+    )
+    parser.add_argument(
+        "--kfp-executor-input",
+        default=None,
+        help="KFP's executor input (the {{$}} placeholder): declare the output artifacts when the step succeeds",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="create the run workspace")
@@ -434,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("LMPIPE_SINGLE_STREAM", "").lower() == "true":
+        # The engine records a container's stdout and stderr as they arrive from two pipes, so a log
+        # line can land after the summary; one pipe keeps the summary last (the DockerOperator's XCom).
+        sys.stderr.flush()
+        os.dup2(sys.stdout.fileno(), sys.stderr.fileno())
     configure_logging(os.environ.get("LMPIPE_LOG_LEVEL", "INFO"))
     workspace = _workspace(args)
     code = 0
@@ -464,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             workspace, args.dag_id, args.run_id, data_root / "state" / "references" if args.publish else None
         )
     _emit(summary, args.xcom_file)
+    if args.kfp_executor_input and code == 0:
+        write_kfp_executor_output(args.kfp_executor_input, summary)
     return code
 
 

@@ -65,9 +65,13 @@ def _component(name: str, image: str, argv_for, from_workspace: bool = True):
     return dsl.container_component(component)
 
 
+# the step declares its output artifact in KFP's executor output file (see driver.write_kfp_executor_output)
+EXECUTOR_INPUT = ["--kfp-executor-input", dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER]
+
+
 def stage_args(dvc_cmd: str, workspace_in: Any, workspace_out: Any) -> list:
     """Args of one stage step: the driver, then the stage's dvc.yaml command after ``--``."""
-    prefix = ["python", "-m", "pipeline_tasks.orchestration", "--workspace", workspace_out]
+    prefix = ["python", "-m", "pipeline_tasks.orchestration", "--workspace", workspace_out, *EXECUTOR_INPUT]
     argv = node_argv(dvc_cmd, "--direct", "--copy-from", "WORKSPACE_IN")
     return [*prefix, *[workspace_in if a == "WORKSPACE_IN" else a for a in argv[3:]]]
 
@@ -88,6 +92,7 @@ def build_pipeline(
             *driver_argv("init")[:3],
             "--workspace",
             workspace_out,
+            *EXECUTOR_INPUT,
             "init",
             "--source",
             "/opt/lm-pipeline",

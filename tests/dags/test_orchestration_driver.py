@@ -103,6 +103,22 @@ def test_init_copies_tracked_and_untracked_files_and_points_dvc_at_the_shared_ca
     assert summary["overrides"]["prepare.min_chars"] == 5
 
 
+def test_init_from_an_image_snapshot_keeps_packages_named_like_output_folders(project, tmp_path):
+    """A snapshot without git (the task image's /opt/lm-pipeline): the outputs folder ``registry/``
+    is left out, the package ``pipeline_tasks/registry/`` is not (a container run found this)."""
+    snapshot = tmp_path / "snapshot"
+    subprocess.run(["cp", "-r", str(project), str(snapshot)], check=True)
+    subprocess.run(["rm", "-rf", str(snapshot / ".git")], check=True)
+    for rel in ("pkg/registry/store.py", "pkg/data/schema.py", "registry/mlflow.db", "pkg/__pycache__/x.pyc"):
+        (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / rel).write_text("x")
+    ws = tmp_path / "root" / "workspaces" / "dag" / "run"
+    code, _, err = _run("init", "--source", str(snapshot), workspace=ws)
+    assert code == 0, err
+    assert (ws / "pkg/registry/store.py").is_file() and (ws / "pkg/data/schema.py").is_file()
+    assert not (ws / "registry").exists() and not (ws / "data").exists() and not (ws / "pkg/__pycache__").exists()
+
+
 def test_init_reuses_an_existing_workspace_on_retry(project, tmp_path):
     ws = tmp_path / "root" / "workspaces" / "dag" / "run"
     assert _run("init", "--source", str(project), workspace=ws)[0] == 0
@@ -221,7 +237,9 @@ def test_stage_exit_code_of_a_failing_stage_is_passed_through(project, tmp_path)
     assert _run("init", "--source", str(project), workspace=ws)[0] == 0
     (ws / "hello.py").write_text("import sys; sys.exit(3)\n")
     code, summary, _ = _run("stage", "--", "python", "hello.py", workspace=ws)
-    assert code != 0 and summary["returncode"] == code
+    # the stage's own code (3: data validation failed), not dvc repro's 255: the task log and the
+    # Airflow task say what failed
+    assert code == 3 and summary["returncode"] == 3
 
 
 def test_workspace_name_is_filesystem_safe_and_unique():
@@ -261,3 +279,14 @@ def test_orchestration_section_of_params_yaml_loads(repo_root):
     params = load_orchestration_params(repo_root / "params.yaml")
     assert params.runner in ("local", "docker", "kubernetes")
     assert params.kubernetes.gpu_resources.gpus >= 1
+
+
+def test_single_stream_keeps_every_log_line_before_the_summary(project, tmp_path):
+    """Container nodes (LMPIPE_SINGLE_STREAM): logs and the stage's output share stdout, so the
+    engine cannot record a log line after the summary the DockerOperator takes as XCom."""
+    ws = tmp_path / "root" / "workspaces" / "dag" / "run"
+    assert _run("init", "--source", str(project), workspace=ws)[0] == 0
+    env = {"LMPIPE_SINGLE_STREAM": "true"}
+    code, summary, err = _run("stage", "--", "python", "hello.py", workspace=ws, env=env)
+    assert code == 0 and summary["stage"] == "hello"
+    assert err == ""
