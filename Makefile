@@ -15,13 +15,16 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE :=
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-airflow run test test-fast bench lint lint-docker kfp clean-outputs help
+.PHONY: install install-airflow run test test-fast bench lint lint-docker kfp clean-outputs help images base-image
 
 help:
 	@echo "make run     - whole pipeline on the default params (dvc repro), CPU"
 	@echo "make test    - lint, then all tests (installs both environments first)"
 	@echo "make lint    - ruff format --check and ruff check (config in pyproject.toml)"
 	@echo "make bench   - benchmarks (tables + JSON under bench/results/)"
+	@echo "make images  - task + Airflow images, offline from wheelhouses (BASE_IMAGE=python:3.11.11-slim-bookworm"
+	@echo "               where a registry is reachable; default: the Debian base of 'make base-image')"
+	@echo "make base-image - Debian base image from the apt mirror (debootstrap, root): air-gapped sites, CI"
 
 $(BIN)/.installed: requirements/tasks.txt requirements/dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,7 +59,13 @@ lint: install
 	$(BIN)/ruff check .
 
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow and not airflow"
+	$(BIN)/python -m pytest tests -m "not slow and not airflow and not containers"
+
+base-image:
+	docker/build-base.sh
+
+images: install
+	docker/build-images.sh
 
 lint-docker: install
 	$(BIN)/hadolint docker/Dockerfile.tasks docker/Dockerfile.tasks-cuda docker/Dockerfile.airflow

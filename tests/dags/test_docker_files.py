@@ -45,22 +45,32 @@ def test_hadolint_reports_nothing(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_pins_bases_and_runs_as_a_numeric_non_root_user(dockerfile):
     text = dockerfile.read_text()
+    arg_defaults = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.M))
     for image in re.findall(r"^FROM\s+(\S+)", text, flags=re.M):
+        image = re.sub(r"\$\{(\w+)\}", lambda m: arg_defaults.get(m.group(1), m.group(0)), image)
         assert ":" in image and not image.endswith(":latest"), f"{dockerfile.name}: unpinned base {image}"
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
 
 
-@pytest.mark.parametrize("name", ["Dockerfile.tasks", "Dockerfile.tasks-cuda"])
-def test_task_images_use_tini_and_the_pinned_torch(name):
-    text = (REPO / "docker" / name).read_text()
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_use_tini_and_install_offline_from_a_wheelhouse(dockerfile):
+    """No index in a build: the pins come from build/wheels/<kind>, bind-mounted (never a layer)."""
+    text = dockerfile.read_text()
     assert 'ENTRYPOINT ["tini", "--"]' in text
+    assert re.search(r"--mount=type=bind,source=build/wheels/[\w-]+,target=/tmp/wheels", text)
+    installs = re.findall(r"pip install[^\n]*", text)
+    assert installs and all("--no-index" in line for line in installs), installs
+    assert "index-url" not in text and "COPY build" not in text
+    assert "org.opencontainers.image.revision" in text and "io.lm-pipeline.pins" in text
+
+
+def test_the_cuda_image_pins_the_same_torch_with_its_cuda_build():
     torch_pin = next(
         line for line in (REPO / "requirements" / "tasks.txt").read_text().splitlines() if line.startswith("torch==")
     )
-    assert f'"{torch_pin}"' in text
-    assert ("whl/cpu" in text) == (name == "Dockerfile.tasks")
-    assert "requirements/tasks.txt" in text
+    assert f'"{torch_pin}+cu128"' in (REPO / "docker" / "Dockerfile.tasks-cuda").read_text()
+    assert f"{torch_pin}+cu128" in (REPO / "docker" / "wheelhouse.sh").read_text()
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:
@@ -142,8 +152,10 @@ def test_compose_stack_has_airflow_postgres_and_mlflow_with_pinned_images():
         image = service.get("image", "")
         assert ":" in image and not image.endswith(":latest"), f"{name}: unpinned image {image!r}"
     commands = {n: s.get("command") for n, s in services.items()}
-    assert commands["airflow-apiserver"] == "api-server" and commands["airflow-scheduler"] == "scheduler"
-    assert commands["airflow-dag-processor"] == "dag-processor" and commands["airflow-triggerer"] == "triggerer"
+    assert commands["airflow-apiserver"] == ["airflow", "api-server"]
+    assert commands["airflow-scheduler"] == ["airflow", "scheduler"]
+    assert commands["airflow-dag-processor"] == ["airflow", "dag-processor"]
+    assert commands["airflow-triggerer"] == ["airflow", "triggerer", "--skip-serve-logs"]
     assert services["airflow-scheduler"]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
 
 
