@@ -5,6 +5,7 @@ Skips with a clear message when ``.venv-airflow`` is missing (``make install-air
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -223,11 +224,13 @@ def _stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
             pass
 
 
-@pytest.fixture()
-def airflow_stack(airflow_python, tmp_path):
-    """api-server + scheduler (--skip-serve-logs) + dag-processor, SQLite + LocalExecutor, 127.0.0.1 only."""
-    pytest.importorskip("psutil", reason="psutil (an Airflow dependency) is needed to stop the stack cleanly")
-    root = tmp_path / "af"
+@contextlib.contextmanager
+def running_airflow_stack(root: Path, orchestration: dict[str, Any] | None = None, **extra_env: str):
+    """api-server + scheduler (--skip-serve-logs) + dag-processor, SQLite + LocalExecutor, 127.0.0.1 only.
+
+    ``orchestration``: dotted overrides of params.yaml's ``orchestration`` section for these DAGs
+    (``max_active_runs`` is 2 unless given: two concurrent runs). Yields (client, data root).
+    """
     home = root / "home"
     home.mkdir(parents=True)
     port = free_port()
@@ -246,18 +249,21 @@ def airflow_stack(airflow_python, tmp_path):
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
     }
-    orchestration = root / "orchestration.yaml"  # two concurrent runs need max_active_runs > 1
+    params_file = root / "orchestration.yaml"
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    raw["orchestration"]["max_active_runs"] = 2
-    orchestration.write_text(yaml.safe_dump(raw, sort_keys=False))
+    from pipeline_tasks.config import apply_override
+
+    for dotted, value in {"max_active_runs": 2, **(orchestration or {})}.items():
+        apply_override(raw["orchestration"], dotted, value)
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     # no cron: an unpaused DAG would otherwise start its latest scheduled run (full-size params) at once
     env = airflow_env(
         home,
         root / "data",
-        LMPIPE_ORCHESTRATION_PARAMS=str(orchestration),
+        LMPIPE_ORCHESTRATION_PARAMS=str(params_file),
         LMPIPE_RETRAIN_CRON="none",
         LMPIPE_DRIFT_CRON="none",
-        **extra,
+        **{**extra, **extra_env},
     )
     airflow = str(AIRFLOW_PY.parent / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
@@ -305,3 +311,11 @@ def airflow_stack(airflow_python, tmp_path):
         yield AirflowClient(base, "admin", password), root / "data"
     finally:
         _stop(procs)
+
+
+@pytest.fixture()
+def airflow_stack(airflow_python, tmp_path):
+    """The stack with the local runner (see :func:`running_airflow_stack`)."""
+    pytest.importorskip("psutil", reason="psutil (an Airflow dependency) is needed to stop the stack cleanly")
+    with running_airflow_stack(tmp_path / "af") as stack:
+        yield stack

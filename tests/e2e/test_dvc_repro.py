@@ -8,15 +8,12 @@ second `dvc repro` has nothing to do.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.tiny import copy_project, write_tiny_params
 
 pytestmark = [pytest.mark.slow]
 
@@ -27,18 +24,8 @@ def _dvc(args, cwd, env):
 
 
 @pytest.fixture(scope="module")
-def repro_project(tmp_path_factory, corpora):
-    repo_root = Path(__file__).resolve().parents[2]
-    project = copy_project(repo_root, tmp_path_factory.mktemp("e2e") / "project")
-    write_tiny_params(project / "params.yaml", project / "params.yaml")
-    env = {
-        **os.environ,
-        "LMPIPE_DATA_MIRROR": str(corpora),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    first = _dvc(["repro"], project, env)
-    assert first.returncode == 0, f"dvc repro failed:\n{first.stdout[-6000:]}\n{first.stderr[-6000:]}"
-    return project, env, first
+def repro_project(tiny_repro):
+    return tiny_repro
 
 
 def test_repro_runs_every_stage_in_dvc_yaml(repro_project):

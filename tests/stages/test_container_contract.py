@@ -1,11 +1,14 @@
-"""Container contract: each dvc.yaml stage runs like a container node would run it.
+"""Stage contract: what dvc.yaml declares is what each stage needs and makes.
+
+The stages really run in the task image in tests/containers/test_stages_in_image.py (one workspace,
+in order, as a node). What that cannot see is checked here:
 
 For every stage, in dvc.yaml order, a fresh temp workspace receives **only** what the stage
 declares: its ``params.yaml`` (the tiny profile) and its data ``deps`` (copied from the workspaces
-of the stages that produced them). The stage command (``python -m pipeline_tasks STAGE``, from the
-installed package as in the task image) runs in a subprocess whose environment holds only PATH,
-HOME, LMPIPE_DATA_MIRROR and the telemetry switches. It must exit 0 and produce every declared
-``outs`` / ``metrics`` / ``plots`` path.
+of the stages that produced them), so an undeclared input fails the run. The stage command
+(``python -m pipeline_tasks STAGE``, from the installed package) runs in a subprocess whose
+environment holds only PATH, HOME, LMPIPE_DATA_MIRROR and the telemetry switches. It must exit 0
+and produce every declared ``outs`` / ``metrics`` / ``plots`` path.
 
 Code deps: every ``pipeline_tasks`` file the stage runs must be a declared dep, so that DVC re-runs
 the stage when code it runs changes. "Runs" is the import closure of the stage's module, recorded
