@@ -136,27 +136,17 @@ def false_positive_rate(bundle_dir: Path, corpus, resamples: int, seed: int) -> 
     def feats(texts):
         return drift.featurize(bundle, texts, None, np.arange(len(texts)))
 
-    def subset(f, idx):
-        return drift.Features(
-            {k: v[idx] for k, v in f.descriptors.items()},
-            np.arange(len(idx)),
-            f.embeddings[idx],
-            f.predictions[idx],
-            None,
-            f.bpb[idx],
-        )
-
     pool, far, ag = feats(pool_texts), feats(far_texts), feats(ag_texts)
     rng = np.random.default_rng(seed)
     fired_counts, flagged = [], 0
     for _ in range(resamples):
         perm = rng.permutation(len(pool_texts))
         cur, ref = perm[:200], perm[200 : 200 + settings.reference_rows]
-        values, _ = drift.compare(subset(pool, ref), subset(pool, cur), settings)
+        values, _ = drift.compare(pool.take(ref), pool.take(cur), settings)
         decision = drift.decide_drift(values, thresholds, settings.min_signals)
         flagged += decision.drift_detected
         fired_counts.append(decision.fired)
-    ref = subset(pool, rng.permutation(len(pool_texts))[: settings.reference_rows])
+    ref = pool.take(rng.permutation(len(pool_texts))[: settings.reference_rows])
     out = {
         "resamples": resamples,
         "month_rows": 200,

@@ -70,21 +70,6 @@ def features_of(bundle, frame, settings):
     )
 
 
-def subset(features, idx):
-    import numpy as np
-
-    from pipeline_tasks.monitor import drift
-
-    return drift.Features(
-        {k: v[idx] for k, v in features.descriptors.items()},
-        np.arange(len(idx)),
-        features.embeddings[idx],
-        features.predictions[idx],
-        None if features.labels is None else features.labels[idx],
-        features.bpb[idx],
-    )
-
-
 def alarm_rates(pool, window_pool, settings, sizes, resamples, seed) -> list[dict]:
     """Per window size: share of resamples flagged with fixed thresholds and with the null, and by which signal.
 
@@ -106,10 +91,10 @@ def alarm_rates(pool, window_pool, settings, sizes, resamples, seed) -> list[dic
         for r in range(resamples):
             perm = rng.permutation(pool.rows)
             if window_pool is None:
-                window, ref = subset(pool, perm[:size]), subset(pool, perm[size : size + settings.reference_rows])
+                window, ref = pool.take(perm[:size]), pool.take(perm[size : size + settings.reference_rows])
             else:
                 picked = rng.permutation(window_pool.rows)[: min(size, window_pool.rows)]
-                window, ref = subset(window_pool, picked), subset(pool, perm[: settings.reference_rows])
+                window, ref = window_pool.take(picked), pool.take(perm[: settings.reference_rows])
             values, _ = drift.compare(ref, window, settings)
             started = time.perf_counter()
             thresholds, details = null_thresholds(ref, window, settings, seed + r)

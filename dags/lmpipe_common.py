@@ -23,6 +23,7 @@ never imports the ML stack. Stage nodes end with the stage's own ``dvc.yaml`` co
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -156,6 +157,7 @@ def _local_node(task_id: str, argv: list[str], env: dict[str, str], **kwargs: An
     )
 
 
+@functools.cache  # one class for every docker node of the parse
 def _summary_docker_operator():
     from airflow.providers.docker.operators.docker import DockerOperator
 

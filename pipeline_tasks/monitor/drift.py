@@ -198,6 +198,17 @@ class Features:
     def rows(self) -> int:
         return len(next(iter(self.descriptors.values())))
 
+    def take(self, idx) -> Features:
+        """Rows ``idx`` as a new set, for features whose sample is every text (resampling studies)."""
+        return Features(
+            {k: v[idx] for k, v in self.descriptors.items()},
+            np.arange(len(idx)),
+            self.embeddings[idx],
+            self.predictions[idx],
+            None if self.labels is None else self.labels[idx],
+            self.bpb[idx],
+        )
+
     def sample_frame(self):
         """The sampled rows as evidently's input table: descriptors, bpb, prediction, label, emb_*."""
         frame = pd.DataFrame({name: col[self.sample] for name, col in self.descriptors.items()})

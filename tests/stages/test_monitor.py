@@ -113,17 +113,6 @@ def pool(inputs):
     }
 
 
-def _subset(features, idx):
-    return drift.Features(
-        {k: v[idx] for k, v in features.descriptors.items()},
-        np.arange(len(idx)),
-        features.embeddings[idx],
-        features.predictions[idx],
-        None if features.labels is None else features.labels[idx],
-        features.bpb[idx],
-    )
-
-
 def _decide(ref, cur, settings, seed=0):
     """The stage's decision for one window (:func:`pipeline_tasks.monitor.monitor.evaluate_window`)."""
     from pipeline_tasks.monitor.permutation import null_thresholds
@@ -142,7 +131,7 @@ def test_monitor_false_positive_rate_on_reference_resamples_is_low(pool):
         perm = rng.permutation(n)
         # a "month" of 200 rows vs a disjoint reference sample of the default reference size
         cur, ref = perm[:200], perm[200 : 200 + settings.reference_rows]
-        flagged.append(_decide(_subset(pool["ref"], ref), _subset(pool["ref"], cur), settings).drift_detected)
+        flagged.append(_decide(pool["ref"].take(ref), pool["ref"].take(cur), settings).drift_detected)
     fpr = sum(flagged) / len(flagged)
     print(f"\nmonitor false-positive rate over {FPR_RESAMPLES} resamples of HuffPost 2018: {fpr:.2f}")
     assert fpr <= FPR_BOUND
@@ -159,14 +148,14 @@ def test_monitor_small_windows_of_the_reference_raise_few_false_alarms(pool, win
     for seed in range(2 * FPR_RESAMPLES):
         perm = rng.permutation(pool["ref"].rows)
         cur, ref = perm[:window_rows], perm[window_rows : window_rows + settings.reference_rows]
-        flagged.append(_decide(_subset(pool["ref"], ref), _subset(pool["ref"], cur), settings, seed).drift_detected)
+        flagged.append(_decide(pool["ref"].take(ref), pool["ref"].take(cur), settings, seed).drift_detected)
     assert sum(flagged) / len(flagged) <= FPR_BOUND
 
 
 def test_monitor_flags_far_month_and_other_source_against_2018_reference(pool):
     settings = parse_params({"monitor": {}}).monitor
     ref_idx = np.random.default_rng(0).permutation(pool["ref"].rows)[: settings.reference_rows]
-    ref = _subset(pool["ref"], ref_idx)
+    ref = pool["ref"].take(ref_idx)
     far = _decide(ref, pool["far"], settings)
     assert far.drift_detected and "descriptors" in far.fired
     ag = _decide(ref, pool["ag"], settings)  # AG News (2004 wire stories) vs HuffPost: a different source
