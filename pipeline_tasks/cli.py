@@ -155,6 +155,13 @@ def run_stage(name: str, args: argparse.Namespace) -> dict[str, Any]:
     params = load_params(args.params, parse_overrides(args.overrides))
     module = _module(STAGES[name])
     options = {k: v for k, v in vars(args).items() if k not in {"command", "params", "overrides", "log_level"}}
+    # the same stage arguments, for stages that start copies of themselves (pretrain under torchrun)
+    options["stage_argv"] = (
+        *(("--params", args.params) if args.params else ()),
+        *(arg for override in args.overrides for arg in ("-S", override)),
+        "--log-level",
+        args.log_level,
+    )
     started = time.perf_counter()
     logger.info("stage %s: start", name)
     result = module.run(params, **options) or {}

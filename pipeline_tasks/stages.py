@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "promote": "registry.promote",
     "rollback": "registry.promote",
     "kfp-compile": "orchestration.kfp",
+    "trainjob": "orchestration.trainjob",
     "summary": "summary",
 }
 

@@ -7,9 +7,11 @@ as in nanoGPT. ``meta.json`` names the dtype, the vocab size, the special token 
 ``tokens`` (EOT separators included), ``bytes`` (UTF-8 bytes of the encoded text) and ``docs``.
 
 Sampling is stateless: the windows of a micro-batch are a pure function of
-``(seed, rank, step, micro_step)``, so the data position of a run is just its step counter — a
-resumed run draws exactly the batches the uninterrupted run would have, and DDP ranks draw
-independent streams without coordination.
+``(seed, step, micro_batch)``, where ``micro_batch`` is the index of the micro-batch within the
+optimizer step over all ranks (``rank * accumulation + micro_step``). So the data position of a run
+is just its step counter — a resumed run draws exactly the batches the uninterrupted run would have —
+and a step consumes the same windows whatever the topology: 1 process x 8 micro-batches, 2 nodes x
+4 or 8 GPUs x 1 see the same tokens, and only the float summation order of the gradient differs.
 
 Only numpy (and torch for :func:`windows_to_tensors`) is needed: this runs on the GPU machine.
 """
@@ -108,12 +110,13 @@ class ShardWriter:
 
 
 def window_starts(
-    n_tokens: int, block_size: int, batch_size: int, *, seed: int, rank: int, step: int, micro_step: int
+    n_tokens: int, block_size: int, batch_size: int, *, seed: int, step: int, micro_batch: int
 ) -> np.ndarray:
     """Start offsets of ``batch_size`` random windows of ``block_size + 1`` tokens.
 
     A pure function of its arguments (a fresh PCG64 stream per micro-batch from a SeedSequence),
-    which is what makes resume exact and DDP ranks independent.
+    which is what makes resume exact and the draw independent of the topology. ``micro_batch`` is
+    the global index of the micro-batch within the step (``rank * accumulation + micro_step``).
     """
     high = n_tokens - block_size - 1
     if high < 1:
@@ -121,8 +124,15 @@ def window_starts(
             f"the split has {n_tokens} tokens, fewer than block_size + 2 = {block_size + 2}; "
             "use more data or a smaller model.block_size"
         )
-    rng = np.random.default_rng(np.random.SeedSequence([seed, rank, step, micro_step]))
+    # the 0 was the rank of the per-rank sampler this replaced: with it, single-process runs draw the
+    # windows they always drew, so their results and checkpoints stay valid
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0, step, micro_batch]))
     return rng.integers(0, high, size=batch_size)
+
+
+def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
+    """Torch seed of one micro-batch's dropout masks: like the windows, the same in every topology."""
+    return int(np.random.SeedSequence([seed, 1, step, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def eval_window_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:

@@ -92,6 +92,25 @@ class TolerationParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainJobParams:
+    """Multi-node ``pretrain`` (``pretrain.nodes > 1``) as a Kubeflow Trainer v2 TrainJob.
+
+    The kubernetes runner's and KFP's ``pretrain`` node is then a CPU launcher pod that submits the
+    TrainJob, streams its logs and waits (see :mod:`pipeline_tasks.orchestration.trainjob`)."""
+
+    runtime: str = "lmpipe-torch"  # deploy/trainer/runtimes/lmpipe-torch.yaml
+    runtime_kind: Literal["TrainingRuntime", "ClusterTrainingRuntime"] = "TrainingRuntime"
+    service_account: str = "lmpipe-trainjob-launcher"  # of the launcher pod: deploy/trainer/rbac.yaml
+    queue: str = ""  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name); "": not queued
+    # per node; GPUs must equal pretrain.procs_per_node (one process per GPU)
+    node_resources: ResourceParams = ResourceParams(cpu="8", memory="48Gi", memory_limit="48Gi", gpus=1)
+    active_deadline_s: int = 0  # TrainJob activeDeadlineSeconds (0: the stage timeout)
+    wait_timeout_s: int = 0  # how long the launcher waits for Complete/Failed (0: the stage timeout)
+    startup_timeout_s: int = 1800  # submitted -> Running (image pulls, Kueue admission)
+    poll_interval_s: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
 class KubernetesParams:
     namespace: str = "lm-pipeline"
     service_account: str = ""
@@ -107,6 +126,7 @@ class KubernetesParams:
     gpu_tolerations: tuple[TolerationParams, ...] = (TolerationParams(key="nvidia.com/gpu"),)
     startup_timeout_s: int = 900  # image pulls of the CUDA image take minutes
     termination_grace_s: int = 120  # time for training to write a checkpoint on SIGTERM
+    trainjob: TrainJobParams = TrainJobParams()
 
 
 @dataclasses.dataclass(frozen=True)

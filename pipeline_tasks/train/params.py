@@ -87,6 +87,12 @@ class PretrainParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast: bf16 on CUDA and native-bf16 CPUs
     compile: bool = False  # torch.compile the model (CUDA: ~1.3-2x faster after a compile warm-up)
+    # topology (see pipeline_tasks.topology): 1 x 1 trains in-process; more processes run under
+    # torchrun on this machine, or as a Kubeflow Trainer TrainJob of `nodes` pods under the kubernetes
+    # runner and KFP. The global batch (tokens_per_step) is the same whatever the topology.
+    nodes: int = 1
+    procs_per_node: int = 1
+    dist_timeout_s: int = 600  # a collective waiting longer than this for a vanished peer fails the run
     num_threads: int = 0  # CPU intra-op threads per process (0: cores / local processes)
     deterministic: bool = True  # deterministic kernels: bit-exact resume on CPU (slower on CUDA)
     max_steps: int = 300  # optimizer steps
@@ -120,6 +126,9 @@ class PretrainParams:
                 "checkpoint_interval",
                 "keep_last",
                 "log_interval",
+                "nodes",
+                "procs_per_node",
+                "dist_timeout_s",
             ),
             1,
         )

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline_tasks import topology
 from pipeline_tasks.artifacts import (
     atomic_path,
     atomic_write_json,
@@ -60,7 +61,14 @@ from pipeline_tasks.artifacts import (
     sha256_json,
 )
 from pipeline_tasks.config import ConfigError, to_plain
-from pipeline_tasks.dataset.shards import eval_window_starts, load_meta, open_shard, window_starts, windows_to_tensors
+from pipeline_tasks.dataset.shards import (
+    eval_window_starts,
+    load_meta,
+    micro_batch_seed,
+    open_shard,
+    window_starts,
+    windows_to_tensors,
+)
 from pipeline_tasks.errors import PipelineError
 from pipeline_tasks.train.model import ModelConfig, build_lm, mfu, num_parameters
 from pipeline_tasks.train.params import PretrainParams
@@ -87,9 +95,25 @@ from pipeline_tasks.train.training import (
 logger = logging.getLogger(__name__)
 
 # Params that do not change the trajectory: a run may resume across changes of these.
+# nodes and procs_per_node: the world size is in the fingerprint itself, and 2 nodes x 1 process or
+# 1 node x 2 processes train the same trajectory (a 2-rank all-reduce sums in either order exactly).
 RESUME_NEUTRAL = frozenset(
-    {"resume", "keep_last", "checkpoint_interval", "log_interval", "compile", "num_threads", "device"}
+    {
+        "resume",
+        "keep_last",
+        "checkpoint_interval",
+        "log_interval",
+        "compile",
+        "num_threads",
+        "device",
+        "nodes",
+        "procs_per_node",
+        "dist_timeout_s",
+    }
 )
+# bumped when the batches of a step change for an unchanged config: 2 = global micro-batch index,
+# dropout masks keyed per micro-batch (1 seeded windows per rank: world size > 1 drew other batches)
+SAMPLER_VERSION = 2
 
 
 def accumulation_steps(cfg: PretrainParams, block_size: int, world_size: int) -> int:
@@ -116,6 +140,7 @@ def run_fingerprint(params, world_size: int, tokens_dir: Path) -> str:
             "seed": params.seed,
             "world_size": world_size,
             "data": data,
+            **({"sampler": SAMPLER_VERSION} if world_size > 1 or params.model.dropout > 0 else {}),
         }
     )[:12]
 
@@ -173,8 +198,22 @@ class RunContext:
         return val_split["tokens"] / max(val_split["bytes"], 1)
 
 
-def run(params, **_options) -> dict[str, Any]:
-    info, device = setup_distributed(params.pretrain.device)
+def run(params, stage_argv: tuple[str, ...] = (), **_options) -> dict[str, Any]:
+    mode = topology.launch_mode(params.pretrain)
+    if mode == "torchrun":
+        topology.run_torchrun(params.pretrain, stage_argv)
+        return summary_from_outputs(params)
+    if mode == "trainjob":
+        topology.run_trainjob(params, stage_argv)
+        return summary_from_outputs(params)
+    if mode == "rank" and int(os.environ["WORLD_SIZE"]) != topology.world_size(params.pretrain):
+        logger.warning(
+            "launched with world size %s, params say pretrain.nodes x procs_per_node = %d: training with %s",
+            os.environ["WORLD_SIZE"],
+            topology.world_size(params.pretrain),
+            os.environ["WORLD_SIZE"],
+        )
+    info, device = setup_distributed(params.pretrain.device, params.pretrain.dist_timeout_s)
     if not info.is_main:  # one voice in the logs; other ranks report only problems
         logging.getLogger("pipeline_tasks").setLevel(logging.WARNING)
     preempted: list[int] = []  # SIGTERM (Airflow / Kubernetes stop): finish the step, checkpoint, exit
@@ -359,9 +398,10 @@ def train_step(
         group["lr"] = lr
     loss_sum = torch.zeros(2, device=ctx.device)  # [mean loss, SIGTERM seen]: one all-reduce for both
     for micro_step in range(ctx.accum):
-        starts = window_starts(
-            len(ctx.train_data), T, B, seed=ctx.params.seed, rank=info.rank, step=step, micro_step=micro_step
-        )
+        micro_batch = info.rank * ctx.accum + micro_step  # global index: topology-invariant batches
+        starts = window_starts(len(ctx.train_data), T, B, seed=ctx.params.seed, step=step, micro_batch=micro_batch)
+        if ctx.config.dropout > 0:  # masks keyed like the windows: 2 nodes x 1 process = 1 process
+            torch.manual_seed(micro_batch_seed(ctx.params.seed, step, micro_batch))
         x, y = windows_to_tensors(ctx.train_data, starts, T, ctx.device)
         # DDP averages gradients only on the last micro-step; the others accumulate locally
         sync = not info.enabled or micro_step == ctx.accum - 1
@@ -571,6 +611,24 @@ def write_outputs(ctx: RunContext, state: TrainState, stop_reason: str, timings:
         "val_bpb": round(val["bpb"], 4),
         "tokens_per_s": metrics["train/tokens_per_s"],
         "stop": stop_reason,
+    }
+
+
+def summary_from_outputs(params) -> dict[str, Any]:
+    """The stage summary of a run whose rank 0 was another process (torchrun, TrainJob pods)."""
+    metrics_path = Path(params.paths.pretrain_reports_dir) / "metrics.json"
+    model_path = Path(params.paths.pretrain_dir) / "model.pt"
+    if not metrics_path.is_file() or not model_path.is_file():
+        raise PipelineError(f"the distributed run finished but wrote no {metrics_path} / {model_path}")
+    metrics = read_json(metrics_path)
+    return {
+        "model": str(model_path),
+        "steps": metrics["train/steps"],
+        "val_loss": round(metrics["val/loss"], 4),
+        "val_bpb": round(metrics["val/bpb"], 4),
+        "tokens_per_s": metrics["train/tokens_per_s"],
+        "world_size": metrics["world_size"],
+        "stop": "early stop" if metrics["stopped_early"] else "max_steps",
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -97,8 +98,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device_preference: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by ``torchrun`` (env ``WORLD_SIZE`` > 1)."""
+def setup_distributed(device_preference: str = "auto", timeout_s: int | None = None) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by ``torchrun`` (env ``WORLD_SIZE`` > 1).
+
+    ``timeout_s`` bounds every collective: a peer that vanishes without closing its sockets (a node
+    lost, not a process killed) would otherwise hold the survivors for gloo's default 30 minutes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(), resolve_device(device_preference)
@@ -107,7 +111,8 @@ def setup_distributed(device_preference: str = "auto") -> tuple[DistInfo, torch.
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return info, device
 
 

@@ -262,3 +262,69 @@ def test_pretrain_changed_params_start_a_separate_run(tokens_dir, tmp_path):
     pretrain.run(load_params(make_params(tmp_path, tokens_dir, max_steps=5, lr=1e-3)))
     runs = list((tmp_path / "models/pretrain/checkpoints").glob("run-*"))
     assert len(runs) == 2  # the second run did not resume the first one's checkpoint
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_losses(params_path: Path) -> dict[int, float]:
+    reports = Path(load_params(params_path).paths.pretrain_reports_dir)
+    return {int(r.split(",")[0]): float(r.split(",")[1]) for r in read_loss_csv(reports)[1:]}
+
+
+def test_trainjob_node_command_under_the_trainer_env_trains_what_one_process_trains(tokens_dir, tmp_path):
+    """The command a TrainJob node runs, started twice as Trainer starts it (``PET_*`` topology,
+    node 0 the rendezvous host), on loopback; dropout on, so its masks must not depend on the
+    topology either. The same steps as one process, every train loss within 1e-4 (the topology
+    changes only the float summation order of the gradient)."""
+    from pipeline_tasks.orchestration.trainjob import build_trainjob, orchestration_of
+
+    common = dict(max_steps=30, tokens_per_step=512, dtype="float32", checkpoint_interval=10)
+    one = make_params(tmp_path / "one", tokens_dir, model={"dropout": 0.1}, **common)
+    subprocess.run(cli(one), check=True, capture_output=True, timeout=300)
+    two = make_params(tmp_path / "two", tokens_dir, model={"dropout": 0.1}, nodes=2, **common)
+    params = load_params(two)
+    body = build_trainjob(
+        params, orchestration_of(params), workspace=str(two.parent), stage_argv=["--params", str(two)]
+    )
+    command = body["spec"]["trainer"]["command"]
+    assert command[:2] == ["tini", "--"]  # PID 1 in the pod; not needed on the host
+    port = str(_free_port())
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # torchrun of this venv
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "2",  # what Trainer injects on a CPU node with 2 cores: the command's flag wins
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": port,
+    }
+    nodes = [
+        subprocess.Popen(command[2:], env={**env, "PET_NODE_RANK": str(rank)}, stdout=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    metrics = json.loads((Path(params.paths.pretrain_reports_dir) / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train/steps"] == 30
+    reference, distributed = _train_losses(one), _train_losses(two)
+    assert reference.keys() == distributed.keys()
+    assert max(abs(reference[s] - distributed[s]) for s in reference) <= 1e-4
+
+
+def test_procs_per_node_runs_local_torchrun_from_the_plain_stage_command(tokens_dir, tmp_path):
+    """``dvc repro`` and the docker runner call ``python -m pipeline_tasks pretrain``; the params
+    alone make it a 2-process run, and the stage's summary comes from rank 0's outputs."""
+    params_path = make_params(tmp_path, tokens_dir, max_steps=6, checkpoint_interval=3, procs_per_node=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cli(params_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 x 2 processes under torchrun on this machine" in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 6

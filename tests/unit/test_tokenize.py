@@ -10,7 +10,14 @@ import pytest
 
 from pipeline_tasks.config import ConfigError, parse_params
 from pipeline_tasks.dataset.params import TokenizeParams
-from pipeline_tasks.dataset.shards import ShardWriter, eval_window_starts, open_shard, token_dtype, window_starts
+from pipeline_tasks.dataset.shards import (
+    ShardWriter,
+    eval_window_starts,
+    micro_batch_seed,
+    open_shard,
+    token_dtype,
+    window_starts,
+)
 from pipeline_tasks.dataset.tokenize import encode_texts, strip_special_literals, train_tokenizer
 
 SPECIALS = ("<|endoftext|>", "<|pad|>", "<|cls|>")
@@ -87,13 +94,34 @@ def test_open_shard_rejects_a_truncated_shard(tmp_path):
         open_shard(tmp_path, "val", {"dtype": "uint32", "splits": {"val": {"tokens": 10}}})
 
 
-def test_window_starts_are_a_pure_function_of_seed_rank_and_step():
+def test_window_starts_are_a_pure_function_of_seed_step_and_global_micro_batch():
     kwargs = dict(n_tokens=10_000, block_size=64, batch_size=8, seed=1)
-    a = window_starts(**kwargs, rank=0, step=5, micro_step=0)
-    assert np.array_equal(a, window_starts(**kwargs, rank=0, step=5, micro_step=0))
-    assert not np.array_equal(a, window_starts(**kwargs, rank=1, step=5, micro_step=0))
-    assert not np.array_equal(a, window_starts(**kwargs, rank=0, step=6, micro_step=0))
+    a = window_starts(**kwargs, step=5, micro_batch=0)
+    assert np.array_equal(a, window_starts(**kwargs, step=5, micro_batch=0))
+    assert not np.array_equal(a, window_starts(**kwargs, step=5, micro_batch=1))
+    assert not np.array_equal(a, window_starts(**kwargs, step=6, micro_batch=0))
     assert a.min() >= 0 and a.max() <= 10_000 - 64 - 2
+    # single-process runs draw what the per-rank sampler drew for rank 0: old results stay valid
+    legacy = np.random.default_rng(np.random.SeedSequence([1, 0, 5, 3])).integers(0, 10_000 - 64 - 1, size=8)
+    assert np.array_equal(window_starts(**kwargs, step=5, micro_batch=3), legacy)
+
+
+def test_a_step_draws_the_same_windows_in_every_topology():
+    """1 process x 8 micro-batches, 2 ranks x 4, 4 ranks x 2, 8 x 1: the same 8 draws."""
+    kwargs = dict(n_tokens=50_000, block_size=32, batch_size=4, seed=7, step=11)
+    micro_batches = 8
+
+    def draws(world: int) -> list[list[int]]:
+        accum = micro_batches // world
+        return [
+            window_starts(**kwargs, micro_batch=rank * accum + m).tolist()
+            for rank in range(world)
+            for m in range(accum)
+        ]
+
+    assert draws(1) == draws(2) == draws(4) == draws(8)
+    assert micro_batch_seed(7, 11, 3) == micro_batch_seed(7, 11, 3) != micro_batch_seed(7, 11, 4)
+
     evals = eval_window_starts(10_000, 64, 16)
     assert len(evals) == 16 and evals.max() + 65 <= 10_000
 
