@@ -4,11 +4,14 @@ Not a DAG file (listed in ``.airflowignore``); Airflow puts the DAGs folder (the
 ``sys.path``, so the DAG files import it by name. Its only parse-time I/O is one read of the
 settings: section ``orchestration`` of ``$LMPIPE_REPO/params.yaml``
 (:class:`pipeline_tasks.orchestration.settings.OrchestrationParams`, through the one params
-loader). The stage list is :data:`pipeline_tasks.stages.STAGES` (the DAG-integrity test checks
-it against ``dvc.yaml``); each node's driver checks at run time that the stage command equals the
-``cmd`` in the workspace's ``dvc.yaml``.
+loader), and ``pretrain.nodes`` of the same file. The stage list is
+:data:`pipeline_tasks.stages.STAGES` (the DAG-integrity test checks it against ``dvc.yaml``); each
+node's driver checks at run time that the stage command equals the ``cmd`` in the workspace's
+``dvc.yaml``.
 
-``LMPIPE_ORCHESTRATION_PARAMS`` may name another params file for these settings only.
+``LMPIPE_ORCHESTRATION_PARAMS`` may name another params file for these settings (and for
+``pretrain.nodes``, which shapes the kubernetes runner's ``pretrain`` node: more than 1 makes it a
+CPU pod that launches a Kubeflow Trainer TrainJob, see :func:`stage_node`).
 ``LMPIPE_REPO`` defaults to the folder above ``dags/`` (a checkout); the Airflow image sets it to
 the project snapshot copied next to the DAGs. Environment variables override three settings:
 ``LMPIPE_RUNNER`` (else ``orchestration.runner``), ``LMPIPE_RETRAIN_CRON`` and
@@ -37,7 +40,7 @@ from airflow.sdk import Asset, BaseNotifier
 from pipeline_tasks.orchestration.settings import (
     OrchestrationParams,
     driver_argv,
-    load_orchestration_params,
+    load_params,
     node_argv,
     parse_summary,
     stage_retries,
@@ -49,9 +52,11 @@ from pipeline_tasks.stages import GPU_STAGES, stage_command
 log = logging.getLogger(__name__)
 
 REPO = Path(os.environ.get("LMPIPE_REPO") or Path(__file__).resolve().parents[1])
-PARAMS: OrchestrationParams = load_orchestration_params(
-    os.environ.get("LMPIPE_ORCHESTRATION_PARAMS") or REPO / "params.yaml"
-)
+# one parse of the params file (the settings module's loader: ``extends:`` profiles, validation)
+_PROJECT_PARAMS = load_params(os.environ.get("LMPIPE_ORCHESTRATION_PARAMS") or REPO / "params.yaml")
+PARAMS: OrchestrationParams = getattr(_PROJECT_PARAMS, "orchestration", None) or OrchestrationParams()
+PRETRAIN_NODES: int = getattr(getattr(_PROJECT_PARAMS, "pretrain", None), "nodes", 1)
+TRAINJOB_LAUNCHER_ENV = {"LMPIPE_PRETRAIN_LAUNCHER": "trainjob"}  # pipeline_tasks.topology.LAUNCHER_ENV
 
 
 def _setting(env: str, default: str) -> str:
@@ -214,6 +219,7 @@ def _kubernetes_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu:
     limits = {key: v for key, v in (("cpu", res.cpu_limit), ("memory", res.memory_limit)) if v}
     if res.gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus)
+    kwargs.setdefault("service_account_name", k.service_account or None)
     return KubernetesPodOperator(
         task_id=task_id,
         name=f"lmpipe-{task_id.replace('_', '-')}",
@@ -239,7 +245,6 @@ def _kubernetes_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu:
         security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000),
         image_pull_policy=k.image_pull_policy,
         image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in k.image_pull_secrets] or None,
-        service_account_name=k.service_account or None,
         kubernetes_conn_id=k.kubernetes_conn_id or None,
         in_cluster=not k.kubernetes_conn_id,
         startup_timeout_seconds=k.startup_timeout_s,
@@ -251,12 +256,28 @@ def _kubernetes_node(task_id: str, argv: list[str], env: dict[str, str], *, gpu:
     )
 
 
+def launches_trainjob(stage: str) -> bool:
+    """Whether this stage's node is a TrainJob launcher: multi-node ``pretrain`` on Kubernetes.
+
+    Decided at parse time from the params file; ``pretrain.nodes`` in a run's ``params_overrides``
+    does not reshape the node. The local and docker runners run torchrun inside their one node."""
+    return stage == "pretrain" and RUNNER == "kubernetes" and PRETRAIN_NODES > 1
+
+
 def stage_node(dag_id: str, stage: str, *flags: str, env: dict[str, str] | None = None, **kwargs: Any):
-    """The node of one dvc.yaml stage: its retries, timeout, pool and (GPU stages) accelerator."""
+    """The node of one dvc.yaml stage: its retries, timeout, pool and (GPU stages) accelerator.
+
+    A TrainJob launcher (:func:`launches_trainjob`) runs the same command in a CPU pod under the
+    service account allowed to create TrainJobs; the GPUs belong to the TrainJob's nodes. It keeps
+    the training retries: a retry re-attaches to (or resubmits) the job named after the workspace."""
     policy = stage_retries(stage, PARAMS, GPU_STAGES)
-    gpu = stage in GPU_STAGES
+    launcher = launches_trainjob(stage)
+    gpu = stage in GPU_STAGES and not launcher
     if gpu and PARAMS.gpu_pool:
         kwargs.setdefault("pool", PARAMS.gpu_pool)
+    if launcher:
+        kwargs.setdefault("service_account_name", PARAMS.kubernetes.trainjob.service_account or None)
+        env = {**TRAINJOB_LAUNCHER_ENV, **(env or {})}
     return make_node(
         stage,
         node_argv(stage_command(stage), *flags),

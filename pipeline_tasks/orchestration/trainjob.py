@@ -166,6 +166,10 @@ def _env(orch: OrchestrationParams, task_config: TaskConfig | None, environ=os.e
     return env
 
 
+def _value_from_env(task_config: TaskConfig | None) -> list[dict[str, Any]]:
+    return [dict(e) for e in task_config.env if "valueFrom" in e] if task_config is not None else []
+
+
 def trainjob_request(
     params,
     orch: OrchestrationParams,
@@ -218,7 +222,8 @@ def trainjob_request(
     pod = PodSpecPatch(
         service_account_name=k8s.service_account or None,
         volumes=volumes,
-        containers=[ContainerPatch(name=NODE_STEP, volume_mounts=mounts)],
+        # env from secrets / config maps (valueFrom) has no place in the trainer's name=value env
+        containers=[ContainerPatch(name=NODE_STEP, volume_mounts=mounts, env=_value_from_env(task_config) or None)],
         node_selector=selector or None,
         tolerations=[{k: v for k, v in t.items() if v != ""} for t in tolerations] or None,
     )
