@@ -18,19 +18,75 @@ both use it, and it reaches the launcher by module name, as the CLI reaches the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
+from pipeline_tasks.artifacts import atomic_write_json, read_json
+from pipeline_tasks.config import ConfigError
 from pipeline_tasks.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
 LAUNCHER_ENV = "LMPIPE_PRETRAIN_LAUNCHER"
+# A failing rank leaves its stage exit code in the workspace every node shares: torchrun reports
+# any failed worker as 1, and a multi-process run should exit 2 on a configuration error, as a
+# single process does. Rank 0 clears it when a run (or a restarted job) starts.
+RANK_FAILURE_FILE = Path(".lmpipe") / "pretrain_rank_failure.json"
+
+
+class DistributedRunFailed(PipelineError):
+    """A multi-process run failed; ``exit_code`` is the failing rank's stage exit code where known."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def recording_rank_failure(workspace: Path = Path()) -> Iterator[None]:
+    """Around a rank's work: record how it failed. A rank's own error (configuration, data) wins
+    over what its peers then see (a closed connection), whatever the order they arrive in."""
+    try:
+        yield
+    except (PipelineError, ConfigError) as exc:
+        code = 2 if isinstance(exc, ConfigError) else exc.exit_code
+        _record(workspace, {"exit_code": code, "message": str(exc)[:2000], "own_error": True})
+        raise
+    except Exception as exc:
+        _record(workspace, {"exit_code": 1, "message": f"{type(exc).__name__}: {exc}"[:2000], "own_error": False})
+        raise
+
+
+def _record(workspace: Path, failure: dict) -> None:
+    path = workspace / RANK_FAILURE_FILE
+    with contextlib.suppress(OSError, ValueError):
+        if path.is_file() and read_json(path).get("own_error") and not failure["own_error"]:
+            return
+        atomic_write_json(path, {**failure, "rank": int(os.environ.get("RANK", "0"))})
+
+
+def clear_rank_failure(workspace: Path = Path()) -> None:
+    (workspace / RANK_FAILURE_FILE).unlink(missing_ok=True)
+
+
+def failure_from_ranks(message: str, workspace: Path = Path(), default_code: int = 1) -> DistributedRunFailed:
+    """The error to raise after a failed multi-process run: the failing rank's own code and message."""
+    path = workspace / RANK_FAILURE_FILE
+    if not path.is_file():
+        return DistributedRunFailed(message, default_code)
+    failure = read_json(path)
+    return DistributedRunFailed(
+        f"{message}; rank {failure['rank']} failed (exit code {failure['exit_code']}): {failure['message']}",
+        int(failure["exit_code"]),
+    )
+
 
 Mode = Literal["in_process", "rank", "torchrun", "trainjob"]
 
@@ -75,10 +131,10 @@ def run_torchrun(cfg, stage_argv: Sequence[str]) -> None:
         cfg.procs_per_node,
         " ".join(command),
     )
+    clear_rank_failure()
     result = subprocess.run(command, check=False)
     if result.returncode:
-        # torchrun reports every failed worker as 1; the workers' own errors are in the log above
-        raise PipelineError(f"pretrain under torchrun failed with exit code {result.returncode}")
+        raise failure_from_ranks(f"pretrain under torchrun failed (torchrun exit code {result.returncode})")
 
 
 def run_trainjob(params, stage_argv: Sequence[str]) -> None:

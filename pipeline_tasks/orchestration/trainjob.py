@@ -52,7 +52,6 @@ import yaml
 
 from pipeline_tasks import topology
 from pipeline_tasks.config import ConfigError, find_params_file, load_params
-from pipeline_tasks.errors import PipelineError
 from pipeline_tasks.orchestration.settings import (
     OrchestrationParams,
     ResourceParams,
@@ -72,12 +71,7 @@ CONTAINER_WORKDIR = "/workspace"
 CONTAINER_USER = (1000, 1000)  # the task image's user: it must be able to write the copied workspace
 
 
-class TrainJobFailed(PipelineError):
-    """The TrainJob ended Failed (or was stopped): exit with node 0's code where it is known."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+TrainJobFailed = topology.DistributedRunFailed  # the job failed: the failing rank's exit code where known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +360,14 @@ def _follow_logs(client, name: str, deadline: float, poll_s: int) -> str:
 
 
 def run_trainjob(
-    client, request: tuple[Any, Any, list], *, name: str, wait_timeout_s: int, startup_timeout_s: int, poll_s: int
+    client,
+    request: tuple[Any, Any, list],
+    *,
+    name: str,
+    workspace: Path,
+    wait_timeout_s: int,
+    startup_timeout_s: int,
+    poll_s: int,
 ) -> None:
     """Submit (or attach to) the job, follow it, raise :class:`TrainJobFailed` unless it completes."""
     status = _status(client, name)
@@ -397,7 +398,7 @@ def run_trainjob(
         if status not in TERMINAL:
             client.delete_job(name)
             raise TrainJobFailed(f"TrainJob {name} did not finish in {wait_timeout_s} s; it was deleted", 124)
-        raise TrainJobFailed(f"TrainJob {name} failed", _node_exit_code(client, name))
+        raise topology.failure_from_ranks(f"TrainJob {name} failed", workspace, _node_exit_code(client, name))
     logger.info("TrainJob %s complete", name)
 
 
@@ -466,6 +467,7 @@ def run_in_containers(
                     client,
                     (tj.runtime, trainer, [Name(name)]),
                     name=name,
+                    workspace=jobdir,
                     wait_timeout_s=tj.wait_timeout_s or 60 * stage_timeout_min("pretrain", orch),
                     startup_timeout_s=tj.startup_timeout_s,
                     poll_s=tj.poll_interval_s,
@@ -503,6 +505,7 @@ def launch_stage(params, stage_argv: Sequence[str] = (), backend: str | None = N
         _client("kubernetes", orch),
         request,
         name=name,
+        workspace=workspace,
         wait_timeout_s=tj.wait_timeout_s or 60 * stage_timeout_min("pretrain", orch),
         startup_timeout_s=tj.startup_timeout_s,
         poll_s=tj.poll_interval_s,

@@ -213,7 +213,18 @@ def run(params, stage_argv: tuple[str, ...] = (), **_options) -> dict[str, Any]:
             topology.world_size(params.pretrain),
             os.environ["WORLD_SIZE"],
         )
+    if mode == "rank":
+        with topology.recording_rank_failure():
+            return train_this_process(params, rank_of_many=True)
+    return train_this_process(params)
+
+
+def train_this_process(params, rank_of_many: bool = False) -> dict[str, Any]:
     info, device = setup_distributed(params.pretrain.device, params.pretrain.dist_timeout_s)
+    if rank_of_many:  # a new run or a restarted job: failures of an earlier attempt are not this one's
+        if info.is_main:
+            topology.clear_rank_failure()
+        barrier(info)
     if not info.is_main:  # one voice in the logs; other ranks report only problems
         logging.getLogger("pipeline_tasks").setLevel(logging.WARNING)
     preempted: list[int] = []  # SIGTERM (Airflow / Kubernetes stop): finish the step, checkpoint, exit

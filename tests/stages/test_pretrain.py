@@ -328,3 +328,13 @@ def test_procs_per_node_runs_local_torchrun_from_the_plain_stage_command(tokens_
     assert "1 x 2 processes under torchrun on this machine" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["steps"] == 6
+
+
+def test_a_rank_configuration_error_exits_2_through_torchrun(tokens_dir, tmp_path):
+    """torchrun reports any failed worker as 1; the stage still exits with the rank's own code."""
+    # 128 tokens per step cannot be split into 2 ranks x 4 x 32: a configuration error inside each rank
+    params_path = make_params(tmp_path, tokens_dir, tokens_per_step=128, procs_per_node=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cli(params_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "must be a multiple of micro_batch_size x block_size x world_size" in proc.stderr.splitlines()[-1]
