@@ -17,6 +17,7 @@ wall seconds of the whole stage (start-up included) and the train-loss differenc
 last step. ``--threads`` sets intra-op threads per process: CPU comparisons give every topology the
 same cores (1x1 with 2 threads vs 1x2 / 2x1 with 1 each on a 2-core machine).
 
+    python bench/multinode_pretrain.py                              # default sources, 1x1 1x2 2x1 (containers)
     python bench/multinode_pretrain.py --workspace WS --topologies 1x1 1x2 2x1
     python bench/multinode_pretrain.py --workspace WS --device cuda --nodes-as processes --topologies 1x1 1x8 2x4
 
@@ -69,6 +70,28 @@ def prepare(source: Path, dst: Path, overrides: dict, nodes: int, procs: int, th
     return dst
 
 
+def docker_answers() -> bool:
+    docker = shutil.which("docker")
+    return bool(docker) and subprocess.run([docker, "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def default_workspace(root: Path) -> Path:
+    """No --workspace: the default sources through ingest -> tokenize (BPE 512, ~1 min) in ``root``."""
+    workspace = root / "source"
+    workspace.mkdir(parents=True)
+    shutil.copy2(ROOT / "params.yaml", workspace / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for stage in ("ingest_wiki", "ingest_news", "prepare", "tokenize"):
+        subprocess.run(
+            [sys.executable, "-m", "pipeline_tasks", stage, "-S", "tokenize.vocab_size=512"],
+            cwd=workspace,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return workspace
+
+
 def run_topology(workspace: Path, nodes: int, procs: int, nodes_as: str, home: Path) -> float:
     env = {
         **os.environ,
@@ -119,7 +142,12 @@ def last_loss(workspace: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workspace", type=Path, required=True, help="folder with params.yaml and the token shards")
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=None,
+        help="folder with params.yaml and the token shards (default: made from the default sources)",
+    )
     parser.add_argument("--topologies", nargs="+", default=["1x1", "1x2", "2x1"])
     parser.add_argument("--nodes-as", choices=("containers", "processes"), default="containers")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -144,10 +172,14 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp:
+        source = args.workspace or default_workspace(Path(tmp))
         for text in args.topologies:
             nodes, procs = _topology(text)
+            if nodes > 1 and args.nodes_as == "containers" and not docker_answers():
+                print(f"{text}: skipped, no Docker engine answers (`docker info`); --nodes-as processes needs none")
+                continue
             threads = args.threads or max(cores // (nodes * procs), 1)
-            workspace = prepare(args.workspace, Path(tmp) / text, overrides, nodes, procs, threads)
+            workspace = prepare(source, Path(tmp) / text, overrides, nodes, procs, threads)
             wall = run_topology(workspace, nodes, procs, args.nodes_as, Path(tmp) / "home")
             metrics = json.loads((workspace / "reports/pretrain/metrics.json").read_text())
             rows.append(
