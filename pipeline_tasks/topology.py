@@ -35,10 +35,14 @@ from pipeline_tasks.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 LAUNCHER_ENV = "LMPIPE_PRETRAIN_LAUNCHER"
-# A failing rank leaves its stage exit code in the workspace every node shares: torchrun reports
-# any failed worker as 1, and a multi-process run should exit 2 on a configuration error, as a
-# single process does. Rank 0 clears it when a run (or a restarted job) starts.
-RANK_FAILURE_FILE = Path(".lmpipe") / "pretrain_rank_failure.json"
+# A failing rank leaves its stage exit code beside the checkpoints, on the volume every node shares:
+# torchrun reports any failed worker as 1, and a multi-process run should exit 2 on a configuration
+# error, as a single process does. Rank 0 clears it when a run (or a restarted job) starts.
+RANK_FAILURE_NAME = ".rank_failure.json"
+
+
+def rank_failure_file(params, workspace: Path = Path()) -> Path:
+    return workspace / params.paths.pretrain_dir / RANK_FAILURE_NAME
 
 
 class DistributedRunFailed(PipelineError):
@@ -50,35 +54,33 @@ class DistributedRunFailed(PipelineError):
 
 
 @contextlib.contextmanager
-def recording_rank_failure(workspace: Path = Path()) -> Iterator[None]:
+def recording_rank_failure(failure_file: Path) -> Iterator[None]:
     """Around a rank's work: record how it failed. A rank's own error (configuration, data) wins
     over what its peers then see (a closed connection), whatever the order they arrive in."""
     try:
         yield
     except (PipelineError, ConfigError) as exc:
         code = 2 if isinstance(exc, ConfigError) else exc.exit_code
-        _record(workspace, {"exit_code": code, "message": str(exc)[:2000], "own_error": True})
+        _record(failure_file, {"exit_code": code, "message": str(exc)[:2000], "own_error": True})
         raise
     except Exception as exc:
-        _record(workspace, {"exit_code": 1, "message": f"{type(exc).__name__}: {exc}"[:2000], "own_error": False})
+        _record(failure_file, {"exit_code": 1, "message": f"{type(exc).__name__}: {exc}"[:2000], "own_error": False})
         raise
 
 
-def _record(workspace: Path, failure: dict) -> None:
-    path = workspace / RANK_FAILURE_FILE
+def _record(path: Path, failure: dict) -> None:
     with contextlib.suppress(OSError, ValueError):
         if path.is_file() and read_json(path).get("own_error") and not failure["own_error"]:
             return
         atomic_write_json(path, {**failure, "rank": int(os.environ.get("RANK", "0"))})
 
 
-def clear_rank_failure(workspace: Path = Path()) -> None:
-    (workspace / RANK_FAILURE_FILE).unlink(missing_ok=True)
+def clear_rank_failure(failure_file: Path) -> None:
+    failure_file.unlink(missing_ok=True)
 
 
-def failure_from_ranks(message: str, workspace: Path = Path(), default_code: int = 1) -> DistributedRunFailed:
+def failure_from_ranks(message: str, path: Path, default_code: int = 1) -> DistributedRunFailed:
     """The error to raise after a failed multi-process run: the failing rank's own code and message."""
-    path = workspace / RANK_FAILURE_FILE
     if not path.is_file():
         return DistributedRunFailed(message, default_code)
     failure = read_json(path)
@@ -122,8 +124,9 @@ def torchrun_command(cfg, stage_argv: Sequence[str], python: str = sys.executabl
     ]
 
 
-def run_torchrun(cfg, stage_argv: Sequence[str]) -> None:
+def run_torchrun(params, stage_argv: Sequence[str]) -> None:
     """Run the stage under local torchrun; rank 0 writes the outputs as in a single process."""
+    cfg = params.pretrain
     command = torchrun_command(cfg, stage_argv)
     logger.info(
         "pretrain: %d x %d processes under torchrun on this machine: %s",
@@ -131,10 +134,12 @@ def run_torchrun(cfg, stage_argv: Sequence[str]) -> None:
         cfg.procs_per_node,
         " ".join(command),
     )
-    clear_rank_failure()
+    clear_rank_failure(rank_failure_file(params))
     result = subprocess.run(command, check=False)
     if result.returncode:
-        raise failure_from_ranks(f"pretrain under torchrun failed (torchrun exit code {result.returncode})")
+        raise failure_from_ranks(
+            f"pretrain under torchrun failed (torchrun exit code {result.returncode})", rank_failure_file(params)
+        )
 
 
 def run_trainjob(params, stage_argv: Sequence[str]) -> None:

@@ -364,7 +364,7 @@ def run_trainjob(
     request: tuple[Any, Any, list],
     *,
     name: str,
-    workspace: Path,
+    failure_file: Path,
     wait_timeout_s: int,
     startup_timeout_s: int,
     poll_s: int,
@@ -398,7 +398,7 @@ def run_trainjob(
         if status not in TERMINAL:
             client.delete_job(name)
             raise TrainJobFailed(f"TrainJob {name} did not finish in {wait_timeout_s} s; it was deleted", 124)
-        raise topology.failure_from_ranks(f"TrainJob {name} failed", workspace, _node_exit_code(client, name))
+        raise topology.failure_from_ranks(f"TrainJob {name} failed", failure_file, _node_exit_code(client, name))
     logger.info("TrainJob %s complete", name)
 
 
@@ -467,7 +467,7 @@ def run_in_containers(
                     client,
                     (tj.runtime, trainer, [Name(name)]),
                     name=name,
-                    workspace=jobdir,
+                    failure_file=topology.rank_failure_file(params, jobdir),
                     wait_timeout_s=tj.wait_timeout_s or 60 * stage_timeout_min("pretrain", orch),
                     startup_timeout_s=tj.startup_timeout_s,
                     poll_s=tj.poll_interval_s,
@@ -505,7 +505,7 @@ def launch_stage(params, stage_argv: Sequence[str] = (), backend: str | None = N
         _client("kubernetes", orch),
         request,
         name=name,
-        workspace=workspace,
+        failure_file=topology.rank_failure_file(params, workspace),
         wait_timeout_s=tj.wait_timeout_s or 60 * stage_timeout_min("pretrain", orch),
         startup_timeout_s=tj.startup_timeout_s,
         poll_s=tj.poll_interval_s,

@@ -201,7 +201,7 @@ class RunContext:
 def run(params, stage_argv: tuple[str, ...] = (), **_options) -> dict[str, Any]:
     mode = topology.launch_mode(params.pretrain)
     if mode == "torchrun":
-        topology.run_torchrun(params.pretrain, stage_argv)
+        topology.run_torchrun(params, stage_argv)
         return summary_from_outputs(params)
     if mode == "trainjob":
         topology.run_trainjob(params, stage_argv)
@@ -214,7 +214,7 @@ def run(params, stage_argv: tuple[str, ...] = (), **_options) -> dict[str, Any]:
             os.environ["WORLD_SIZE"],
         )
     if mode == "rank":
-        with topology.recording_rank_failure():
+        with topology.recording_rank_failure(topology.rank_failure_file(params)):
             return train_this_process(params, rank_of_many=True)
     return train_this_process(params)
 
@@ -223,7 +223,7 @@ def train_this_process(params, rank_of_many: bool = False) -> dict[str, Any]:
     info, device = setup_distributed(params.pretrain.device, params.pretrain.dist_timeout_s)
     if rank_of_many:  # a new run or a restarted job: failures of an earlier attempt are not this one's
         if info.is_main:
-            topology.clear_rank_failure()
+            topology.clear_rank_failure(topology.rank_failure_file(params))
         barrier(info)
     if not info.is_main:  # one voice in the logs; other ranks report only problems
         logging.getLogger("pipeline_tasks").setLevel(logging.WARNING)

@@ -335,6 +335,9 @@ def test_a_rank_configuration_error_exits_2_through_torchrun(tokens_dir, tmp_pat
     # 128 tokens per step cannot be split into 2 ranks x 4 x 32: a configuration error inside each rank
     params_path = make_params(tmp_path, tokens_dir, tokens_per_step=128, procs_per_node=2)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cli(params_path), env=env, capture_output=True, text=True, timeout=300)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = subprocess.run(cli(params_path), env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "must be a multiple of micro_batch_size x block_size x world_size" in proc.stderr.splitlines()[-1]
+    assert not any(cwd.iterdir()), "the rank failure record belongs beside the checkpoints, not in the cwd"
