@@ -166,6 +166,16 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
+def band_keys(signatures, bands: int, rows: int):
+    """``(documents, bands)`` uint64: one key per band, a mixed weighted sum of its signature values."""
+    keys = np.empty((len(signatures), bands), dtype=np.uint64)
+    coef = _coefficients()
+    for band in range(bands):
+        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
+        keys[:, band] = _mix64((block * coef[:rows]).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+    return keys
+
+
 def find_near_duplicates(
     hash_arrays: Sequence, threshold: float, num_perm: int, seed: int, progress: bool | None = None
 ) -> list[NearDuplicate]:
@@ -176,14 +186,8 @@ def find_near_duplicates(
     """
     signatures = minhash_signatures(hash_arrays, num_perm, seed, progress)
     bands, rows = lsh_bands(threshold, num_perm)
-    # one 64-bit key per (document, band): mixed weighted sum of the band's signature values
-    band_keys = np.empty((len(hash_arrays), bands), dtype=np.uint64)
-    coef = _coefficients()
-    for band in range(bands):
-        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        band_keys[:, band] = _mix64((block * coef[:rows]).sum(axis=1, dtype=np.uint64) + np.uint64(band))
     tables: list[dict[int, list[int]]] = [{} for _ in range(bands)]
-    keys = band_keys.tolist()
+    keys = band_keys(signatures, bands, rows).tolist()
     dropped: list[NearDuplicate] = []
     for index, hashes in enumerate(hash_arrays):
         if not len(hashes):

@@ -46,8 +46,20 @@ class PrepareParams:
     lang_scripts: dict[str, Script] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType(dict(DEFAULT_LANG_SCRIPTS))
     )
+    # duckdb: streamed in batches, joins and sorts spill to disk, memory bounded by memory_budget_mb;
+    # pandas: everything in one frame (memory grows with the corpus); both keep the same documents
+    engine: Literal["duckdb", "pandas"] = "duckdb"
+    memory_budget_mb: int = 1024  # working memory of the duckdb engine, above the interpreter's own
+    spill_dir: str | None = None  # scratch for the duckdb engine (null: beside paths.prepared_dir)
+    workers: int = 0  # processes for the duckdb engine's per-document pass (0: one per core)
 
     def __post_init__(self):
+        if self.engine not in ("duckdb", "pandas"):
+            raise ValueError(f"engine must be duckdb or pandas, got {self.engine!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: one per core), got {self.workers}")
+        if self.memory_budget_mb < 64:
+            raise ValueError(f"memory_budget_mb must be >= 64, got {self.memory_budget_mb}")
         if not 0 < self.min_chars <= self.max_chars:
             raise ValueError(f"need 0 < min_chars <= max_chars, got {self.min_chars} and {self.max_chars}")
         if self.max_nonletter_share is not None and not 0 < self.max_nonletter_share <= 1:

@@ -52,6 +52,8 @@ from pipeline_tasks.errors import DataError
 logger = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+# rows per row group of the output files: both engines write the same bytes, and readers can stream them
+OUTPUT_ROW_GROUP_ROWS = 4096
 DROP_REASONS = (
     "missing_id",
     "empty_text",
@@ -73,51 +75,67 @@ def read_raw(dirs: list[Path]):
 
     Returns ``(frame, inputs)`` where ``inputs`` maps each file to its sha256 (for the manifest).
     """
-    schema = prepared_schema()
-    reading_schema = pa.schema([f.with_nullable(True) for f in schema])  # nulls are checked later
     tables, inputs = [], {}
+    for path in raw_files(dirs):
+        table = pq.read_table(path)
+        check_raw_columns(path, table.column_names)
+        read = cast_raw(path, table)
+        tables.append(read.append_column("_file", pa.array([str(path)] * table.num_rows, pa.string())))
+        inputs[str(path)] = sha256_file(path)
+        logger.info("read %s: %d rows", path, table.num_rows)
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        raise DataError(f"no raw documents in {', '.join(map(str, dirs))}; run the ingest stages first")
+    frame = pa.concat_tables(tables).to_pandas()
+    return frame, inputs
+
+
+def raw_files(dirs: list[Path]) -> list[Path]:
+    """Every ``*.parquet`` of ``dirs`` in reading order (folder, then name): the order ties fall back to."""
+    files = []
     for directory in dirs:
         if not directory.is_dir():
             raise DataError(
                 f"{directory}: raw data folder not found; run the ingest stages first "
                 "(python -m pipeline_tasks ingest_wiki / ingest_news)"
             )
-        files = sorted(directory.glob("*.parquet"))
-        if not files:
+        found = sorted(directory.glob("*.parquet"))
+        if not found:
             logger.warning("%s: no *.parquet files", directory)
-        for path in files:
-            table = pq.read_table(path)
-            missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-            if missing:
-                raise DataError(
-                    f"{path}: missing column(s) {missing}; expected the ingest schema in docs/ARCHITECTURE.md"
-                )
-            extra = sorted(set(table.column_names) - set(COLUMNS))
-            if extra:
-                logger.warning("%s: ignoring unknown column(s) %s", path, extra)
-            columns = []
-            for field in schema:
-                if field.name not in table.column_names:
-                    columns.append(pa.nulls(table.num_rows, field.type))
-                    continue
-                column = table.column(field.name)
-                if field.name == "date" and pa.types.is_timestamp(column.type) and column.type.tz is None:
-                    column = column.cast(pa.timestamp(column.type.unit, tz="UTC"))  # naive = UTC
-                try:
-                    # safe=False: Parquet stores second timestamps as ms; truncation is intended
-                    columns.append(column.cast(field.type, safe=False))
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise DataError(
-                        f"{path}: column {field.name!r} of type {column.type} cannot be read as {field.type}: {exc}"
-                    ) from exc
-            read = pa.Table.from_arrays(columns, schema=reading_schema)
-            tables.append(read.append_column("_file", pa.array([str(path)] * table.num_rows, pa.string())))
-            inputs[str(path)] = sha256_file(path)
-            logger.info("read %s: %d rows", path, table.num_rows)
-    if not tables or sum(t.num_rows for t in tables) == 0:
-        raise DataError(f"no raw documents in {', '.join(map(str, dirs))}; run the ingest stages first")
-    frame = pa.concat_tables(tables).to_pandas()
-    return frame, inputs
+        files.extend(found)
+    return files
+
+
+def check_raw_columns(path: Path, names: list[str]) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected the ingest schema in docs/ARCHITECTURE.md")
+    extra = sorted(set(names) - set(COLUMNS))
+    if extra:
+        logger.warning("%s: ignoring unknown column(s) %s", path, extra)
+
+
+def reading_schema() -> pa.Schema:
+    return pa.schema([f.with_nullable(True) for f in prepared_schema()])  # nulls are checked later
+
+
+def cast_raw(path: Path, table) -> pa.Table:
+    """A raw table (or record batch) of ``path`` as :func:`reading_schema`: absent optional columns null."""
+    columns = []
+    for field in prepared_schema():
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        if field.name == "date" and pa.types.is_timestamp(column.type) and column.type.tz is None:
+            column = column.cast(pa.timestamp(column.type.unit, tz="UTC"))  # naive = UTC
+        try:
+            # safe=False: Parquet stores second timestamps as ms; truncation is intended
+            columns.append(column.cast(field.type, safe=False))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(
+                f"{path}: column {field.name!r} of type {column.type} cannot be read as {field.type}: {exc}"
+            ) from exc
+    return pa.Table.from_arrays(columns, schema=reading_schema())
 
 
 def _fixed_splits(df):
@@ -311,7 +329,7 @@ def compute_stats(
 def write_table(frame, schema, path: Path) -> None:
     """Write ``frame`` with the explicit ``schema``; no pandas metadata, so bytes depend on data only."""
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
-    pq.write_table(table.replace_schema_metadata(None), path, compression="zstd")
+    pq.write_table(table.replace_schema_metadata(None), path, compression="zstd", row_group_size=OUTPUT_ROW_GROUP_ROWS)
 
 
 def dropped_schema():
@@ -330,17 +348,23 @@ def dropped_schema():
 def run(params, **_options) -> dict[str, Any]:
     p, paths = params.prepare, params.paths
     started = time.perf_counter()
-    frame, inputs = read_raw([Path(paths.raw_wiki_dir), Path(paths.raw_news_dir)])
-    read_s = time.perf_counter() - started
-    kept, dropped, stats = prepare_documents(frame, p)
-    core_s = time.perf_counter() - started - read_s
-    schema = prepared_schema()
-    rows = {split: int((kept["split"] == split).sum()) for split in SPLITS}
+    raw_dirs = [Path(paths.raw_wiki_dir), Path(paths.raw_news_dir)]
     with atomic_dir(paths.prepared_dir) as tmp:
-        for split in SPLITS:
-            write_table(kept[kept["split"] == split], schema, tmp / f"{split}.parquet")
-        write_table(dropped, dropped_schema(), tmp / "dropped.parquet")
-        seconds = {"read": round(read_s, 2), "core": round(core_s, 2), "total": round(time.perf_counter() - started, 2)}
+        if p.engine == "duckdb":
+            from pipeline_tasks.dataset.prepare_outofcore import prepare_into
+
+            rows, stats, inputs, seconds = prepare_into(raw_dirs, tmp, p, dropped_schema(), Path(paths.prepared_dir))
+        else:
+            frame, inputs = read_raw(raw_dirs)
+            read_s = time.perf_counter() - started
+            kept, dropped, stats = prepare_documents(frame, p)
+            seconds = {"read": round(read_s, 2), "core": round(time.perf_counter() - started - read_s, 2)}
+            del frame
+            rows = {split: int((kept["split"] == split).sum()) for split in SPLITS}
+            for split in SPLITS:
+                write_table(kept[kept["split"] == split], prepared_schema(), tmp / f"{split}.parquet")
+            write_table(dropped, dropped_schema(), tmp / "dropped.parquet")
+        seconds = {"engine": p.engine, **seconds, "total": round(time.perf_counter() - started, 2)}
         write_manifest(tmp, "prepare", p, inputs, extra={"rows": rows, "dropped": stats["dropped"], "seconds": seconds})
     stats_path = Path(paths.prepare_reports_dir) / "stats.json"
     atomic_write_json(stats_path, stats)

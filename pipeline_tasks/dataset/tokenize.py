@@ -112,7 +112,9 @@ def iter_documents(
 ) -> Iterator[tuple[list[str], list[str], list[int]]]:
     """Batches of (texts, sources, utf8 byte lengths) of non-empty documents of the chosen kinds."""
     try:
-        parquet = pq.ParquetFile(path)
+        # no pre-buffering: pyarrow would otherwise cache the ranges of many row groups ahead, and
+        # memory would grow with the split instead of staying at a batch
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: cannot read Parquet ({exc}); re-run the prepare stage") from exc
     missing = {"text", "kind", "source"} - set(parquet.schema_arrow.names)
@@ -120,7 +122,7 @@ def iter_documents(
         raise DataError(
             f"{path}: missing column(s) {sorted(missing)}; expected the prepared schema (docs/ARCHITECTURE.md, prepare)"
         )
-    for batch in parquet.iter_batches(batch_size=batch_size, columns=["text", "kind", "source"]):
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=["text", "kind", "source"], use_threads=False):
         keep = pc.and_(
             pc.is_in(batch.column("kind"), value_set=pa.array(list(kinds))),
             pc.greater(pc.fill_null(pc.utf8_length(batch.column("text")), 0), 0),
