@@ -86,6 +86,9 @@ def decompressed_bytes(path: Path) -> int:
     return total
 
 
+OVERRIDES: list[str] = []  # --set
+
+
 def build_workspace(k: int, root: Path) -> tuple[Path, dict]:
     """Scaled sources under ``root/corpus``, a workspace ``root/ws`` with its ``params.yaml``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -100,6 +103,10 @@ def build_workspace(k: int, root: Path) -> tuple[Path, dict]:
             files[spec["name"]] = {"bytes": tree_bytes(dst), "decompressed_bytes": decompressed_bytes(dst), **plan}
         params[stage]["sources"] = sources
         corpus[stage] = files
+    for override in OVERRIDES:  # e.g. prepare.memory_budget_mb=256
+        dotted, value = override.split("=", 1)
+        section, key = dotted.split(".", 1)
+        params[section][key] = yaml.safe_load(value)
     ws = root / "ws"
     ws.mkdir()
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -387,7 +394,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="multiples of the default corpus")
     parser.add_argument("--keep", action="store_true", help="keep the temp workspaces (printed)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="params override (repeatable)"
+    )
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "data_scaling.json"))
     args = parser.parse_args()
+    OVERRIDES.extend(args.set)
     ncores = psutil.cpu_count()
     tmp_ctx = tempfile.TemporaryDirectory(prefix="data_scaling_")
     tmp = Path(tmp_ctx.name)
@@ -404,7 +416,8 @@ def main() -> None:
         "runs": runs,
         "projection": projection,
     }
-    out = REPO / "bench" / "results" / "data_scaling.json"
+    result["overrides"] = args.set
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     print(f"\nwrote {out}")

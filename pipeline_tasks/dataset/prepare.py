@@ -25,6 +25,10 @@ Outputs: ``paths.prepared_dir/{train,val,test}.parquet`` (the contract of
 ``paths.prepare_reports_dir/stats.json`` (DVC metrics: counts per source and reason, length
 quantiles, language and script shares, split sizes, labels per split).
 
+Engines (``prepare.engine``): ``duckdb`` (default, :mod:`pipeline_tasks.dataset.prepare_outofcore`)
+streams the corpus and keeps memory within ``prepare.memory_budget_mb``; ``pandas`` runs
+:func:`prepare_documents` on one in-memory frame. Both write the same bytes.
+
 Params: section ``prepare`` (:class:`~pipeline_tasks.dataset.params.PrepareParams`).
 Command: ``python -m pipeline_tasks prepare``.
 """

@@ -233,7 +233,7 @@ def write_features(dirs: list[Path], scratch: Path, params: PrepareParams) -> tu
         else:
             job_params = dataclasses.replace(params, lang_scripts={})  # a mapping proxy does not pickle
             pool = stack.enter_context(
-                concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+                concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             )
             in_flight: collections.deque = collections.deque()
             for path, table in batches:
@@ -374,12 +374,10 @@ def _signature_matrix(column, num_perm: int):
 # Pass 4: outputs and statistics
 
 
-def write_outputs(con, scratch: Path, out_dir: Path, dropped_schema: pa.Schema, budget_mb: int) -> dict[str, int]:
-    """Split files sorted by id (an external merge sort, below) and ``dropped.parquet`` (DuckDB)."""
+def export_decisions(con, scratch: Path, out_dir: Path, dropped_schema: pa.Schema) -> Path:
+    """``dropped.parquet`` into ``out_dir``, and the kept rows' (pos, split, source) for the merge sort."""
     kept_path = scratch / "kept.parquet"
     con.execute(f"COPY (SELECT pos, split, source FROM docs WHERE reason IS NULL ORDER BY pos) TO '{kept_path}'")
-    runs = sorted_runs(scratch, kept_path, run_bytes=budget_mb * 2**20 // 8)
-    rows = {split: merge_runs(runs[split], out_dir / f"{split}.parquet") for split in SPLITS}
     _write_query(
         con.sql(
             """SELECT id, source, split, reason, duplicate_of, similarity FROM docs WHERE reason IS NOT NULL
@@ -390,7 +388,13 @@ def write_outputs(con, scratch: Path, out_dir: Path, dropped_schema: pa.Schema, 
         dropped_schema,
         out_dir / "dropped.parquet",
     )
-    return rows
+    return kept_path
+
+
+def write_splits(scratch: Path, kept_path: Path, out_dir: Path, budget_mb: int) -> dict[str, int]:
+    """The split files sorted by id: sorted runs holding a quarter of the budget, then the merge."""
+    runs = sorted_runs(scratch, kept_path, run_bytes=budget_mb * 2**20 // 4)
+    return {split: merge_runs(runs[split], out_dir / f"{split}.parquet") for split in SPLITS}
 
 
 # DuckDB's own ORDER BY of the wide rows (text) could not stay under small memory limits here
@@ -403,7 +407,7 @@ def sorted_runs(scratch: Path, kept_path: Path, run_bytes: int) -> dict[str, lis
     schema = prepared_schema()
     runs: dict[str, list[Path]] = {split: [] for split in SPLITS}
     buffers: dict[str, list[pa.Table]] = {split: [] for split in SPLITS}
-    sizes = dict.fromkeys(SPLITS, 0)
+    sizes = dict.fromkeys(SPLITS, 0)  # run_bytes is shared: the fullest split is flushed first
 
     def flush(split: str) -> None:
         if not buffers[split]:
@@ -443,8 +447,8 @@ def sorted_runs(scratch: Path, kept_path: Path, run_bytes: int) -> dict[str, lis
             if part.num_rows:
                 buffers[split].append(part)
                 sizes[split] += part.nbytes
-                if sizes[split] >= run_bytes:
-                    flush(split)
+        while sum(sizes.values()) >= run_bytes:
+            flush(max(sizes, key=sizes.get))
     for split in SPLITS:
         flush(split)
     return runs
@@ -664,11 +668,12 @@ def prepare_into(
             apply_drops(con, scratch, params)
             drops_s = time.perf_counter() - started - features_s
             logger.info("prepare: drops and near duplicates (peak RSS %d MB)", _peak_mb())
-            rows = write_outputs(con, scratch, out_dir, dropped_schema, params.memory_budget_mb)
-            logger.info("prepare: outputs written (peak RSS %d MB)", _peak_mb())
+            kept_path = export_decisions(con, scratch, out_dir, dropped_schema)
             stats = compute_stats(con, params)
         finally:
-            con.close()
+            con.close()  # DuckDB's buffers go before the sort takes its share of the budget
+        rows = write_splits(scratch, kept_path, out_dir, params.memory_budget_mb)
+        logger.info("prepare: outputs written (peak RSS %d MB)", _peak_mb())
     seconds = {
         "features": round(features_s, 2),
         "dedup": round(drops_s, 2),

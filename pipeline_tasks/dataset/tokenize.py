@@ -108,9 +108,10 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def iter_documents(
-    path: Path, kinds: tuple[str, ...], batch_size: int
+    path: Path, kinds: tuple[str, ...], batch_size: int, max_batch_bytes: int = 2 << 20
 ) -> Iterator[tuple[list[str], list[str], list[int]]]:
-    """Batches of (texts, sources, utf8 byte lengths) of non-empty documents of the chosen kinds."""
+    """Batches of (texts, sources, utf8 byte lengths) of non-empty documents of the chosen kinds:
+    at most ``batch_size`` documents and, unless one document is larger, ``max_batch_bytes`` of text."""
     try:
         # no pre-buffering: pyarrow would otherwise cache the ranges of many row groups ahead, and
         # memory would grow with the split instead of staying at a batch
@@ -128,9 +129,19 @@ def iter_documents(
             pc.greater(pc.fill_null(pc.utf8_length(batch.column("text")), 0), 0),
         )
         batch = batch.filter(keep)
-        if batch.num_rows:
-            texts = batch.column("text").to_pylist()
-            yield texts, batch.column("source").to_pylist(), pc.binary_length(batch.column("text")).to_pylist()
+        if not batch.num_rows:
+            continue
+        texts, sources = batch.column("text").to_pylist(), batch.column("source").to_pylist()
+        lengths = pc.binary_length(batch.column("text")).to_pylist()
+        # also cut by bytes: encoding takes ~50 MB per MB of text here, so 1,024 long articles in a row (the
+        # sorted split puts one wiki source's pages together) would need a GB at once
+        start, size = 0, 0
+        for end, n_bytes in enumerate(lengths):
+            if size and size + n_bytes > max_batch_bytes:
+                yield texts[start:end], sources[start:end], lengths[start:end]
+                start, size = end, 0
+            size += n_bytes
+        yield texts[start:], sources[start:], lengths[start:]
 
 
 def training_sample(path: Path, params: TokenizeParams, seed: int) -> Iterator[list[str]]:

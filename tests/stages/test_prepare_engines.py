@@ -138,6 +138,7 @@ def test_duckdb_engine_peak_memory_is_bounded_by_the_budget_not_by_the_corpus(te
     small = _peak_rss_mb(_prepare_command(text_workspaces[40], "duckdb"), text_workspaces[40])
     large = _peak_rss_mb(_prepare_command(text_workspaces[200], "duckdb"), text_workspaces[200])
     report = f"imports {imports} MB, 40 MB of text {small} MB, 200 MB of text {large} MB (budget {BUDGET_MB})"
+    print(report)
     assert large <= imports + BUDGET_MB + MARGIN_MB, report
     assert large <= 1.25 * small, report  # 5x the text: flat, not growing with the corpus
 
