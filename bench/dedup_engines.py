@@ -105,7 +105,8 @@ def ingest_raw(workspace: Path, python: str) -> list[Path]:
 
 def base_rows(raw_dirs: list[Path], params):
     """Raw rows after prepare's own filters (what its dedup steps see), columns id/text/label/split."""
-    from pipeline_tasks.dataset.prepare import SPLIT_ALIASES, read_raw
+    from pipeline_tasks.dataset.prepare import read_raw
+    from pipeline_tasks.dataset.rawdocs import SPLIT_ALIASES
     from pipeline_tasks.dataset.textstats import char_profile, normalize_key
 
     frame, _ = read_raw(raw_dirs)

@@ -41,7 +41,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,26 +48,21 @@ import pyarrow.parquet as pq
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
 from pipeline_tasks.dataset.dedup import find_near_duplicates, shingle_hashes
 from pipeline_tasks.dataset.params import PrepareParams
-from pipeline_tasks.dataset.prepared import COLUMNS, REQUIRED_COLUMNS, SPLITS, hash_split, prepared_schema
+from pipeline_tasks.dataset.prepared import COLUMNS, SPLITS, hash_split, prepared_schema
+from pipeline_tasks.dataset.rawdocs import (
+    DROP_REASONS,
+    OUTPUT_ROW_GROUP_ROWS,
+    cast_raw,
+    check_raw_columns,
+    dropped_schema,
+    fixed_splits,
+    length_quantiles,
+    raw_files,
+)
 from pipeline_tasks.dataset.textstats import SCRIPTS, char_profile, normalize_key
 from pipeline_tasks.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
-# rows per row group of the output files: both engines write the same bytes, and readers can stream them
-OUTPUT_ROW_GROUP_ROWS = 4096
-DROP_REASONS = (
-    "missing_id",
-    "empty_text",
-    "duplicate_id",
-    "too_short",
-    "too_long",
-    "nonletter",
-    "exact_duplicate",
-    "near_duplicate",
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Reading the raw tables
@@ -91,70 +85,6 @@ def read_raw(dirs: list[Path]):
         raise DataError(f"no raw documents in {', '.join(map(str, dirs))}; run the ingest stages first")
     frame = pa.concat_tables(tables).to_pandas()
     return frame, inputs
-
-
-def raw_files(dirs: list[Path]) -> list[Path]:
-    """Every ``*.parquet`` of ``dirs`` in reading order (folder, then name): the order ties fall back to."""
-    files = []
-    for directory in dirs:
-        if not directory.is_dir():
-            raise DataError(
-                f"{directory}: raw data folder not found; run the ingest stages first "
-                "(python -m pipeline_tasks ingest_wiki / ingest_news)"
-            )
-        found = sorted(directory.glob("*.parquet"))
-        if not found:
-            logger.warning("%s: no *.parquet files", directory)
-        files.extend(found)
-    return files
-
-
-def check_raw_columns(path: Path, names: list[str]) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected the ingest schema in docs/ARCHITECTURE.md")
-    extra = sorted(set(names) - set(COLUMNS))
-    if extra:
-        logger.warning("%s: ignoring unknown column(s) %s", path, extra)
-
-
-def reading_schema() -> pa.Schema:
-    return pa.schema([f.with_nullable(True) for f in prepared_schema()])  # nulls are checked later
-
-
-def cast_raw(path: Path, table) -> pa.Table:
-    """A raw table (or record batch) of ``path`` as :func:`reading_schema`: absent optional columns null."""
-    columns = []
-    for field in prepared_schema():
-        if field.name not in table.column_names:
-            columns.append(pa.nulls(table.num_rows, field.type))
-            continue
-        column = table.column(field.name)
-        if field.name == "date" and pa.types.is_timestamp(column.type) and column.type.tz is None:
-            column = column.cast(pa.timestamp(column.type.unit, tz="UTC"))  # naive = UTC
-        try:
-            # safe=False: Parquet stores second timestamps as ms; truncation is intended
-            columns.append(column.cast(field.type, safe=False))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise DataError(
-                f"{path}: column {field.name!r} of type {column.type} cannot be read as {field.type}: {exc}"
-            ) from exc
-    return pa.Table.from_arrays(columns, schema=reading_schema())
-
-
-def _fixed_splits(df):
-    """Normalised fixed split per row (None where the source declares none); bad values fail."""
-    raw = df["split"].where(df["split"].notna(), None)
-    cleaned = raw.map(lambda v: None if v is None or not str(v).strip() else str(v).strip().lower())
-    mapped = cleaned.map(lambda v: None if v is None else SPLIT_ALIASES.get(v, "?"))
-    bad = mapped == "?"
-    if bad.any():
-        row = df.loc[bad].iloc[0]
-        raise DataError(
-            f"{row['_file']}: record {row['id']!r}: split {row['split']!r} is not one of "
-            f"{sorted(SPLIT_ALIASES)} ({int(bad.sum())} such rows); fix the source's `split`"
-        )
-    return mapped
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +122,7 @@ def prepare_documents(frame, params: PrepareParams, progress: bool | None = None
             logger.info("dropped %d rows: %s", len(gone), reason)
 
     # split first, so every dropped row records the split it would have had
-    df["_fixed"] = _fixed_splits(df)
+    df["_fixed"] = fixed_splits(df)
     drop(df["id"].isna() | (df["id"].astype(str).str.strip() == ""), "missing_id")
     hashed = df["id"].map(lambda i: hash_split(i, params.salt, params.val_fraction, params.test_fraction))
     df["split"] = df["_fixed"].where(df["_fixed"].notna(), hashed)
@@ -241,19 +171,6 @@ def prepare_documents(frame, params: PrepareParams, progress: bool | None = None
     dropped = dropped.sort_values(["reason", "id"], kind="mergesort").reset_index(drop=True)
     stats = compute_stats(kept, dropped, counts_in, params, SCRIPTS)
     return kept[list(COLUMNS)], dropped, stats
-
-
-def _quantiles(values) -> dict[str, float]:
-    if len(values) == 0:
-        return {"p5": 0.0, "p50": 0.0, "p95": 0.0, "mean": 0.0, "max": 0.0}
-    p5, p50, p95 = np.percentile(values, [5, 50, 95])
-    return {
-        "p5": round(float(p5), 1),
-        "p50": round(float(p50), 1),
-        "p95": round(float(p95), 1),
-        "mean": round(float(np.mean(values)), 1),
-        "max": float(np.max(values)),
-    }
 
 
 def compute_stats(
@@ -318,7 +235,7 @@ def compute_stats(
         "dedup": dedup,
         "sources": sources,
         "length_chars": {
-            kind: _quantiles(group["_chars"].to_numpy())
+            kind: length_quantiles(group["_chars"].to_numpy())
             for kind, group in kept.groupby(kept["kind"].fillna("<none>"), sort=True)
         },
         "lang": langs,
@@ -334,19 +251,6 @@ def write_table(frame, schema, path: Path) -> None:
     """Write ``frame`` with the explicit ``schema``; no pandas metadata, so bytes depend on data only."""
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     pq.write_table(table.replace_schema_metadata(None), path, compression="zstd", row_group_size=OUTPUT_ROW_GROUP_ROWS)
-
-
-def dropped_schema():
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("source", pa.string()),
-            ("split", pa.string()),
-            ("reason", pa.string()),
-            ("duplicate_of", pa.string()),
-            ("similarity", pa.float64()),
-        ]
-    )
 
 
 def run(params, **_options) -> dict[str, Any]:

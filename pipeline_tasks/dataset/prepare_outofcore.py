@@ -67,17 +67,17 @@ import pyarrow.parquet as pq
 from pipeline_tasks.artifacts import sha256_file
 from pipeline_tasks.dataset.dedup import band_keys, lsh_bands, minhash_signatures, shingle_hashes
 from pipeline_tasks.dataset.params import PrepareParams
-from pipeline_tasks.dataset.prepare import (
+from pipeline_tasks.dataset.prepared import COLUMNS, SPLITS, hash_split, prepared_schema
+from pipeline_tasks.dataset.rawdocs import (
     DROP_REASONS,
     OUTPUT_ROW_GROUP_ROWS,
-    _fixed_splits,
-    _quantiles,
     cast_raw,
     check_raw_columns,
+    fixed_splits,
+    length_quantiles,
     raw_files,
     reading_schema,
 )
-from pipeline_tasks.dataset.prepared import COLUMNS, SPLITS, hash_split, prepared_schema
 from pipeline_tasks.dataset.textstats import SCRIPTS, char_profile, normalize_key
 from pipeline_tasks.errors import DataError
 
@@ -147,7 +147,7 @@ def batch_features(table: pa.Table, path: Path, first_pos: int, params: PrepareP
     df = table.select(["id", "source", "split", "label", "lang", "kind", "text"]).to_pandas()
     n = len(df)
     df["_file"] = str(path)
-    fixed = _fixed_splits(df)  # a bad split value fails here, naming the file and the record
+    fixed = fixed_splits(df)  # a bad split value fails here, naming the file and the record
     ids = df["id"]
     missing = (ids.isna() | (ids.astype(str).str.strip() == "")).to_numpy()
     split = [
@@ -627,7 +627,7 @@ def compute_stats(con, params: PrepareParams) -> dict[str, Any]:
         chars = con.execute(
             "SELECT chars FROM docs WHERE reason IS NULL AND coalesce(kind, '<none>') = ?", [kind]
         ).fetchnumpy()["chars"]
-        length_chars[kind] = _quantiles(np.asarray(chars))
+        length_chars[kind] = length_quantiles(np.asarray(chars))
     return {
         "docs": {"in": int(sum(counts_in.values())), "out": int(n_out), "dropped": int(n_dropped)},
         "dropped": {r: int(by_reason.get(r, 0)) for r in DROP_REASONS},

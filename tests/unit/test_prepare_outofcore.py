@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_tasks.dataset.prepare import OUTPUT_ROW_GROUP_ROWS
 from pipeline_tasks.dataset.prepare_outofcore import MERGE_BATCH_ROWS, _signature_matrix, merge_runs
 from pipeline_tasks.dataset.prepared import COLUMNS, prepared_schema
+from pipeline_tasks.dataset.rawdocs import OUTPUT_ROW_GROUP_ROWS
 
 
 def _run(path, ids):
