@@ -108,6 +108,7 @@ SECTIONS: dict[str, str] = {
     "monitor": "pipeline_tasks.monitor.params:MonitorParams",
     "register": "pipeline_tasks.registry.params:RegisterParams",
     "orchestration": "pipeline_tasks.orchestration.settings:OrchestrationParams",
+    "executor": "pipeline_tasks.executor:ExecutorParams",
 }
 SCALAR_SECTIONS: dict[str, type] = {"seed": int, "project": str}
 

@@ -260,8 +260,11 @@ def run(params, **_options) -> dict[str, Any]:
     with atomic_dir(paths.prepared_dir) as tmp:
         if p.engine == "duckdb":
             from pipeline_tasks.dataset.prepare_outofcore import prepare_into
+            from pipeline_tasks.executor import executor_params
 
-            rows, stats, inputs, seconds = prepare_into(raw_dirs, tmp, p, dropped_schema(), Path(paths.prepared_dir))
+            rows, stats, inputs, seconds = prepare_into(
+                raw_dirs, tmp, p, dropped_schema(), Path(paths.prepared_dir), executor_params(params)
+            )
         else:
             frame, inputs = read_raw(raw_dirs)
             read_s = time.perf_counter() - started

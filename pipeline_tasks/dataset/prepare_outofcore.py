@@ -41,13 +41,10 @@ duplicates: probability about ``n**2 / 2**129``.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
 import logging
-import multiprocessing
 import os
 import resource
 import shutil
@@ -80,6 +77,7 @@ from pipeline_tasks.dataset.rawdocs import (
 )
 from pipeline_tasks.dataset.textstats import SCRIPTS, char_profile, normalize_key
 from pipeline_tasks.errors import DataError
+from pipeline_tasks.executor import ExecutorParams, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +208,12 @@ def batch_features(table: pa.Table, path: Path, first_pos: int, params: PrepareP
     )
 
 
-def write_features(dirs: list[Path], scratch: Path, params: PrepareParams) -> tuple[int, dict[str, str]]:
-    """Pass 1. With ``prepare.workers`` > 1 the batches go to a process pool, a bounded number in
-    flight, and come back in order, so positions and outputs do not depend on the worker count."""
+def write_features(
+    dirs: list[Path], scratch: Path, params: PrepareParams, executor: ExecutorParams
+) -> tuple[int, dict[str, str]]:
+    """Pass 1. The batches go to the executor (:func:`pipeline_tasks.executor.ordered_map`: a process
+    pool of ``prepare.workers``, or Ray), a bounded number in flight, and come back in order, so
+    positions and outputs depend neither on the executor nor on the worker count."""
     inputs: dict[str, str] = {}
     bands = lsh_bands(params.near_dup_threshold, params.num_perm)
     workers = params.workers or os.cpu_count() or 1
@@ -225,25 +226,17 @@ def write_features(dirs: list[Path], scratch: Path, params: PrepareParams) -> tu
         features_out = stack.enter_context(
             pq.ParquetWriter(scratch / "features.parquet", features_schema(params.num_perm))
         )
-        if workers == 1:
+        job_params = dataclasses.replace(params, lang_scripts={})  # a mapping proxy does not pickle
+
+        def jobs():
+            nonlocal total
             for path, table in batches:
                 rows_out.write_table(_with_positions(table, total))
-                features_out.write_table(batch_features(table, path, total, params, bands))
+                yield table, path, total, job_params, bands
                 total += table.num_rows
-        else:
-            job_params = dataclasses.replace(params, lang_scripts={})  # a mapping proxy does not pickle
-            pool = stack.enter_context(
-                concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            )
-            in_flight: collections.deque = collections.deque()
-            for path, table in batches:
-                rows_out.write_table(_with_positions(table, total))
-                in_flight.append(pool.submit(batch_features, table, path, total, job_params, bands))
-                total += table.num_rows
-                if len(in_flight) >= 2 * workers:
-                    features_out.write_table(in_flight.popleft().result())
-            while in_flight:
-                features_out.write_table(in_flight.popleft().result())
+
+        for features in ordered_map(batch_features, jobs(), params=executor, workers=workers):
+            features_out.write_table(features)
     if total == 0:
         raise DataError(f"no raw documents in {', '.join(map(str, dirs))}; run the ingest stages first")
     return total, inputs
@@ -655,12 +648,17 @@ def scratch_folder(params: PrepareParams, prepared_dir: Path) -> Iterator[Path]:
 
 
 def prepare_into(
-    dirs: list[Path], out_dir: Path, params: PrepareParams, dropped_schema: pa.Schema, prepared_dir: Path
+    dirs: list[Path],
+    out_dir: Path,
+    params: PrepareParams,
+    dropped_schema: pa.Schema,
+    prepared_dir: Path,
+    executor: ExecutorParams | None = None,
 ) -> tuple[dict[str, int], dict[str, Any], dict[str, str], Mapping[str, float]]:
     """Write ``{train,val,test,dropped}.parquet`` into ``out_dir``; return rows, stats, inputs, seconds."""
     started = time.perf_counter()
     with scratch_folder(params, prepared_dir) as scratch:
-        total, inputs = write_features(dirs, scratch, params)
+        total, inputs = write_features(dirs, scratch, params, executor or ExecutorParams())
         features_s = time.perf_counter() - started
         logger.info("prepare: features of %d documents in %.1f s (peak RSS %d MB)", total, features_s, _peak_mb())
         con = _connect(scratch, params.memory_budget_mb)

@@ -181,7 +181,7 @@ def write_records(
     records, opts: newsformats.RowOptions, stats: newsformats.SourceStats, writer, quarantine, limit: int | None = None
 ) -> None:
     """Clean each record into ``writer`` (in batches) or a quarantine line; counts go to ``stats``."""
-    seen: set[str] = set()
+    seen = newsformats.SeenKeys()  # 16 bytes per record: ids of a 10 M-row source fit
     batch: list[dict[str, Any]] = []
     for record in tqdm(records, desc=opts.source, unit=" rec", disable=None):
         try:

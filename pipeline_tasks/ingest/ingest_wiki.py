@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "ingest_wiki"
 ROW_GROUP_ROWS = 5_000
-ROW_GROUP_CHARS = 32_000_000  # ~32-100 MB of text per row group
+ROW_GROUP_CHARS = 8_000_000  # ~8-25 MB of text per row group: the buffer is the stage's largest memory cost
 LOG_EVERY_S = 30.0
 AUTO_POOL_BZ2_WORKERS = 2
 POOL_STOP_S = 10.0  # a terminated pool stops in well under a second unless it is deadlocked

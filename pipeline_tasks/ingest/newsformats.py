@@ -154,6 +154,53 @@ def stable_key(values: Iterable[str]) -> str:
     return hashlib.sha1("\x1f".join(values).encode("utf-8")).hexdigest()
 
 
+class SeenKeys:
+    """The set of keys seen so far, in 16 bytes per key instead of a Python set of strings (~170).
+
+    A key is kept as its blake2b-128 digest (two different keys collide with probability about
+    ``n**2 / 2**129``). New digests wait in a small set; every PENDING_KEYS they become a sorted numpy
+    run, and a run merges into the one before it while that one is at most twice its size, so there
+    are O(log n) runs and each digest is re-sorted O(log n) times. 10 M news rows hold 160 MB.
+    """
+
+    PENDING_KEYS = 65_536
+
+    def __init__(self) -> None:
+        import numpy  # here, not at the top: loading params (which imports this module) stays light
+
+        self._np = numpy
+        self._pending: set[bytes] = set()
+        self._runs: list = []  # sorted |V16 numpy arrays, sizes decreasing
+
+    @staticmethod
+    def _digest(key: str) -> bytes:
+        return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def __len__(self) -> int:
+        return len(self._pending) + sum(len(run) for run in self._runs)
+
+    def __contains__(self, key: str) -> bool:
+        digest = self._digest(key)
+        if digest in self._pending:
+            return True
+        probe = self._np.frombuffer(digest, dtype="V16")
+        for run in self._runs:
+            at = int(self._np.searchsorted(run, probe[0]))
+            if at < len(run) and run[at] == probe[0]:
+                return True
+        return False
+
+    def add(self, key: str) -> None:
+        self._pending.add(self._digest(key))
+        if len(self._pending) >= self.PENDING_KEYS:
+            np = self._np
+            self._runs.append(np.sort(np.frombuffer(b"".join(self._pending), dtype="V16")))
+            self._pending.clear()
+            while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+                newest = self._runs.pop()
+                self._runs[-1] = np.sort(np.concatenate([self._runs[-1], newest]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------------------------

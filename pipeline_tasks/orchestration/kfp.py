@@ -15,6 +15,9 @@ pipeline_tasks STAGE`` (the stage's own dvc.yaml ``cmd`` after ``--``). Wiring:
   of ``orchestration.kubernetes.gpu_resources``; the others request ``cpu_resources``;
 * ``--mlflow-tracking-uri`` sets ``MLFLOW_TRACKING_URI`` on every step (``register`` needs a shared
   registry: a pod's local disk is gone after the step);
+* ``--ray-address`` sets ``RAY_ADDRESS`` on the data steps (``orchestration.data_stages``) and pins
+  ``executor.kind=ray`` in the run's params: their per-batch work runs on that Ray cluster
+  (:mod:`pipeline_tasks.executor`, docs/RUN_ON_RAY.md);
 * ``pretrain.nodes > 1``: ``pretrain`` is a Python component (:func:`pretrain`) that launches a
   Kubeflow Trainer TrainJob (:mod:`pipeline_tasks.orchestration.trainjob`). TrainJob pods cannot
   see a step's local artifacts, so the pipeline gets a KFP workspace (a per-run ReadWriteMany PVC at
@@ -184,6 +187,7 @@ def build_pipeline(
     pretrain_topology: tuple[int, int] = (1, 1),
     workspace_size: str = "100Gi",
     workspace_storage_class: str = "",
+    ray_address: str = "",
 ):
     """The ``@dsl.pipeline`` function for the stages of ``dvc_file``.
 
@@ -195,6 +199,8 @@ def build_pipeline(
     trainjob = nodes > 1 and TRAINJOB_STAGE in stages
     # the run trains with the topology this pipeline was built for, whatever the image's params say
     pinned = ["-S", f"pretrain.nodes={nodes}", "-S", f"pretrain.procs_per_node={procs_per_node}"] if trainjob else []
+    if ray_address:  # the cluster this pipeline was built for: a run does not fall back to local
+        pinned += ["-S", "executor.kind=ray"]
 
     def init_args(params_overrides, workspace_out):
         return [
@@ -247,6 +253,8 @@ def build_pipeline(
                 resources = None
             task.set_display_name(name)
             _configure(task, orch, name in GPU_STAGES, mlflow_tracking_uri, resources)
+            if ray_address and name in orch.data_stages:
+                task.set_env_variable("RAY_ADDRESS", ray_address)
             previous = task
 
     return pipeline
@@ -296,6 +304,12 @@ def add_kfp_compile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dvc-file", default="dvc.yaml", help="stage graph to compile")
     parser.add_argument("--mlflow-tracking-uri", default="", help="MLFLOW_TRACKING_URI of every step")
     parser.add_argument(
+        "--ray-address",
+        default="",
+        help="run the data stages' per-batch work on this Ray cluster (RAY_ADDRESS of the data steps, "
+        "executor.kind=ray), e.g. ray://lmpipe-ray-head-svc:10001",
+    )
+    parser.add_argument(
         "--workspace-size",
         default="100Gi",
         help="pretrain.nodes > 1: size of the run's shared workspace PVC (the workspace is copied there)",
@@ -321,6 +335,7 @@ def cli_kfp_compile(args: argparse.Namespace) -> int:
         image=args.image,
         gpu_image=args.gpu_image,
         mlflow_tracking_uri=args.mlflow_tracking_uri,
+        ray_address=args.ray_address,
         pretrain_topology=topology,
         workspace_size=args.workspace_size,
         workspace_storage_class=args.workspace_storage_class,

@@ -175,7 +175,7 @@ class OrchestrationParams:
         default_factory=lambda: _frozen_map(pretrain=480, finetune=240, export=90, evaluate=90)
     )
     # env vars copied from the Airflow environment into every container (e.g. the tracking server)
-    pass_env: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "LMPIPE_LOG_LEVEL")
+    pass_env: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "LMPIPE_LOG_LEVEL", "RAY_ADDRESS")
     max_active_runs: int = 1  # per DAG; runs never share a workspace, so more is safe (GPU pool permitting)
     gpu_pool: str = "gpu"  # Airflow pool of the GPU stages ("" = none)
     promote_pool: str = "promote"  # one slot: promotions never race ("" = none)

@@ -109,3 +109,13 @@ def test_docker_pretrain_with_two_nodes_runs_torchrun_in_its_gpu_container(airfl
     assert node["device_requests"] == [{"count": 1, "capabilities": [["gpu"]]}]
     assert node["image"] == orch.gpu_image
     assert "LMPIPE_PRETRAIN_LAUNCHER" not in node["environment"]
+
+
+@pytest.mark.airflow
+def test_ray_address_of_airflow_reaches_the_data_nodes(airflow_db, tmp_path, monkeypatch):
+    """``executor.kind: ray`` on Airflow: the scheduler's RAY_ADDRESS (orchestration.pass_env) is set
+    in every container node, so the prepare node attaches to that Ray cluster."""
+    monkeypatch.setenv("RAY_ADDRESS", "ray://lmpipe-ray-head-svc.lm-pipeline:10001")
+    tasks = _retraining_tasks(airflow_db, tmp_path, "kubernetes", 1)
+    for stage in ("ingest_wiki", "ingest_news", "prepare", "validate", "tokenize"):
+        assert tasks[stage]["env_vars"]["RAY_ADDRESS"] == "ray://lmpipe-ray-head-svc.lm-pipeline:10001", stage

@@ -1,5 +1,5 @@
-"""``prepare.engine``: the out-of-core DuckDB engine decides exactly as the in-memory pandas core, and
-its memory is bounded by ``prepare.memory_budget_mb``, not by the corpus.
+"""``prepare.engine``: the out-of-core DuckDB engine decides exactly as the in-memory pandas core (and
+so does its per-document pass run as Ray tasks, ``executor.kind: ray``), and its memory is bounded by ``prepare.memory_budget_mb``, not by the corpus.
 
 Peak memory is the child process's high-water mark (``ru_maxrss``), measured in a wrapper process
 so that no other child of the test run counts. The stated margin: peak RSS <= the interpreter with
@@ -66,6 +66,9 @@ def test_engines_write_the_same_bytes_on_the_default_corpus(mirror_env, tmp_path
         + ["-S", "paths.prepare_reports_dir=pandas/reports"],
         ["prepare", "-S", "prepare.engine=duckdb", "-S", "paths.prepared_dir=duckdb/prepared"]
         + ["-S", "paths.prepare_reports_dir=duckdb/reports"],
+        # the per-document pass as Ray tasks on a Ray started for the stage (executor.ray_address null)
+        ["prepare", "-S", "executor.kind=ray", "-S", "paths.prepared_dir=ray/prepared"]
+        + ["-S", "paths.prepare_reports_dir=ray/reports"],
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "pipeline_tasks", *command],
@@ -79,6 +82,8 @@ def test_engines_write_the_same_bytes_on_the_default_corpus(mirror_env, tmp_path
     pandas_out, duckdb_out = _outputs(tmp_path, "pandas"), _outputs(tmp_path, "duckdb")
     assert json.loads(pandas_out["stats.json"])["docs"]["in"] > 40_000
     assert pandas_out == duckdb_out
+    assert _outputs(tmp_path, "ray") == duckdb_out
+    assert "starting a local Ray" in proc.stderr and "batches in flight" in proc.stderr, proc.stderr[-3000:]
 
 
 def _peak_rss_mb(command: list[str], cwd: Path) -> int:

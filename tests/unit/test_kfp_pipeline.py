@@ -140,6 +140,22 @@ def test_kfp_single_node_pretrain_is_a_plain_container_step_without_workspace(co
     assert "pipelineConfig" not in _platform(docs)
 
 
+RAY = "ray://lmpipe-ray-head-svc.lm-pipeline:10001"
+
+
+def test_kfp_ray_address_reaches_the_data_steps_and_pins_the_ray_executor(tmp_path, compiled):
+    _, spec = _compile(tmp_path / "ray.yaml", "--ray-address", RAY)
+    _, default_spec = compiled
+    data_stages = {"ingest_wiki", "ingest_news", "prepare", "validate", "tokenize"}
+    for name in _stages():
+        env = {e["name"]: e["value"] for e in _executor(spec[0], name)["env"]}
+        assert env.get("RAY_ADDRESS") == (RAY if name in data_stages else None), name
+        assert "RAY_ADDRESS" not in {e["name"] for e in _executor(default_spec, name)["env"]}
+    init = _executor(spec[0], "prepare_workspace")["args"]
+    assert init[init.index("executor.kind=ray") - 1] == "-S"
+    assert not any("executor." in a for a in _executor(default_spec, "prepare_workspace")["args"])
+
+
 # ---------------------------------------------------------------------------------------------
 # pretrain.nodes > 1: the pretrain step launches a Kubeflow Trainer TrainJob
 
