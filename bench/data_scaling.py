@@ -1,6 +1,6 @@
 """Benchmark: how the data stages' time, memory and disk grow with the corpus (issue 15, item 3).
 
-Runs the real stages ``ingest_wiki -> ingest_news -> prepare -> tokenize`` as a user does
+Runs the real stages ``ingest_wiki -> ingest_news -> prepare -> validate -> tokenize`` as a user does
 (``python -m pipeline_tasks STAGE --params P``, one subprocess per stage, in a temporary
 workspace whose ``params.yaml`` is the repo's with only the sources changed) on ``k`` x the
 default corpus for each ``k`` of ``--sizes``. The ``k`` x corpus is built under the temp dir by
@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._scaled_corpus import scale_source  # noqa: E402
 
-STAGES = ("ingest_wiki", "ingest_news", "prepare", "tokenize")
+STAGES = ("ingest_wiki", "ingest_news", "prepare", "validate", "tokenize")
 CHECKSUM_KEYS = ("mirror_path", "url", "sha256", "sha1", "md5", "member_sha256", "tree_sha256")
 MB = 1e6
 # The projection's target (issue 15) and node.
@@ -191,6 +191,16 @@ def stage_io(stage: str, ws: Path, corpus: dict) -> dict:
             "disk_mb": (tree_bytes(prepared) + tree_bytes(ws / "reports/prepare")) / MB,
             "dropped": drop_counts(stats),
         }
+    if stage == "validate":
+        splits = ("train", "val", "test")
+        return {
+            "docs_in": sum(parquet_rows(prepared, f"{s}.parquet") for s in splits),
+            "docs_out": sum(parquet_rows(prepared, f"{s}.parquet") for s in splits),
+            "input_mb": sum(tree_bytes(prepared / f"{s}.parquet") for s in splits) / MB,
+            "text_mb_in": sum(text_chars(prepared, f"{s}.parquet") for s in splits) / MB,
+            "success": json.loads((ws / "reports/validate/summary.json").read_text())["success"],
+            "disk_mb": tree_bytes(ws / "reports/validate") / MB,
+        }
     meta = json.loads((tokens / "meta.json").read_text())
     return {
         "docs_in": sum(parquet_rows(prepared, f"{s}.parquet") for s in ("train", "val", "test")),
@@ -272,6 +282,7 @@ def project(runs: list[dict]) -> dict:
         "ingest_wiki": (lambda s: s["input_decompressed_mb"] * MB, TARGET_WIKI_XML_BYTES, "decompressed input bytes"),
         "ingest_news": (lambda s: s["docs_in"], TARGET_NEWS_ROWS, "news rows"),
         "prepare": (lambda s: s["text_mb_in"] * MB, target_chars, "text characters"),
+        "validate": (lambda s: s["text_mb_in"] * MB, target_chars * 0.9, "text characters (~90% kept)"),
         "tokenize": (lambda s: s["text_mb_in"] * MB, target_chars * 0.9, "text characters (~90% kept)"),
     }
     out, total_h, peak_mb = {}, 0.0, 0.0
@@ -288,8 +299,8 @@ def project(runs: list[dict]) -> dict:
         # A parallel stage's fixed memory (interpreter + imports per worker) grows with the workers.
         rss_mb = a_rss * (NODE_CORES / bench_cores if parallel else 1) + b_rss * target
         if stage == "ingest_wiki":
-            # Its writer buffers at most one row group (5,000 rows / 32 M chars), which the bench
-            # sizes never fill: the growth seen here stops there, so scale the largest run by workers.
+            # Its writer buffers at most one row group (5,000 rows / 8 M chars), full from the 4x size
+            # on: the growth seen here stops there, so scale the largest run by workers.
             rss_mb = last[stage]["peak_tree_rss_mb"] * NODE_CORES / bench_cores
         a_doc, b_doc = fit([r["stages"][stage]["docs_in"] for r in runs], [r["stages"][stage]["cpu_s"] for r in runs])
         a_rdoc, b_rdoc = fit(

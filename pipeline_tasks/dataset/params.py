@@ -93,8 +93,12 @@ class ValidateParams:
     split_share_tolerance: float = 0.01  # absolute, on the share of hash-split documents
     split_share_z: float = 4.0  # widen the tolerance to z binomial standard deviations on small data
     min_rows: int = 1  # per split
+    # pandas frames for great-expectations: a split larger than this is validated chunk by chunk
+    memory_budget_mb: int = 1024
 
     def __post_init__(self):
+        if self.memory_budget_mb < 16:
+            raise ValueError(f"memory_budget_mb must be >= 16, got {self.memory_budget_mb}")
         if not 0 <= self.text_min_chars <= self.text_max_chars:
             raise ValueError("need 0 <= text_min_chars <= text_max_chars")
         for name in ("news_date_min", "news_date_max"):

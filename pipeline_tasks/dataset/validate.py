@@ -27,18 +27,32 @@ stage raises :class:`~pipeline_tasks.errors.ValidationFailedError` (exit code 3)
 Airflow do not run anything downstream. A stale ``summary.json`` is deleted first, so a crash can
 never leave an old "success" behind.
 
+Memory: a split whose pandas frame would exceed ``validate.memory_budget_mb`` (estimated from the
+Parquet metadata) is validated chunk by chunk, with the same suites. Column-map expectations add up
+their counts and apply ``mostly`` to the totals, row count / max / mean combine exactly (the mean
+weighted by rows), and what no chunk can decide alone is decided over the whole data by DuckDB
+(memory limited, spilling to a scratch folder): the uniqueness of ids and normalised texts (kept as
+128-bit hashes), and the cross-split rows (split mode per source, shares), which then go through
+great-expectations in chunks as well. One merged result per suite reaches ``summary.json`` and the
+Data Docs. When every split fits, the splits are validated whole, as great-expectations reports them.
+tests/stages/test_validate.py runs every failure case both ways.
+
 Params: section ``validate`` (:class:`~pipeline_tasks.dataset.params.ValidateParams`).
 Command: ``python -m pipeline_tasks validate``.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import hashlib
+import json
 import logging
 import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +61,7 @@ import great_expectations as gx
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from great_expectations.core.run_identifier import RunIdentifier
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from pipeline_tasks.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
@@ -235,8 +250,18 @@ def split_suite(split: str, params: ValidateParams) -> list:
     return exps
 
 
-def cross_split_suite(frame, params: ValidateParams, prepare_params) -> tuple[list, dict[str, Any]]:
-    """Expectations over all splits, and a description of the split-share check."""
+def hashed_shares(frame) -> tuple[int, dict[str, float]]:
+    """Rows of hash-split sources, and each split's share of them."""
+    hashed = frame["_hashed_source"]
+    observed = {split: float(frame.loc[hashed, f"_is_{split}"].mean()) for split in SPLITS} if hashed.any() else {}
+    return int(hashed.sum()), observed
+
+
+def cross_split_suite(
+    hashed: int, observed: dict[str, float], params: ValidateParams, prepare_params
+) -> tuple[list, dict[str, Any]]:
+    """Expectations over all splits, and a description of the split-share check (``hashed`` rows of
+    hash-split sources, ``observed`` share of each split among them)."""
     E = gx.expectations
     exps = [
         E.ExpectColumnValuesToBeUnique(column="id"),
@@ -244,7 +269,6 @@ def cross_split_suite(frame, params: ValidateParams, prepare_params) -> tuple[li
         E.ExpectColumnPairValuesToBeEqual(column_A="split", column_B="_file_split"),
         E.ExpectColumnValuesToBeInSet(column="_split_mode", value_set=["hash", "fixed"]),
     ]
-    hashed = int(frame["_hashed_source"].sum())
     expected = {
         "train": 1.0 - prepare_params.val_fraction - prepare_params.test_fraction,
         "val": prepare_params.val_fraction,
@@ -260,7 +284,7 @@ def cross_split_suite(frame, params: ValidateParams, prepare_params) -> tuple[li
             "expected": round(expected[split], 6),
             "min": round(low, 6),
             "max": round(high, 6),
-            "observed": round(float(frame.loc[frame["_hashed_source"], f"_is_{split}"].mean()), 6),
+            "observed": round(observed[split], 6),
         }
         exps.append(
             E.ExpectColumnMeanToBeBetween(
@@ -282,53 +306,243 @@ def schema_suite() -> list:
 # Running the suites with great-expectations and reporting
 
 
-def run_suites(datasets: dict[str, tuple[Any, list]], docs_dir: Path) -> dict[str, Any]:
-    """Validate each ``name -> (frame, expectations)`` and build Data Docs into ``docs_dir``.
+class Suites:
+    """An ephemeral great-expectations context (nothing persisted but the Data Docs site, no progress
+    bars, no analytics) that validates named datasets, whole or chunk by chunk, into ``docs_dir``."""
 
-    Returns ``name -> ExpectationSuiteValidationResult``. Uses an ephemeral context (nothing
-    persisted but the Data Docs site), no progress bars, no analytics.
-    """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    site = {
-        "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        # GX requires an absolute base_directory without a project root
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
-    }
-    context.add_data_docs_site(site_name="lmpipe", site_config=site)
-    source = context.data_sources.add_pandas(name="prepared")
-    results = {}
-    for name, (frame, expectations) in datasets.items():
-        batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe(name=f"{name}_all")
-        suite = context.suites.add(gx.ExpectationSuite(name=name))
+    def __init__(self, docs_dir: Path):
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        self.docs_dir = Path(docs_dir)
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        site = {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            # GX requires an absolute base_directory without a project root
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(self.docs_dir.resolve()),
+            },
+        }
+        self.context.add_data_docs_site(site_name="lmpipe", site_config=site)
+        self.source = self.context.data_sources.add_pandas(name="prepared")
+        # every chunk of a dataset is stored under the same key; the merged result replaces the last
+        self.run_id = RunIdentifier(run_name="validate", run_time=dt.datetime.now(dt.UTC))
+
+    def _checkpoint(self, name: str, expectations: list):
+        batch = self.source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe(name=f"{name}_all")
+        suite = self.context.suites.add(gx.ExpectationSuite(name=name))
         for expectation in expectations:
             suite.add_expectation(expectation)
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        checkpoint = context.checkpoints.add(
+        definition = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
+        return self.context.checkpoints.add(
             gx.Checkpoint(
                 name=f"validate_{name}",
                 validation_definitions=[definition],
                 actions=[],
-                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 10},
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": PARTIAL_UNEXPECTED},
             )
         )
+
+    def validate(self, name: str, frame, expectations: list):
+        """One dataset in one frame: great-expectations' result as it is."""
         started = time.perf_counter()
-        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
-        results[name] = next(iter(outcome.run_results.values()))
+        outcome = self._checkpoint(name, expectations).run(batch_parameters={"dataframe": frame}, run_id=self.run_id)
+        result = next(iter(outcome.run_results.values()))
         logger.info(
             "suite %s: %s (%d rows, %.1f s)",
             name,
-            "passed" if results[name].success else "FAILED",
+            "passed" if result.success else "FAILED",
             len(frame),
             time.perf_counter() - started,
         )
-    started = time.perf_counter()
-    context.build_data_docs(site_names=["lmpipe"])
-    localize_data_docs(Path(docs_dir))
-    logger.info("data docs built in %.1f s", time.perf_counter() - started)
+        return result
+
+    def validate_chunks(self, name: str, chunks, expectations: list, exact):
+        """One dataset chunk by chunk, merged into one result (:func:`merge_chunk_results`).
+
+        ``chunks`` yields ``(frame, weights)``: ``weights`` maps the index of a mean expectation to the
+        number of rows its mean is over in that frame. ``exact()``, called once the chunks are read,
+        gives the dataset-wide results of the uniqueness expectations (:func:`exact_uniques`), which
+        no chunk can decide alone."""
+        started = time.perf_counter()
+        checkpoint = self._checkpoint(name, expectations)
+        parts, weights, rows = [], [], 0
+        for frame, frame_weights in chunks:
+            outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=self.run_id)
+            key, result = next(iter(outcome.run_results.items()))
+            parts.append(result)
+            weights.append(frame_weights)
+            rows += len(frame)
+        merged = merge_chunk_results(parts, weights, exact())
+        self.context.validation_results_store.set(key, merged)
+        logger.info(
+            "suite %s: %s (%d rows in %d chunks, %.1f s)",
+            name,
+            "passed" if merged.success else "FAILED",
+            rows,
+            len(parts),
+            time.perf_counter() - started,
+        )
+        return merged
+
+    def build_docs(self) -> None:
+        started = time.perf_counter()
+        self.context.build_data_docs(site_names=["lmpipe"])
+        localize_data_docs(self.docs_dir)
+        logger.info("data docs built in %.1f s", time.perf_counter() - started)
+
+
+def run_suites(datasets: dict[str, tuple[Any, list]], docs_dir: Path) -> dict[str, Any]:
+    """Validate each ``name -> (frame, expectations)`` and build Data Docs into ``docs_dir``.
+
+    Returns ``name -> ExpectationSuiteValidationResult``."""
+    suites = Suites(docs_dir)
+    results = {name: suites.validate(name, frame, expectations) for name, (frame, expectations) in datasets.items()}
+    suites.build_docs()
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Splits larger than validate.memory_budget_mb: chunks, merged results, DuckDB for what spans chunks
+
+PARTIAL_UNEXPECTED = 10
+# peak memory of a chunk's validation per byte of its Arrow data (measured: pandas object strings,
+# the computed columns, GX's metrics over the text, allocator slack)
+CHUNK_COST = 32
+MIN_CHUNK_ROWS = 1000
+_UNIQUE = "expect_column_values_to_be_unique"
+_MEAN = "expect_column_mean_to_be_between"
+_MAX = "expect_column_max_to_be_between"
+_ROW_COUNT = "expect_table_row_count_to_be_between"
+_COLUMNS = "expect_table_columns_to_match_ordered_list"
+
+
+def chunk_rows(path: Path, budget_mb: int) -> tuple[int, int]:
+    """``(rows in the split, rows per chunk)`` for ``validate.memory_budget_mb``."""
+    if not path.is_file():
+        raise DataError(f"{path}: prepared split not found; run `python -m pipeline_tasks prepare` first")
+    meta = pq.ParquetFile(path).metadata
+    data_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    per_row = max(data_bytes / max(meta.num_rows, 1), 1.0)
+    return meta.num_rows, max(int(budget_mb * 2**20 / CHUNK_COST / per_row), MIN_CHUNK_ROWS)
+
+
+def iter_split(path: Path, rows: int, max_bytes: int):
+    """The split as pandas frames of at most ``rows`` rows and (unless one row is larger)
+    ``max_bytes`` of Arrow data, read without pre-buffering. The byte limit matters: a sorted split
+    puts a wiki source's long pages together, 15 times the average row."""
+    parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    pending, size, count = [], 0, 0
+    for batch in parquet.iter_batches(batch_size=min(rows, 1024), use_threads=False):
+        if pending and (size + batch.nbytes > max_bytes or count + batch.num_rows > rows):
+            yield pa.Table.from_batches(pending, schema=parquet.schema_arrow).to_pandas()
+            pending, size, count = [], 0, 0
+        pending.append(batch)
+        size, count = size + batch.nbytes, count + batch.num_rows
+    if pending:
+        yield pa.Table.from_batches(pending, schema=parquet.schema_arrow).to_pandas()
+
+
+def _within(value, kwargs: dict[str, Any]) -> bool:
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return bool((low is None or value >= low) and (high is None or value <= high))
+
+
+def _map_result(parts: list[dict], mostly: float | None) -> tuple[bool, dict[str, Any]]:
+    """A column-map expectation over all chunks: counts summed, examples from the first chunks."""
+    element = int(sum(p.get("element_count", 0) for p in parts))
+    missing = int(sum(p.get("missing_count", 0) for p in parts))
+    unexpected = int(sum(p.get("unexpected_count", 0) for p in parts))
+    examples = [v for p in parts for v in p.get("partial_unexpected_list", [])][:PARTIAL_UNEXPECTED]
+    return _map_success(element - missing, unexpected, mostly), _map_counts(element, missing, unexpected, examples)
+
+
+def _map_success(nonmissing: int, unexpected: int, mostly: float | None) -> bool:
+    if mostly is None:
+        return unexpected == 0
+    return bool(nonmissing == 0 or 1 - unexpected / nonmissing >= mostly)
+
+
+def _map_counts(element: int, missing: int, unexpected: int, examples: list) -> dict[str, Any]:
+    nonmissing = element - missing
+    return {
+        "element_count": element,
+        "unexpected_count": unexpected,
+        "unexpected_percent": 100 * unexpected / nonmissing if nonmissing else None,
+        "partial_unexpected_list": examples,
+        "missing_count": missing,
+        "missing_percent": 100 * missing / element if element else None,
+        "unexpected_percent_total": 100 * unexpected / element if element else None,
+        "unexpected_percent_nonmissing": 100 * unexpected / nonmissing if nonmissing else None,
+    }
+
+
+def duplicate_result(element: int, missing: int, unexpected: int, examples: list, mostly: float | None) -> dict:
+    """The result of a uniqueness expectation computed over the whole dataset (see
+    :func:`duplicate_counts`): ``unexpected`` rows are those whose value occurs more than once."""
+    return {
+        "success": _map_success(element - missing, unexpected, mostly),
+        "result": _map_counts(element, missing, unexpected, examples),
+    }
+
+
+def expectation_key(config) -> str:
+    """An expectation's identity across chunk results: its type and arguments."""
+    kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
+    return f"{config.type}:{json.dumps(kwargs, sort_keys=True, default=str)}"
+
+
+def merge_chunk_results(parts: list, weights: list[dict[str, int]], exact: dict[str, dict]):
+    """One suite result from the results of its chunks.
+
+    Column-map expectations (values in a set, of a type, between bounds, not null, ...) sum their
+    counts and apply ``mostly`` to the totals; the row count is the sum, the max the max, the mean the
+    mean weighted by the rows each chunk's mean is over; column lists must match in every chunk.
+    Uniqueness is not decided per chunk: ``exact[key]`` is its result over the whole dataset.
+    Expectations are matched by :func:`expectation_key` (GX does not keep the suite's order)."""
+    merged = copy.deepcopy(parts[0])
+    by_key = [{expectation_key(r.expectation_config): r for r in p.results} for p in parts]
+    for i, first in enumerate(merged.results):
+        kind, kwargs = first.expectation_config.type, first.expectation_config.kwargs
+        key = expectation_key(first.expectation_config)
+        results = [results_of_part[key] for results_of_part in by_key]
+        raised = next((r for r in results if (r.exception_info or {}).get("raised_exception")), None)
+        if raised is not None:
+            merged.results[i] = copy.deepcopy(raised)
+            continue
+        if kind == _UNIQUE:
+            first.success, first.result = exact[key]["success"], exact[key]["result"]
+        elif kind == _COLUMNS:
+            first.success = all(r.success for r in results)
+        elif kind in (_ROW_COUNT, _MAX, _MEAN):
+            values = [r.result.get("observed_value") for r in results]
+            if kind == _ROW_COUNT:
+                observed = sum(values)
+            elif kind == _MAX:
+                observed = max((v for v in values if v is not None), default=None)
+            else:
+                pairs = [(v, w.get(key, 0)) for v, w in zip(values, weights) if w.get(key, 0)]
+                total = sum(w for _, w in pairs)
+                observed = sum(v * w for v, w in pairs) / total if total else None
+            first.result = {"observed_value": observed.item() if hasattr(observed, "item") else observed}
+            first.success = _within(observed, kwargs)
+        else:
+            first.success, first.result = _map_result([r.result for r in results], kwargs.get("mostly"))
+    evaluated = len(merged.results)
+    successful = sum(bool(r.success) for r in merged.results)
+    merged.success = successful == evaluated
+    merged.statistics.update(
+        evaluated_expectations=evaluated,
+        successful_expectations=successful,
+        unsuccessful_expectations=evaluated - successful,
+        success_percent=100 * successful / evaluated if evaluated else None,
+    )
+    return merged
 
 
 def localize_page(html: str, to_root: str) -> str:
@@ -462,12 +676,8 @@ def summarize(results: dict[str, Any], rows: dict[str, int], shares: dict[str, A
     }
 
 
-def run(params, **_options) -> dict[str, Any]:
-    vp, pp, paths = params.validate, params.prepare, params.paths
-    out_dir, prepared = Path(paths.validate_dir), Path(paths.prepared_dir)
-    # never leave an old success behind: if this run crashes there is no summary at all
-    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
-    started = time.perf_counter()
+def validate_in_memory(suites: Suites, prepared: Path, vp: ValidateParams, pp):
+    """Every split (and all of them together) as one frame: (results, rows, shares, schemas, inputs)."""
     frames, schemas, inputs = {}, {}, {}
     for split in SPLITS:
         path = prepared / f"{split}.parquet"
@@ -476,13 +686,199 @@ def run(params, **_options) -> dict[str, Any]:
         inputs[str(path)] = sha256_file(path)
     rows = {split: len(frame) for split, frame in frames.items()}
     cross = cross_split_frame(frames)
-    cross_expectations, shares = cross_split_suite(cross, vp, pp)
-    datasets = {split: (frames[split], split_suite(split, vp)) for split in SPLITS}
-    datasets["cross_split"] = (cross, cross_expectations)
-    datasets["schema"] = (schema_frame(schemas), schema_suite())
-    rows.update(cross_split=len(cross), schema=len(datasets["schema"][0]))
+    cross_expectations, shares = cross_split_suite(*hashed_shares(cross), vp, pp)
+    results = {split: suites.validate(split, frames[split], split_suite(split, vp)) for split in SPLITS}
+    results["cross_split"] = suites.validate("cross_split", cross, cross_expectations)
+    rows["cross_split"] = len(cross)
+    return results, rows, shares, schemas, inputs
+
+
+def mean_weights(frame, expectations: list) -> dict[int, int]:
+    """For each mean expectation (by :func:`expectation_key`): the rows of ``frame`` its mean is over."""
+    weights = {}
+    for expectation in expectations:
+        if isinstance(expectation, gx.expectations.ExpectColumnMeanToBeBetween):
+            # GX 1.x wraps a pandas row_condition string as {"type": "pass_through", "pass_through_filter": ...}
+            condition = expectation.configuration.kwargs.get("row_condition")
+            if isinstance(condition, dict):
+                condition = condition.get("pass_through_filter")
+            rows = frame.query(condition) if condition else frame
+            weights[expectation_key(expectation.configuration)] = int(rows[expectation.column].notna().sum())
+    return weights
+
+
+KEYS_SCHEMA = pa.schema(
+    [
+        ("_file_split", pa.string()),
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("_text_key", pa.string()),  # blake2b-128 of the normalised text, hex: the text itself is too big
+        ("_hash_split", pa.string()),
+    ]
+)
+
+
+def hash_text_keys(frame) -> None:
+    """Replace ``_text_key`` (the whole normalised text) by its blake2b-128 hex digest: in chunks only
+    uniqueness is checked on it, by DuckDB over all chunks, and the text would double the chunk."""
+    frame["_text_key"] = [
+        hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() if isinstance(k, str) else None
+        for k in frame["_text_key"]
+    ]
+
+
+def keys_table(frame, split: str) -> pa.Table:
+    """The columns of a chunk that the checks across chunks and splits need (no text)."""
+    columns = {
+        "_file_split": [split] * len(frame),
+        "id": frame["id"] if "id" in frame else None,
+        "source": frame["source"] if "source" in frame else None,
+        "split": frame["split"] if "split" in frame else None,
+        "_text_key": frame["_text_key"],
+        "_hash_split": frame["_hash_split"],
+    }
+    arrays = [
+        pa.nulls(len(frame), pa.string())
+        if values is None
+        else pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+        for values in columns.values()
+    ]
+    return pa.Table.from_arrays(arrays, schema=KEYS_SCHEMA)
+
+
+def duplicate_counts(con, relation: str, column: str) -> tuple[int, int, int, list]:
+    """(rows, rows with a null ``column``, rows whose value occurs more than once, up to 10 such values)."""
+    ((rows, missing),) = con.sql(f"SELECT count(*), count(*) - count({column}) FROM {relation}").fetchall()
+    ((unexpected, examples),) = con.sql(
+        f"""WITH d AS (SELECT {column} AS v, count(*) AS n FROM {relation} WHERE {column} IS NOT NULL
+                       GROUP BY 1 HAVING count(*) > 1)
+            SELECT coalesce(sum(n), 0)::BIGINT, (SELECT list(v) FROM (SELECT v FROM d ORDER BY v LIMIT {PARTIAL_UNEXPECTED}))
+            FROM d"""
+    ).fetchall()
+    return int(rows), int(missing), int(unexpected), list(examples or [])
+
+
+def exact_uniques(con, relation: str, expectations: list) -> dict[int, dict]:
+    """The uniqueness expectations (by :func:`expectation_key`) decided over the whole ``relation``."""
+    out = {}
+    for expectation in expectations:
+        if isinstance(expectation, gx.expectations.ExpectColumnValuesToBeUnique):
+            rows, missing, unexpected, examples = duplicate_counts(con, relation, expectation.column)
+            out[expectation_key(expectation.configuration)] = duplicate_result(
+                rows, missing, unexpected, examples, expectation.mostly
+            )
+    return out
+
+
+def _cross_query(relation: str) -> str:
+    """The cross-split frame of :func:`cross_split_frame`, in SQL over the keys of every split."""
+    indicators = ", ".join(f"coalesce(k.split = '{s}', false)::DOUBLE AS _is_{s}" for s in SPLITS)
+    return f"""
+        WITH k AS (SELECT *, coalesce(source, '<none>') AS _source FROM {relation}),
+        m AS (
+            SELECT _source, bool_and(coalesce(split = _hash_split, false)) AS hashed,
+                   count(DISTINCT split) = 1 AS single
+            FROM k GROUP BY _source
+        )
+        SELECT k.id, k.source, k.split, k._text_key, k._hash_split, k._file_split,
+               m.hashed AS _hashed_source,
+               CASE WHEN m.hashed THEN 'hash' WHEN m.single THEN 'fixed' ELSE 'inconsistent:' || k._source END
+                   AS _split_mode,
+               {indicators}
+        FROM k JOIN m USING (_source)"""
+
+
+def validate_in_chunks(suites: Suites, prepared: Path, vp: ValidateParams, pp, scratch: Path):
+    """Every suite with memory bounded by ``validate.memory_budget_mb``: returns (results, rows, shares,
+    schemas, inputs). Chunks of each split go through great-expectations; the keys of each chunk go to
+    a Parquet file, over which DuckDB (memory limited, spilling to ``scratch``) decides uniqueness and
+    builds the cross-split rows, which go through great-expectations in chunks too."""
+    import duckdb
+
+    con = duckdb.connect(str(scratch / "keys.duckdb"))
+    con.execute(f"SET memory_limit = '{max(vp.memory_budget_mb // 2, 8)}MB'")
+    con.execute(f"SET temp_directory = '{scratch / 'spill'}'")
+    con.execute("SET threads = 1")
+    results, rows, schemas, inputs, keys_files = {}, {}, {}, {}, []
+    try:
+        for split in SPLITS:
+            path = prepared / f"{split}.parquet"
+            total, per_chunk = chunk_rows(path, vp.memory_budget_mb)
+            schemas[split] = pq.ParquetFile(path).schema_arrow
+            expectations = split_suite(split, vp)
+            keys_file = scratch / f"keys-{split}.parquet"
+            keys_files.append(keys_file)
+
+            def chunks(path=path, per_chunk=per_chunk, keys_file=keys_file, split=split, expectations=expectations):
+                with pq.ParquetWriter(keys_file, KEYS_SCHEMA) as writer:
+                    for frame in iter_split(path, per_chunk, vp.memory_budget_mb * 2**20 // CHUNK_COST):
+                        frame = add_computed_columns(frame, pp)
+                        hash_text_keys(frame)
+                        writer.write_table(keys_table(frame, split))
+                        yield frame, mean_weights(frame, expectations)
+
+            relation = f"read_parquet('{keys_file}')"
+            results[split] = suites.validate_chunks(
+                split, chunks(), expectations, lambda relation=relation, e=expectations: exact_uniques(con, relation, e)
+            )
+            rows[split] = total
+            inputs[str(path)] = sha256_file(path)
+        relation = "read_parquet([" + ", ".join(f"'{f}'" for f in keys_files) + "])"
+        cross_sql = _cross_query(relation)
+        ((hashed, *shares),) = con.sql(
+            "SELECT count(*) FILTER (_hashed_source), "
+            + ", ".join(f"avg(_is_{s}) FILTER (_hashed_source)" for s in SPLITS)
+            + f" FROM ({cross_sql})"
+        ).fetchall()
+        observed = dict(zip(SPLITS, shares)) if hashed else {}
+        cross_expectations, split_shares = cross_split_suite(int(hashed), observed, vp, pp)
+        cross_rows = max(int(vp.memory_budget_mb * 2**20 / CHUNK_COST / 256), MIN_CHUNK_ROWS)
+
+        def cross_chunks():
+            reader = con.sql(cross_sql).to_arrow_reader(cross_rows)
+            for batch in reader:
+                frame = pa.Table.from_batches([batch]).to_pandas()
+                yield frame, mean_weights(frame, cross_expectations)
+
+        results["cross_split"] = suites.validate_chunks(
+            "cross_split",
+            cross_chunks(),
+            cross_expectations,
+            lambda: exact_uniques(con, f"({cross_sql})", cross_expectations),
+        )
+        rows["cross_split"] = sum(rows[s] for s in SPLITS)
+    finally:
+        con.close()
+    return results, rows, split_shares, schemas, inputs
+
+
+def run(params, **_options) -> dict[str, Any]:
+    vp, pp, paths = params.validate, params.prepare, params.paths
+    out_dir, prepared = Path(paths.validate_dir), Path(paths.prepared_dir)
+    # never leave an old success behind: if this run crashes there is no summary at all
+    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    started = time.perf_counter()
+    sizes = {split: chunk_rows(prepared / f"{split}.parquet", vp.memory_budget_mb) for split in SPLITS}
+    chunked = any(total > per_chunk for total, per_chunk in sizes.values())
     with atomic_dir(out_dir) as tmp:
-        results = run_suites(datasets, tmp / DOCS_DIR)
+        suites = Suites(tmp / DOCS_DIR)
+        if chunked:
+            logger.info(
+                "validate: in chunks of %s rows (validate.memory_budget_mb %d)",
+                {split: per_chunk for split, (_, per_chunk) in sizes.items()},
+                vp.memory_budget_mb,
+            )
+            scratch = Path(tempfile.mkdtemp(prefix=".validate-scratch-", dir=out_dir.parent))
+            try:
+                results, rows, shares, schemas, inputs = validate_in_chunks(suites, prepared, vp, pp, scratch)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            results, rows, shares, schemas, inputs = validate_in_memory(suites, prepared, vp, pp)
+        results["schema"] = suites.validate("schema", schema_frame(schemas), schema_suite())
+        rows["schema"] = len(prepared_schema()) * len(schemas)
+        suites.build_docs()
         summary = summarize(results, rows, shares)
         seconds = round(time.perf_counter() - started, 2)  # manifest only: metrics must not churn
         atomic_write_json(tmp / SUMMARY_NAME, summary)

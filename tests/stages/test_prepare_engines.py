@@ -157,3 +157,39 @@ def test_pandas_engine_peak_memory_grows_with_the_corpus(text_workspaces):
     if duck.is_dir():  # the other test ran first: the same decisions on this input too
         for name in OUTPUTS:
             assert (text_workspaces[200] / "pandas" / "prepared" / name).read_bytes() == (duck / name).read_bytes()
+
+
+def _validate_command(workspace: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline_tasks",
+        "validate",
+        "--params",
+        str(REPO / "params.yaml"),
+        "-S",
+        f"paths.prepared_dir={workspace / 'duckdb' / 'prepared'}",
+        "-S",
+        f"paths.validate_dir={workspace / 'duckdb' / 'validate'}",
+        "-S",
+        f"validate.memory_budget_mb={BUDGET_MB}",
+    ]
+
+
+def test_validate_peak_memory_is_bounded_by_its_budget_not_by_the_corpus(text_workspaces):
+    """validate on the prepared splits of 40 and 200 MB of text with a 64 MB budget: chunked
+    great-expectations runs and DuckDB for uniqueness, under the same bound as prepare."""
+    for workspace in text_workspaces.values():
+        if not (workspace / "duckdb" / "prepared" / "train.parquet").is_file():
+            _peak_rss_mb(_prepare_command(workspace, "duckdb"), workspace)
+    imports = _peak_rss_mb(
+        [sys.executable, "-c", "import duckdb, pipeline_tasks.cli, pipeline_tasks.dataset.validate"], REPO
+    )
+    small = _peak_rss_mb(_validate_command(text_workspaces[40]), text_workspaces[40])
+    large = _peak_rss_mb(_validate_command(text_workspaces[200]), text_workspaces[200])
+    report = f"imports {imports} MB, validate 40 MB of text {small} MB, 200 MB of text {large} MB (budget {BUDGET_MB})"
+    print(report)
+    summary = json.loads((text_workspaces[200] / "duckdb" / "validate" / "summary.json").read_text())
+    assert summary["success"] and summary["suites"]["train"]["rows"] > 50_000, summary
+    assert large <= imports + BUDGET_MB + MARGIN_MB, report
+    assert large <= 1.25 * small, report

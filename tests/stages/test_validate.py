@@ -34,6 +34,16 @@ def project(prepared_once, tmp_path):
     return tmp_path, project_params(tmp_path, raw)
 
 
+@pytest.fixture(params=["whole", "chunks"])
+def any_project(request, project, monkeypatch):
+    """``project``, validated whole (the splits fit the budget) or in chunks of at most 7 rows, so
+    that duplicates, moved rows and wrong types sit in other chunks than their first occurrence."""
+    if request.param == "chunks":
+        real = validate.chunk_rows
+        monkeypatch.setattr(validate, "chunk_rows", lambda path, budget: (real(path, budget)[0], 7))
+    return project
+
+
 def _summary(root):
     return json.loads((root / "reports" / "validate" / "summary.json").read_text())
 
@@ -49,8 +59,8 @@ def _rewrite(path, change):
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
 
 
-def test_validate_passes_on_prepared_real_data_and_writes_data_docs(project):
-    root, params = project
+def test_validate_passes_on_prepared_real_data_and_writes_data_docs(any_project):
+    root, params = any_project
     result = validate.run(params)
     summary = _summary(root)
     assert result["success"] and summary["success"] is True and summary["failed"] == 0
@@ -64,8 +74,8 @@ def test_validate_passes_on_prepared_real_data_and_writes_data_docs(project):
     assert json.loads((root / "reports" / "validate" / "manifest.json").read_text())["success"] is True
 
 
-def test_validate_fails_on_corrupted_split_and_names_each_failure(project):
-    root, params = project
+def test_validate_fails_on_corrupted_split_and_names_each_failure(any_project):
+    root, params = any_project
 
     def corrupt(rows):
         rows[1]["id"] = rows[0]["id"]  # duplicate id
@@ -92,10 +102,10 @@ def test_validate_fails_on_corrupted_split_and_names_each_failure(project):
     assert (root / "reports" / "validate" / "data_docs" / "index.html").is_file()
 
 
-def test_validate_fails_on_wrong_column_type(project):
+def test_validate_fails_on_wrong_column_type(any_project):
     import pyarrow.parquet as pq
 
-    root, params = project
+    root, params = any_project
     path = root / "prepared" / "test.parquet"
     table = pq.read_table(path)
     column = table.column("date").cast("string")
@@ -106,11 +116,11 @@ def test_validate_fails_on_wrong_column_type(project):
     assert "test.date: string" in str(schema_failure["partial_unexpected_list"])
 
 
-def test_validate_fails_when_documents_move_between_splits(project):
+def test_validate_fails_when_documents_move_between_splits(any_project):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root, params = project
+    root, params = any_project
     train = pq.read_table(root / "prepared" / "train.parquet")
     moved = [r for r in train.to_pylist() if r["source"] == "huffpost"][:10]
     ids = {r["id"] for r in moved}
@@ -140,3 +150,49 @@ def test_validate_cli_exits_3_and_a_crash_leaves_no_stale_success(project, monke
     with pytest.raises(DataError, match="val.parquet"):
         validate.run(params)
     assert not (root / "reports" / "validate" / "summary.json").exists()
+
+
+def test_chunked_validation_reports_what_whole_validation_reports(project, monkeypatch):
+    """The same splits, good and then corrupted, validated whole and in chunks of 7 rows: the same
+    summary when they pass, the same failed expectations with the same counts when they do not."""
+    root, params = project
+    real = validate.chunk_rows
+
+    def both():
+        monkeypatch.setattr(validate, "chunk_rows", real)
+        outcomes = []
+        for chunk in (None, 7):
+            if chunk:
+                monkeypatch.setattr(validate, "chunk_rows", lambda path, budget: (real(path, budget)[0], chunk))
+            try:
+                validate.run(params)
+            except ValidationFailedError:
+                pass
+            outcomes.append(_summary(root))
+        return outcomes
+
+    whole, chunked = both()
+    assert whole["success"] and whole == chunked
+
+    def corrupt(rows):
+        rows[5]["id"] = rows[0]["id"]  # a duplicate id in another chunk than the first
+        rows[9]["label"] = "politics"
+        rows[12]["text"] = rows[1]["text"]  # a duplicate text
+
+    _rewrite(root / "prepared" / "train.parquet", corrupt)
+    whole, chunked = both()
+
+    def counts(summary):
+        return {
+            (suite, f["expectation"], f["column"], f.get("element_count"), f.get("unexpected_count"))
+            for suite, s in summary["suites"].items()
+            for f in s["failures"]
+        }
+
+    assert not whole["success"] and counts(whole) == counts(chunked)
+    assert {c[:3] for c in counts(whole)} >= {
+        ("train", "expect_column_values_to_be_unique", "id"),
+        ("train", "expect_column_values_to_be_in_set", "label"),
+        ("cross_split", "expect_column_values_to_be_unique", "id"),
+    }
+    assert [s["evaluated"] for s in whole["suites"].values()] == [s["evaluated"] for s in chunked["suites"].values()]
