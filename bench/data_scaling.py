@@ -59,6 +59,7 @@ TARGET_WIKI_BZ2_BYTES = 24e9
 TARGET_NEWS_ROWS = 10_000_000
 WIKI_CHARS_PER_ARTICLE = 3_000  # ~20 GB of clean text (WikiExtractor output) over ~7 M articles
 NODE_CORES, NODE_MEMORY_MB = 16, 64_000
+BOUNDED_STAGES = ("ingest_wiki", "ingest_news", "prepare", "validate")
 PARALLEL_UTIL = 1.3  # CPU/wall above this on the bench machine: the stage uses every core
 
 
@@ -298,10 +299,12 @@ def project(runs: list[dict]) -> dict:
         wall_h = cpu_s / (NODE_CORES if parallel else 1) / 3600
         # A parallel stage's fixed memory (interpreter + imports per worker) grows with the workers.
         rss_mb = a_rss * (NODE_CORES / bench_cores if parallel else 1) + b_rss * target
-        if stage == "ingest_wiki":
-            # Its writer buffers at most one row group (5,000 rows / 8 M chars), full from the 4x size
-            # on: the growth seen here stops there, so scale the largest run by workers.
-            rss_mb = last[stage]["peak_tree_rss_mb"] * NODE_CORES / bench_cores
+        if stage in BOUNDED_STAGES:
+            # Memory that stops growing: ingest buffers one row group / batch (full from the 4x size
+            # on), prepare and validate hold their memory_budget_mb. A line fitted through the sizes
+            # on the way up to that bound says nothing about the target: take the largest run, with
+            # one interpreter per core for the stages that run a worker per core.
+            rss_mb = last[stage]["peak_tree_rss_mb"] * (NODE_CORES / bench_cores if parallel else 1)
         a_doc, b_doc = fit([r["stages"][stage]["docs_in"] for r in runs], [r["stages"][stage]["cpu_s"] for r in runs])
         a_rdoc, b_rdoc = fit(
             [r["stages"][stage]["docs_in"] for r in runs], [r["stages"][stage]["peak_tree_rss_mb"] for r in runs]

@@ -155,15 +155,20 @@ def stable_key(values: Iterable[str]) -> str:
 
 
 class SeenKeys:
-    """The set of keys seen so far, in 16 bytes per key instead of a Python set of strings (~170).
+    """The set of keys seen so far, in ~18 bytes per key instead of a Python set of strings (~170).
 
     A key is kept as its blake2b-128 digest (two different keys collide with probability about
     ``n**2 / 2**129``). New digests wait in a small set; every PENDING_KEYS they become a sorted numpy
     run, and a run merges into the one before it while that one is at most twice its size, so there
-    are O(log n) runs and each digest is re-sorted O(log n) times. 10 M news rows hold 160 MB.
+    are O(log n) runs. A Bloom filter (BLOOM_BITS_PER_KEY bits a key, two probes, rebuilt twice as big
+    when full) answers most "never seen" in pure Python: only ~1.5 % of new keys search the runs.
+    10 M news rows hold ~180 MB. Hand-written: no maintained package offers a compact, exact,
+    growable membership set of this kind.
     """
 
     PENDING_KEYS = 65_536
+    BLOOM_BITS_PER_KEY = 16
+    INITIAL_BLOOM_BITS = 1 << 20
 
     def __init__(self) -> None:
         import numpy  # here, not at the top: loading params (which imports this module) stays light
@@ -171,27 +176,50 @@ class SeenKeys:
         self._np = numpy
         self._pending: set[bytes] = set()
         self._runs: list = []  # sorted |V16 numpy arrays, sizes decreasing
+        self._count = 0
+        self._bloom = bytearray(self.INITIAL_BLOOM_BITS // 8)
+        self._mask = self.INITIAL_BLOOM_BITS - 1
+        self._last: tuple[str | None, bytes] = (None, b"")
 
-    @staticmethod
-    def _digest(key: str) -> bytes:
-        return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    def _digest(self, key: str) -> bytes:
+        # `key in seen` then `seen.add(key)` is the pattern: hash each key once
+        if self._last[0] != key:
+            self._last = (key, hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+        return self._last[1]
 
     def __len__(self) -> int:
-        return len(self._pending) + sum(len(run) for run in self._runs)
+        return self._count
+
+    def _maybe(self, digest: bytes) -> bool:
+        first = int.from_bytes(digest[:8], "little") & self._mask
+        second = int.from_bytes(digest[8:], "little") & self._mask
+        bloom = self._bloom
+        return bool(bloom[first >> 3] >> (first & 7) & 1 and bloom[second >> 3] >> (second & 7) & 1)
 
     def __contains__(self, key: str) -> bool:
         digest = self._digest(key)
         if digest in self._pending:
             return True
-        probe = self._np.frombuffer(digest, dtype="V16")
+        if not self._maybe(digest):
+            return False
+        probe = self._np.frombuffer(digest, dtype="V16")[0]
         for run in self._runs:
-            at = int(self._np.searchsorted(run, probe[0]))
-            if at < len(run) and run[at] == probe[0]:
+            at = int(self._np.searchsorted(run, probe))
+            if at < len(run) and run[at] == probe:
                 return True
         return False
 
     def add(self, key: str) -> None:
-        self._pending.add(self._digest(key))
+        """Add a key that is not in the set (the caller checked: a seen id is quarantined)."""
+        digest = self._digest(key)
+        self._pending.add(digest)
+        self._count += 1
+        if self._count * self.BLOOM_BITS_PER_KEY > len(self._bloom) * 8:
+            self._rebuild_bloom(2 * len(self._bloom) * 8)
+        else:
+            for half in (digest[:8], digest[8:]):
+                bit = int.from_bytes(half, "little") & self._mask
+                self._bloom[bit >> 3] |= 1 << (bit & 7)
         if len(self._pending) >= self.PENDING_KEYS:
             np = self._np
             self._runs.append(np.sort(np.frombuffer(b"".join(self._pending), dtype="V16")))
@@ -199,6 +227,16 @@ class SeenKeys:
             while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
                 newest = self._runs.pop()
                 self._runs[-1] = np.sort(np.concatenate([self._runs[-1], newest]))
+
+    def _rebuild_bloom(self, bits: int) -> None:
+        np = self._np
+        digests = [*self._runs, np.frombuffer(b"".join(self._pending), dtype="V16")]
+        halves = np.concatenate([d.view("<u8") for d in digests]) & np.uint64(bits - 1)
+        bloom = np.zeros(bits // 8, dtype=np.uint8)
+        np.bitwise_or.at(
+            bloom, (halves >> np.uint64(3)).astype(np.int64), (1 << (halves & np.uint64(7))).astype(np.uint8)
+        )
+        self._bloom, self._mask = bytearray(bloom.tobytes()), bits - 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ def test_seen_keys_agrees_with_a_set_across_runs_and_merges(monkeypatch):
     from pipeline_tasks.ingest.newsformats import SeenKeys
 
     monkeypatch.setattr(SeenKeys, "PENDING_KEYS", 7)
+    monkeypatch.setattr(SeenKeys, "INITIAL_BLOOM_BITS", 64)  # rebuilt (doubled) several times below
     rng = random.Random(3)
     seen, reference = SeenKeys(), set()
     for step in range(3000):
@@ -20,6 +21,7 @@ def test_seen_keys_agrees_with_a_set_across_runs_and_merges(monkeypatch):
             seen.add(key)
             reference.add(key)
     assert len(seen) == len(reference)
+    assert len(seen._bloom) * 8 >= len(seen) * SeenKeys.BLOOM_BITS_PER_KEY
     assert 1 < len(seen._runs) <= 12  # log-structured: few runs
     assert all(bytes(a) <= bytes(b) for run in seen._runs for a, b in zip(run, run[1:]))
     assert "src:unseen" not in seen and "" not in seen
