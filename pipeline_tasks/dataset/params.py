@@ -128,7 +128,9 @@ class TokenizeParams:
     pad_token: str = "<|pad|>"  # finetune pads with it (right padding)
     cls_token: str = "<|cls|>"  # optional classification token for finetune
     kinds: tuple[str, ...] = ("wiki", "news")  # which prepared rows form the LM corpus
-    train_max_bytes: int = 0  # tokenizer training sample cap in UTF-8 bytes (0 = whole train split)
+    # tokenizer training sample cap in UTF-8 bytes (0 = whole train split): the BPE trainer's word
+    # table grows with its input, and a 1 GiB sample trains an 8k-50k vocabulary
+    train_max_bytes: int = 1 << 30
     batch_size: int = 1024  # documents per encode_batch call
 
     def __post_init__(self) -> None:

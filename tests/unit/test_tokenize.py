@@ -133,3 +133,37 @@ def test_tokenize_params_reject_bad_values():
         TokenizeParams(pad_token="<|endoftext|>")
     with pytest.raises(ConfigError, match="tokenize.vocab_sise: unknown key"):
         parse_params({"tokenize": {"vocab_sise": 1000}})
+
+
+def _prepared_texts(path, texts_by_kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(t, k) for k, texts in texts_by_kind.items() for t in texts]
+    pq.write_table(
+        pa.table({"text": [t for t, _ in rows], "kind": [k for _, k in rows], "source": ["s"] * len(rows)}),
+        path,
+        row_group_size=100,
+    )
+
+
+def test_training_sample_is_whole_under_the_cap_and_a_seeded_subset_over_it(tmp_path):
+    import dataclasses
+
+    from pipeline_tasks.dataset.tokenize import text_bytes, training_sample
+
+    path = tmp_path / "train.parquet"
+    texts = [f"document {i} " + "word " * (i % 50 + 1) for i in range(2000)]
+    _prepared_texts(path, {"wiki": texts, "other": ["not counted " * 100] * 50})
+    total = sum(len(t.encode()) for t in texts)
+    assert text_bytes(path, ("wiki",)) == total  # only the chosen kinds
+
+    def sample(cap, seed=1):
+        params = dataclasses.replace(TokenizeParams(kinds=("wiki",)), train_max_bytes=cap)
+        return [t for batch in training_sample(path, params, seed) for t in batch]
+
+    assert sample(total) == sample(0) == texts  # the default corpus trains on all of it, in order
+    subset = sample(total // 4)
+    assert subset == sample(total // 4) and subset != sample(total // 4, seed=2)
+    assert 0.15 * total < sum(len(t.encode()) for t in subset) < 0.35 * total
+    assert TokenizeParams().train_max_bytes == 1 << 30
