@@ -27,6 +27,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from pipeline_tasks.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("local", "ray")
@@ -94,8 +96,9 @@ def ray_session(params: ExecutorParams, workers: int) -> Iterator[Any]:
     try:
         import ray
     except ImportError as exc:  # the task image has it; a hand-made environment may not
-        raise RuntimeError(
-            "executor.kind is ray but the ray package is not installed (pip install ray==2.60.0)"
+        raise ConfigError(
+            "executor.kind is ray but the ray package is not installed here (pip install ray==2.60.0, "
+            "or executor.kind: local)"
         ) from exc
     if ray.is_initialized():
         yield ray
