@@ -73,6 +73,17 @@ def _evaluate(d: dict) -> str:
         f"on {d.get('n_test')} test rows"
         + (f" ({sources})" if sources else "")
         + f", p95 {d.get('latency_p95_ms', float('nan')):.2f} ms, {d.get('size_mb', float('nan')):.1f} MB"
+        + _baseline_gap(d)
+    )
+
+
+def _baseline_gap(d: dict) -> str:
+    if d.get("gain_over_baseline") is None:
+        return "; no n-gram baseline"
+    return (
+        f"; n-gram baseline {d.get('baseline_accuracy', float('nan')):.4f}, gap "
+        f"{100 * d['gain_over_baseline']:+.2f} points [{100 * d.get('gain_over_baseline_ci_low', float('nan')):+.2f}, "
+        f"{100 * d.get('gain_over_baseline_ci_high', float('nan')):+.2f}]"
     )
 
 

@@ -12,7 +12,10 @@ Outputs (``evaluate_dir``, written atomically with a manifest):
   ``throughput_rows_per_s`` (batch 32), ``size_mb``, ``lm_val_bpb`` at the top level (the gate
   inputs; the production metrics file has the same layout), then ``variants`` (every ONNX
   variant and ``torch``), ``per_class``, ``slices`` (per source, per month/year of ``date``),
-  ``cuda`` (when a GPU is present);
+  ``cuda`` (when a GPU is present); ``baseline_accuracy`` and ``gain_over_baseline`` (served
+  accuracy minus the n-gram baseline's, with a paired bootstrap ``*_ci_low/high``) at the top
+  level and the baseline's own scores, selection and cost in ``baseline``
+  (:mod:`pipeline_tasks.ship.baseline`, trained here on finetune's rows);
 * ``gates.json`` — every gate (value, threshold, passed, why) and the overall verdict;
 * ``plots/`` — ``confusion.csv``, ``per_class.csv``, ``latency.csv``, ``slices.csv`` (DVC plots)
   and PNGs;
@@ -54,7 +57,15 @@ from pipeline_tasks.config import to_plain
 from pipeline_tasks.dataset.prepared import read_labelled_split
 from pipeline_tasks.dataset.shards import load_meta, open_shard
 from pipeline_tasks.errors import DataError
-from pipeline_tasks.metrics import accuracy, bootstrap_ci, classification_report, confusion_matrix, macro_f1
+from pipeline_tasks.metrics import (
+    accuracy,
+    bootstrap_ci,
+    classification_report,
+    confusion_matrix,
+    macro_f1,
+    paired_bootstrap_diff,
+)
+from pipeline_tasks.ship.baseline import predict_baseline, train_baseline
 from pipeline_tasks.ship.bundle import load_bundle, make_session
 from pipeline_tasks.ship.gates import decide
 from pipeline_tasks.ship.model_card import build_card, render_html, render_markdown
@@ -226,6 +237,41 @@ def int8_accuracy_drop(variants: dict[str, dict[str, Any]], serving: str) -> flo
     if "accuracy" in variants.get(int8, {}) and "accuracy" in variants.get("fp32", {}):
         return variants["fp32"]["accuracy"] - variants[int8]["accuracy"]
     return None
+
+
+def baseline_comparison(params, labels, texts, y, served_pred, evaluate_params: EvaluateParams) -> dict[str, Any]:
+    """The baseline's scores on the test rows and the served model's gain over it (empty: no baseline)."""
+    model, info = train_baseline(params, labels)
+    if model is None:
+        return {}
+    pred, predict_seconds = predict_baseline(model, texts)
+    scores = score(y, pred, labels, evaluate_params, params.seed)
+    resamples, confidence = evaluate_params.bootstrap_resamples, evaluate_params.confidence
+    gain, low, high = paired_bootstrap_diff(y, served_pred, pred, accuracy, resamples, confidence, params.seed)
+    f1_gain, f1_low, f1_high = paired_bootstrap_diff(
+        y, served_pred, pred, lambda t, p: macro_f1(t, p, len(labels)), resamples, confidence, params.seed
+    )
+    logger.info(
+        "evaluate: baseline accuracy %.4f; served model %+.4f [%+.4f, %+.4f] over it",
+        scores["accuracy"],
+        gain,
+        low,
+        high,
+    )
+    return {
+        "baseline_accuracy": scores["accuracy"],
+        "gain_over_baseline": gain,
+        "gain_over_baseline_ci_low": low,
+        "gain_over_baseline_ci_high": high,
+        "baseline": {
+            **info,
+            **{k: v for k, v in scores.items() if k != "per_class"},
+            "gain_macro_f1": f1_gain,
+            "gain_macro_f1_ci_low": f1_low,
+            "gain_macro_f1_ci_high": f1_high,
+            "predict_seconds": predict_seconds,
+        },
+    }
 
 
 HEADLINE_SCORES = ("accuracy", "macro_f1", "accuracy_ci_low", "accuracy_ci_high", "macro_f1_ci_low", "macro_f1_ci_high")
@@ -497,6 +543,7 @@ def run(params, **_options) -> dict[str, Any]:
         "per_class": scored[serving]["per_class"],
         "slices": slice_scores(test, preds[serving], labels, evaluate_params, params.seed),
     }
+    result.update(baseline_comparison(params, labels, texts, y, preds[serving], evaluate_params))
     if cuda:
         result["cuda"] = cuda
     pretrain_metrics = _optional_json(Path(paths.pretrain_reports_dir) / "metrics.json") or {}
@@ -516,6 +563,9 @@ def run(params, **_options) -> dict[str, Any]:
         "verdict": banner,
         "accuracy": round(result["accuracy"], 4),
         "macro_f1": round(result["macro_f1"], 4),
+        "gain_over_baseline": None
+        if result.get("gain_over_baseline") is None
+        else round(result["gain_over_baseline"], 4),
         "latency_p95_ms": round(result["latency_p95_ms"], 3),
         "size_mb": round(result["size_mb"], 3),
         "evaluate_dir": str(paths.evaluate_dir),

@@ -13,6 +13,9 @@ Gates (a threshold of ``None`` disables its gate; the decision records it as ski
 * ``max_int8_accuracy_drop`` — fp32 accuracy minus int8-dynamic accuracy (quantization damage);
 * ``max_p95_latency_ms`` — batch-1 p95 latency of the served variant on CPU;
 * ``max_size_mb`` — the served variant's model file on disk;
+* ``min_gain_over_baseline`` — served accuracy minus the n-gram baseline's accuracy on the same
+  test rows (:mod:`pipeline_tasks.ship.baseline`); 0.0 means "not worse than the baseline". No
+  baseline in the metrics (``evaluate.baseline.kind: none``) fails it, like any missing metric;
 * ``no_regression_accuracy`` / ``no_regression_macro_f1`` — champion/challenger: the challenger
   may be at most ``max_regression`` below the production model. With no production model
   these gates pass with the reason "no production model" and the absolute gates decide.
@@ -35,6 +38,7 @@ ABSOLUTE_GATES: tuple[tuple[str, str, str], ...] = (
     ("max_int8_accuracy_drop", "int8_accuracy_drop", "max"),
     ("max_p95_latency_ms", "latency_p95_ms", "max"),
     ("max_size_mb", "size_mb", "max"),
+    ("min_gain_over_baseline", "gain_over_baseline", "min"),
 )
 REGRESSION_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 
@@ -49,6 +53,7 @@ class GateThresholds:
     max_p95_latency_ms: float | None = None
     max_size_mb: float | None = None
     max_regression: float | None = None  # allowed drop vs the production model, absolute (0.01 = 1 point)
+    min_gain_over_baseline: float | None = None  # served accuracy - n-gram baseline accuracy, absolute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +105,10 @@ def _absolute_gate(name: str, metric: str, direction: str, value: float | None, 
     if threshold is None:
         return GateResult(name, metric, value, None, True, f"{name}: disabled (threshold null)", skipped=True)
     if value is None:
-        return GateResult(name, metric, None, threshold, False, f"{metric} missing from metrics, cannot check {name}")
+        why = f"{metric} missing from metrics, cannot check {name}"
+        if metric == "gain_over_baseline":
+            why += " (no n-gram baseline: evaluate.baseline.kind is none?)"
+        return GateResult(name, metric, None, threshold, False, why)
     ok = value >= threshold if direction == "min" else value <= threshold
     sign = {("min", True): ">=", ("min", False): "<", ("max", True): "<=", ("max", False): ">"}[(direction, ok)]
     bound = "min" if direction == "min" else "max"

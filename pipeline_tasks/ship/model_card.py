@@ -214,6 +214,7 @@ def _metric_blocks(ctx: Mapping[str, Any]) -> list[Block]:
             ],
         ),
     ]
+    blocks += _baseline_blocks(m, variant)
     for kind, slices in (m.get("slices") or {}).items():
         blocks += [
             ("h2", f"Slices by {kind} ({variant})"),
@@ -224,6 +225,33 @@ def _metric_blocks(ctx: Mapping[str, Any]) -> list[Block]:
             ),
         ]
     return blocks
+
+
+def _baseline_blocks(m: Mapping[str, Any], variant: str) -> list[Block]:
+    """Model vs the n-gram baseline on the same test rows (nothing when no baseline was trained)."""
+    b = m.get("baseline")
+    if not b:
+        return []
+    selected = b.get("selected", {})
+    return [
+        ("h2", "Against the n-gram baseline"),
+        (
+            "p",
+            f"TF-IDF word 1–2-grams + logistic regression, trained on the same {_fmt(b.get('n_train'))} rows as "
+            f"the model, C = {_fmt(selected.get('C'))} chosen on {_fmt(b.get('n_val'))} val rows "
+            f"(val macro-F1 {_fmt(selected.get('val_macro_f1'))}); scored on the same test rows. Gains are "
+            "served minus baseline with a paired bootstrap interval.",
+        ),
+        (
+            "table",
+            ["model", "accuracy [CI]", "macro-F1 [CI]", "train s"],
+            [
+                [variant, _ci(m, "accuracy"), _ci(m, "macro_f1"), "(pipeline)"],
+                ["n-gram baseline", _ci(b, "accuracy"), _ci(b, "macro_f1"), _fmt(b.get("train_seconds"), 1)],
+                ["gain", _ci(m, "gain_over_baseline"), _ci(b, "gain_macro_f1"), ""],
+            ],
+        ),
+    ]
 
 
 def _gate_blocks(ctx: Mapping[str, Any]) -> list[Block]:

@@ -21,6 +21,7 @@ DEFAULT_GATES = GateThresholds(
     max_p95_latency_ms=50.0,
     max_size_mb=50.0,
     max_regression=0.01,
+    min_gain_over_baseline=0.0,
 )
 
 
@@ -59,8 +60,26 @@ class ExportParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class BaselineParams:
+    """The n-gram baseline of :mod:`pipeline_tasks.ship.baseline` (TF-IDF + logistic regression)."""
+
+    kind: Literal["tfidf_lr", "none"] = "tfidf_lr"
+    ngram_max: int = 2  # word 1..ngram_max-grams
+    min_df: int = 2  # n-grams in fewer training rows are dropped
+    c_grid: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)  # inverse regularisation, chosen on val macro-F1
+    max_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.ngram_max < 1 or self.min_df < 1 or self.max_iter < 1:
+            raise ValueError("baseline ngram_max, min_df and max_iter must be >= 1")
+        if not self.c_grid or any(c <= 0 for c in self.c_grid):
+            raise ValueError(f"baseline c_grid must be positive numbers, got {list(self.c_grid)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     gates: GateThresholds = DEFAULT_GATES
+    baseline: BaselineParams = BaselineParams()
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
     max_test_rows: int = 0  # 0 = every labelled test row

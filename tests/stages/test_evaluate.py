@@ -57,7 +57,7 @@ def project(tmp_path_factory, corpora):
     return project
 
 
-def _params(project, tmp_path, gates=None, champion=None):
+def _params(project, tmp_path, gates=None, champion=None, baseline=None):
     champion_path = tmp_path / "production_metrics.json"
     paths = {
         **project.raw["paths"],
@@ -66,7 +66,8 @@ def _params(project, tmp_path, gates=None, champion=None):
     }
     if champion is not None:
         champion_path.write_text(json.dumps(champion))
-    return project.params(paths=paths, ingest_news=SOURCES, evaluate={**FAST, "gates": {**LOOSE, **(gates or {})}})
+    evaluate = {**FAST, "gates": {**LOOSE, **(gates or {})}, **({"baseline": baseline} if baseline else {})}
+    return project.params(paths=paths, ingest_news=SOURCES, evaluate=evaluate)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,45 @@ def test_evaluate_writes_gates_plots_and_model_card(evaluated):
     assert html.startswith("<!doctype html>") and "<table>" in html and "GATES PASSED" in html
 
 
+def test_evaluate_trains_the_ngram_baseline_on_finetunes_rows_and_reports_the_gap(project, evaluated):
+    _, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    baseline = metrics["baseline"]
+    finetune = json.loads((project.path("finetune_reports_dir") / "metrics.json").read_text())
+    assert baseline["kind"] == "tfidf_lr" and baseline["n_train"] == finetune["train"]["rows"]
+    assert baseline["n_val"] == finetune["val"]["n"] and baseline["n"] == metrics["n_test"]
+    assert [row["C"] for row in baseline["grid"]] == [4.0, 8.0, 16.0, 32.0]
+    assert baseline["selected"]["val_macro_f1"] == max(row["val_macro_f1"] for row in baseline["grid"])
+    assert 0.25 < baseline["accuracy"] <= 1.0 and baseline["train_seconds"] > 0
+    assert metrics["baseline_accuracy"] == baseline["accuracy"]
+    assert metrics["gain_over_baseline"] == pytest.approx(metrics["accuracy"] - baseline["accuracy"])
+    assert (
+        metrics["gain_over_baseline_ci_low"] <= metrics["gain_over_baseline"] <= metrics["gain_over_baseline_ci_high"]
+    )
+    gate = json.loads((out / "gates.json").read_text())["gates"]["min_gain_over_baseline"]
+    assert gate["skipped"] is True  # LOOSE leaves it off; the table test covers its verdicts
+    card = (out / "model_card.md").read_text()
+    assert "## Against the n-gram baseline" in card and "| n-gram baseline |" in card
+
+
+def test_evaluate_baseline_gate_fails_a_model_below_it_and_without_a_baseline(project, evaluated, tmp_path):
+    from pipeline_tasks.ship import evaluate
+
+    gain = json.loads((evaluated[1] / "metrics.json").read_text())["gain_over_baseline"]
+    above = evaluate.run(_params(project, tmp_path / "a", gates={"min_gain_over_baseline": gain + 0.05}))
+    assert above["gates_passed"] is False
+    failed = json.loads((tmp_path / "a/evaluate/gates.json").read_text())["gates"]["min_gain_over_baseline"]
+    assert failed["passed"] is False and failed["value"] == pytest.approx(gain)
+
+    summary = evaluate.run(
+        _params(project, tmp_path / "b", gates={"min_gain_over_baseline": -1.0}, baseline={"kind": "none"})
+    )
+    metrics = json.loads((tmp_path / "b/evaluate/metrics.json").read_text())
+    assert summary["gates_passed"] is False and "baseline" not in metrics and summary["gain_over_baseline"] is None
+    why = json.loads((tmp_path / "b/evaluate/gates.json").read_text())["gates"]["min_gain_over_baseline"]["why"]
+    assert "no n-gram baseline" in why
+
+
 def test_evaluate_bootstrap_intervals_are_seeded():
     from pipeline_tasks.ship.evaluate import score
     from pipeline_tasks.ship.params import EvaluateParams
@@ -170,6 +210,7 @@ def test_evaluate_failed_gate_exits_zero_with_banner(project, tmp_path):
             "champion_metrics_path": str(tmp_path / "none.json"),
         },
         "evaluate": {**FAST, "gates": {**LOOSE, "min_accuracy": 0.99}},
+        "finetune": project.raw["finetune"],  # the n-gram baseline trains on finetune's rows
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "LMPIPE_PARAMS": str(tmp_path / "params.yaml")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,8 +16,16 @@ THRESHOLDS = GateThresholds(
     max_p95_latency_ms=20.0,
     max_size_mb=50.0,
     max_regression=0.005,
+    min_gain_over_baseline=0.0,
 )
-GOOD = {"accuracy": 0.90, "macro_f1": 0.89, "int8_accuracy_drop": 0.002, "latency_p95_ms": 5.0, "size_mb": 3.0}
+GOOD = {
+    "accuracy": 0.90,
+    "macro_f1": 0.89,
+    "int8_accuracy_drop": 0.002,
+    "latency_p95_ms": 5.0,
+    "size_mb": 3.0,
+    "gain_over_baseline": 0.012,
+}
 CHAMPION = {"accuracy": 0.88, "macro_f1": 0.87}
 
 
@@ -75,6 +84,41 @@ CASES = [
         True,
         set(),
     ),
+    # the baseline gate: the served model against the n-gram baseline on the same test rows
+    ("baseline_beaten_passes", _with(gain_over_baseline=0.004), None, THRESHOLDS, True, set()),
+    ("baseline_tie_passes", _with(gain_over_baseline=0.0), None, THRESHOLDS, True, set()),
+    (
+        "worse_than_baseline_fails",
+        _with(gain_over_baseline=-0.003),
+        None,
+        THRESHOLDS,
+        False,
+        {"min_gain_over_baseline"},
+    ),
+    (
+        "margin_over_baseline_not_reached_fails",
+        _with(gain_over_baseline=0.004),
+        None,
+        dataclasses.replace(THRESHOLDS, min_gain_over_baseline=0.01),
+        False,
+        {"min_gain_over_baseline"},
+    ),
+    (
+        "missing_baseline_fails",
+        {k: v for k, v in GOOD.items() if k != "gain_over_baseline"},
+        CHAMPION,
+        THRESHOLDS,
+        False,
+        {"min_gain_over_baseline"},
+    ),
+    (
+        "missing_baseline_with_gate_disabled_passes",
+        {k: v for k, v in GOOD.items() if k != "gain_over_baseline"},
+        None,
+        dataclasses.replace(THRESHOLDS, min_gain_over_baseline=None),
+        True,
+        set(),
+    ),
     (
         "several_failures",
         _with(accuracy=0.5, size_mb=500.0),
@@ -103,8 +147,17 @@ def test_decide_reaches_every_gate_branch(metrics, champion, thresholds, expecte
         "max_size_mb",
         "no_regression_accuracy",
         "no_regression_macro_f1",
+        "min_gain_over_baseline",
     }
     assert all(g.why for g in decision.gates)
+
+
+def test_baseline_gate_reason_names_the_baseline():
+    decision = decide(_with(gain_over_baseline=-0.02), None, THRESHOLDS)
+    gate = next(g for g in decision.gates if g.name == "min_gain_over_baseline")
+    assert not gate.passed and gate.why.startswith("gain_over_baseline -0.02 < min 0")
+    missing = decide({k: v for k, v in GOOD.items() if k != "gain_over_baseline"}, None, THRESHOLDS)
+    assert "no n-gram baseline" in next(g.why for g in missing.gates if g.name == "min_gain_over_baseline")
 
 
 def test_decide_without_champion_skips_regression_with_reason():

@@ -121,3 +121,27 @@ def test_bootstrap_ci_rejects_bad_confidence():
 def test_confusion_rows_maps_ids_to_names():
     rows = metrics.confusion_rows([0, 1, 1], [1, 1, 0], ["a", "b"])
     assert rows == [("a", "b"), ("b", "b"), ("b", "a")]
+
+
+def test_paired_bootstrap_diff_is_narrower_than_unpaired_and_centred():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 4000)
+    # two models that share most of their errors (the hard rows): b is a with 2% more rows wrong
+    a = np.where(rng.random(4000) < 0.85, y, (y + 1) % 4)
+    b = np.where(rng.random(4000) < 0.02, (y + 2) % 4, a)
+    diff, low, high = metrics.paired_bootstrap_diff(y, a, b, metrics.accuracy, n_resamples=400, seed=0)
+    assert diff == pytest.approx(metrics.accuracy(y, a) - metrics.accuracy(y, b))
+    assert low <= diff <= high and low > 0.0  # a is better, and the paired interval sees it
+    a_low, a_high = metrics.bootstrap_ci(y, a, n_resamples=400, seed=0)
+    b_low, b_high = metrics.bootstrap_ci(y, b, n_resamples=400, seed=0)
+    assert high - low < 0.5 * ((a_high - a_low) + (b_high - b_low))  # pairing removes the shared variance
+    assert metrics.paired_bootstrap_diff(y, a, b, n_resamples=50, seed=1) == metrics.paired_bootstrap_diff(
+        y, a, b, n_resamples=50, seed=1
+    )
+
+
+def test_paired_bootstrap_diff_of_identical_predictions_is_zero():
+    y = np.array([0, 1, 2, 3, 0, 1])
+    assert metrics.paired_bootstrap_diff(y, y, y, n_resamples=20) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="confidence"):
+        metrics.paired_bootstrap_diff(y, y, y, confidence=1.0)

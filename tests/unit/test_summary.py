@@ -45,6 +45,10 @@ def test_summary_lines_from_reports_and_missing_ones(tmp_path, monkeypatch):
             "accuracy": 0.5,
             "n_test": 4,
             "slices": {"source": {"ag": {"accuracy": 0.25}, "tiny": {"n": 2}}},
+            "baseline_accuracy": 0.75,
+            "gain_over_baseline": -0.25,
+            "gain_over_baseline_ci_low": -0.5,
+            "gain_over_baseline_ci_high": 0.0,
         },
     )
     (tmp_path / "r/register").mkdir(parents=True)
@@ -53,6 +57,7 @@ def test_summary_lines_from_reports_and_missing_ones(tmp_path, monkeypatch):
     assert lines["prepare"] == "45,450 -> 43,908 docs (train/val/test 10/2/3)"
     assert lines["gates"] == "GATES FAILED (1 of 5) - failed: min_accuracy"
     assert "accuracy 0.5000" in lines["evaluate"] and "(ag 0.2500)" in lines["evaluate"]
+    assert lines["evaluate"].endswith("n-gram baseline 0.7500, gap -25.00 points [-50.00, +0.00]")
     assert lines["pretrain"].startswith("not run (") and "metrics.json missing" in lines["pretrain"]
     assert "unreadable" in lines["register"]
     assert [stage for stage, _ in summary.rows(params)][0] == "prepare"
