@@ -26,7 +26,6 @@ Command: ``lmpipe export`` (``dvc repro export``).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -57,24 +56,22 @@ logger = logging.getLogger(__name__)
 
 
 def classifier_graph(classifier):
-    """``(input_ids, attention_mask) -> (logits, pooled)`` around the classifier's own forward.
+    """``(input_ids, attention_mask) -> (logits, pooled)`` from the classifier's own methods.
 
-    ``pooled`` comes from running the real ``SequenceClassifier.forward`` on a shallow copy whose
-    ``head`` and ``dropout`` are identities, so the pooling code lives only in ``model.py``; the
-    parity check then proves ``head(pooled)`` equals the classifier's logits.
+    ``pooled`` is ``SequenceClassifier.pool`` and the logits are ``SequenceClassifier.classify``
+    of it (the head, plus the n-gram expert when the model has one), exactly what its
+    ``forward`` composes, so the pooling code lives only in ``model.py`` and the backbone runs
+    once per call.
     """
-    features = copy.copy(classifier)
-    features._modules = dict(classifier._modules)  # own module table: the original keeps its head
-    features.head, features.dropout = torch.nn.Identity(), torch.nn.Identity()
 
     class ClassifierGraph(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.features, self.head = features, classifier.head
+            self.classifier = classifier
 
         def forward(self, input_ids, attention_mask):
-            pooled = self.features(input_ids, attention_mask)  # (B, C)
-            return self.head(pooled), pooled  # (B, num_classes), (B, C)
+            pooled = self.classifier.pool(input_ids, attention_mask)  # (B, C)
+            return self.classifier.classify(pooled, input_ids, attention_mask), pooled  # (B, K), (B, C)
 
     return ClassifierGraph().eval()
 

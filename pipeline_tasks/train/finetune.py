@@ -38,11 +38,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from pipeline_tasks.artifacts import sha256_file
-from pipeline_tasks.dataset.prepared import read_labelled_split
 from pipeline_tasks.errors import DataError
 from pipeline_tasks.train import classifier_data, finetune_loop
 from pipeline_tasks.train.params import FinetuneParams
@@ -82,7 +80,7 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
     pad_id = classifier_data.special_token_id(tokenizer, classifier_data.PAD_TOKEN)
     cls_id = classifier_data.special_token_id(tokenizer, classifier_data.CLS_TOKEN) if cfg.use_cls else None
     prepared = Path(paths.prepared_dir)
-    rows = read_rows(prepared, cfg, params.seed)
+    rows = classifier_data.finetune_rows(prepared, cfg, params.seed)
     labels = classifier_data.label_vocabulary(rows["train"]["label"])
     if len(labels) < 2:
         raise DataError(f"{prepared / 'train.parquet'}: only labels {labels} in the training rows; need >= 2 classes")
@@ -121,12 +119,18 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
     model = finetune_loop.build_classifier(model_config, init, len(labels), cfg, pad_id).to(device)
 
     # -- train, then score the best weights -------------------------------------------------------
+    ngram_info = None
+    if model.ngrams is not None:  # the n-gram expert first: its weights are frozen in best_state
+        ngram_info = finetune_loop.train_ngram_expert(model, data, cfg, pad_id, device, params.seed)
     result = finetune_loop.train(model, data, cfg, model_config.n_layer, device, dtype, params.seed)
     model.load_state_dict(result.best_state)
     # reported scores in float32: what export ships (fp32 ONNX and its quantised variants) and
     # what evaluate's PyTorch reference reproduces
-    val_pred = finetune_loop.predict(model, data["val"]["ids"], pad_id, cfg.eval_batch_size, device)
-    test_pred = finetune_loop.predict(model, data["test"]["ids"], pad_id, cfg.eval_batch_size, device)
+    if ngram_info is not None:
+        val_pred, test_pred = finetune_loop.predict_with_experts(model, data, cfg, pad_id, device, ngram_info)
+    else:
+        val_pred = finetune_loop.predict(model, data["val"]["ids"], pad_id, cfg.eval_batch_size, device)
+        test_pred = finetune_loop.predict(model, data["test"]["ids"], pad_id, cfg.eval_batch_size, device)
     classifier = {
         "labels": labels,
         "pooling": cfg.pooling,
@@ -135,10 +139,14 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
         "max_len": int(max_len),
         "num_classes": len(labels),
         "train_sources": list(cfg.dataset.train_sources),
+        "ngram_buckets": int(cfg.ngram_buckets),
+        "ngram_dim": int(cfg.ngram_dim),
     }
     metrics = finetune_loop.build_metrics(
         data, val_pred, test_pred, labels, result, cfg, scratch, model_config, params.seed
     )
+    if ngram_info is not None:
+        metrics["ngram"] = ngram_info
     inputs = {
         str(p): sha256_file(p) for p in [tokenizer_path, *(prepared / f"{s}.parquet" for s in classifier_data.SPLITS)]
     }
@@ -167,17 +175,3 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
         "best_step": result.best_step,
         "train_seconds": round(result.seconds, 1),
     }
-
-
-def read_rows(prepared: Path, cfg: FinetuneParams, seed: int) -> dict[str, dict[str, list]]:
-    """Labelled rows per split from the sources ``cfg.dataset`` selects; train capped at ``max_train_rows``."""
-    rows = {
-        "train": read_labelled_split(prepared, "train", sources=cfg.dataset.train_sources).to_pydict(),
-        "val": read_labelled_split(prepared, "val", sources=cfg.dataset.train_sources).to_pydict(),
-        "test": read_labelled_split(prepared, "test", sources=cfg.dataset.test_sources).to_pydict(),
-    }
-    if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
-        picked = np.random.default_rng(seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
-        keep = sorted(picked.tolist())
-        rows["train"] = {k: [v[i] for i in keep] for k, v in rows["train"].items()}
-    return rows

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
+NGRAM_PREFIXES = ("ngrams.", "ngram_head.")
+
+
 def layer_index(name: str, n_layer: int) -> int:
     """Depth of a classifier parameter: 0 embeddings, 1..n_layer blocks, n_layer + 1 final norm and head."""
     if name.startswith("head.") or ".ln_f." in name:
@@ -68,7 +71,7 @@ def param_groups(
     """
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():  # named_parameters yields a tied weight once
-        if not p.requires_grad:
+        if not p.requires_grad or name.startswith(NGRAM_PREFIXES):  # trained apart: train_ngram_expert
             continue
         depth = layer_index(name, n_layer)
         scale = layer_lr_decay ** (n_layer + 1 - depth)
@@ -81,7 +84,7 @@ def freeze_embeddings(model: torch.nn.Module, n_layer: int) -> int:
     """Stop gradients into the token/position tables; returns the number of frozen weights."""
     frozen = 0
     for name, p in model.named_parameters():
-        if layer_index(name, n_layer) == 0:
+        if not name.startswith(NGRAM_PREFIXES) and layer_index(name, n_layer) == 0:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
@@ -156,7 +159,15 @@ def build_classifier(config, init: dict[str, Any], num_classes: int, cfg, pad_id
     backbone = build_lm(config)
     if init.get("state") is not None:
         backbone.load_state_dict(init["state"])  # strict: a partial load would silently train from noise
-    return SequenceClassifier(backbone, num_classes, pooling=cfg.pooling, pad_id=pad_id, dropout=cfg.head_dropout)
+    return SequenceClassifier(
+        backbone,
+        num_classes,
+        pooling=cfg.pooling,
+        pad_id=pad_id,
+        dropout=cfg.head_dropout,
+        ngram_buckets=cfg.ngram_buckets,
+        ngram_dim=cfg.ngram_dim,
+    )
 
 
 @torch.no_grad()
@@ -179,6 +190,119 @@ def predict(
         pred[idx] = logits.argmax(dim=-1).cpu().numpy()
     model.train(was_training)
     return pred
+
+
+# ---------------------------------------------------------------------------------------------
+# the n-gram expert (trained alone, then mixed in with the weight val prefers)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_ngram_expert(model, data: dict[str, dict], cfg, pad_id: int, device: torch.device, seed: int) -> dict:
+    """Train ``model.ngrams`` + ``model.ngram_head`` alone on the train rows, then freeze them.
+
+    AdamW at ``ngram_lr`` with linear decay over ``ngram_epochs``, no weight decay (AdamW would
+    shrink every table row each step, including the rows of n-grams a batch does not contain),
+    plain cross-entropy, float32. Its val accuracy alone is returned for the report.
+    """
+    start = time.perf_counter()
+    params = [*model.ngrams.parameters(), *model.ngram_head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.ngram_lr, weight_decay=0.0)
+    ids, y = data["train"]["ids"], data["train"]["y"]
+    rng = np.random.default_rng(seed + 1)
+    batches = [rng.permutation(len(y)) for _ in range(cfg.ngram_epochs)]
+    total = cfg.ngram_epochs * math.ceil(len(y) / cfg.batch_size)
+    step = 0
+    for order in batches:
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            x, mask = classifier_data.pad_batch([ids[j] for j in idx], pad_id)
+            x, mask = torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.ngram_lr * (1.0 - step / total)
+            loss = F.cross_entropy(model.ngram_logits(x, mask), torch.from_numpy(y[idx]).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    for p in params:
+        p.requires_grad_(False)
+    val_pred = expert_logits(model, data["val"]["ids"], pad_id, cfg.eval_batch_size, device)[1].argmax(1)
+    info = {
+        "buckets": cfg.ngram_buckets,
+        "dim": cfg.ngram_dim,
+        "steps": step,
+        "seconds": time.perf_counter() - start,
+        "val_accuracy_alone": classification_metrics.accuracy(data["val"]["y"], val_pred),
+    }
+    logger.info(
+        "finetune: n-gram expert (%d buckets x %d) %d steps in %.1f s, val accuracy alone %.4f",
+        cfg.ngram_buckets,
+        cfg.ngram_dim,
+        step,
+        info["seconds"],
+        info["val_accuracy_alone"],
+    )
+    return info
+
+
+@torch.no_grad()
+def expert_logits(model, seqs: list[np.ndarray], pad_id: int, batch_size: int, device: torch.device):
+    """``(transformer logits, n-gram logits)`` per sequence in input order, float32 numpy."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros((2, len(seqs), model.num_classes), dtype=np.float32)
+    for idx in classifier_data.sorted_batches([len(s) for s in seqs], batch_size):
+        x, mask = (torch.from_numpy(a).to(device) for a in classifier_data.pad_batch([seqs[i] for i in idx], pad_id))
+        out[0, idx] = model.transformer_logits(x, mask).float().cpu().numpy()
+        out[1, idx] = model.ngram_logits(x, mask).float().cpu().numpy()
+    model.train(was_training)
+    return out[0], out[1]
+
+
+def choose_ngram_weight(model, val_logits: tuple[np.ndarray, np.ndarray], y: np.ndarray, weights) -> dict:
+    """Set ``model.ngram_weight`` to the entry of ``weights`` with the best val macro-F1.
+
+    ``val_logits`` are :func:`expert_logits` of the val rows. Ties go to the smaller weight
+    (the transformer alone when 0 ties).
+    """
+    transformer, ngram = val_logits
+    table = []
+    for weight in sorted(weights):
+        pred = (transformer + weight * ngram).argmax(1)
+        table.append(
+            {
+                "weight": weight,
+                "val_accuracy": classification_metrics.accuracy(y, pred),
+                "val_macro_f1": classification_metrics.macro_f1(y, pred, model.num_classes),
+            }
+        )
+    best = max(table, key=lambda row: row["val_macro_f1"])  # max keeps the first (smallest) of ties
+    model.ngram_weight.fill_(best["weight"])
+    logger.info(
+        "finetune: n-gram weight %g (val macro-F1 %.4f; transformer alone %.4f)",
+        best["weight"],
+        best["val_macro_f1"],
+        next((r["val_macro_f1"] for r in table if r["weight"] == 0.0), float("nan")),
+    )
+    return {"weight": best["weight"], "grid": table}
+
+
+def predict_with_experts(model, data: dict[str, dict], cfg, pad_id: int, device: torch.device, info: dict):
+    """``(val_pred, test_pred)`` of the mixed model after choosing its weight on val.
+
+    One pass per split gives both experts' logits: the mix, and each expert alone on test
+    (``info``: what pretraining adds over the n-gram expert, for the report).
+    """
+    logits = {
+        split: expert_logits(model, data[split]["ids"], pad_id, cfg.eval_batch_size, device)
+        for split in ("val", "test")
+    }
+    info.update(choose_ngram_weight(model, logits["val"], data["val"]["y"], cfg.ngram_weights))
+    weight = float(model.ngram_weight)
+    test_y = data["test"]["y"]
+    info["test_accuracy_transformer_alone"] = classification_metrics.accuracy(test_y, logits["test"][0].argmax(1))
+    info["test_accuracy_ngram_alone"] = classification_metrics.accuracy(test_y, logits["test"][1].argmax(1))
+    return tuple((t + weight * n).argmax(1) for t, n in (logits["val"], logits["test"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,9 +187,24 @@ class FinetuneParams:
     min_delta: float = 0.0
     log_interval: int = 50
     bootstrap_resamples: int = 1000
+    # a second expert beside the transformer: a bag of hashed token uni+bigrams (model.HashedNgramBag)
+    # trained alone first, then mixed into the logits with the weight val likes best; 0 buckets = off
+    ngram_buckets: int = 0
+    ngram_dim: int = 0
+    ngram_lr: float = 1.0e-2
+    ngram_epochs: int = 2
+    ngram_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # mixing weights tried on val
 
     def __post_init__(self) -> None:
         check_range(self, ("max_len",), 2)
+        check_range(self, ("ngram_buckets", "ngram_dim"), 0)
+        check_range(self, ("ngram_epochs",), 1)
+        if not self.ngram_weights or any(w < 0 for w in self.ngram_weights):
+            raise ValueError(f"ngram_weights must be non-negative numbers, got {list(self.ngram_weights)}")
+        if (self.ngram_buckets > 0) != (self.ngram_dim > 0):
+            raise ValueError(f"ngram_buckets and ngram_dim go together, got {self.ngram_buckets} and {self.ngram_dim}")
+        if self.ngram_lr <= 0:
+            raise ValueError(f"ngram_lr must be > 0, got {self.ngram_lr}")
         check_range(self, ("epochs", "batch_size", "eval_batch_size", "log_interval"), 1)
         check_range(
             self, ("max_steps", "max_train_rows", "num_threads", "eval_interval", "patience", "bootstrap_resamples"), 0

@@ -225,9 +225,9 @@ def configure_optimizer(
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused CUDA kernel does the whole update in one launch (nanoGPT: ~10% faster steps)
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+    # fused: the whole update in one pass over the weights, on CUDA (nanoGPT: ~10 % faster steps)
+    # and on CPU, where torch otherwise loops over the tensors one kernel at a time
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:

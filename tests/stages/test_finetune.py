@@ -354,3 +354,49 @@ def test_finetune_is_deterministic_on_cpu(shared, pretrained, tmp_path):
         params, _ = _finetune_in(root, shared, max_steps=8, head_dropout=0.1)
         runs.append(torch.load(Path(params.paths.finetune_dir) / "model.pt", weights_only=True)["model"])
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.slow
+def test_finetune_with_ngram_expert_picks_its_weight_on_val_and_exports(shared, pretrained, tmp_path):
+    """The n-gram expert trains alone, is frozen, gets the val-best weight, reloads and exports to ONNX."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from pipeline_tasks.ship.export import classifier_graph
+    from pipeline_tasks.train.model import load_classifier
+
+    root = _with_pretrain(pretrained["gpt"], tmp_path)
+    weights = [0.0, 0.5, 1.0, 2.0]
+    params, result = _finetune_in(
+        root, shared, ngram_buckets=4099, ngram_dim=8, ngram_epochs=3, ngram_weights=weights, max_steps=30
+    )
+    metrics = json.loads((Path(params.paths.finetune_reports_dir) / "metrics.json").read_text())
+    ngram = metrics["ngram"]
+    assert ngram["val_accuracy_alone"] > 0.6  # the bag alone separates the two classes
+    assert [row["weight"] for row in ngram["grid"]] == weights
+    best = max(ngram["grid"], key=lambda row: row["val_macro_f1"])
+    assert ngram["weight"] == best["weight"]
+    model, meta = load_classifier(Path(params.paths.finetune_dir) / "model.pt")
+    assert meta["classifier"]["ngram_buckets"] == 4099 and float(model.ngram_weight) == ngram["weight"]
+    assert metrics["val"]["macro_f1"] == pytest.approx(best["val_macro_f1"])  # the saved model is the chosen mix
+
+    model.ngram_weight.fill_(1.0)  # a non-zero weight, so the graph must carry the expert
+    ids = torch.randint(3, 512, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 12:], ids[1, 12:] = 0, 1
+    path, batch, seq = tmp_path / "clf.onnx", torch.export.Dim("batch"), torch.export.Dim("seq")
+    torch.onnx.export(
+        classifier_graph(model),
+        (ids, mask),
+        str(path),
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits", "pooled"],
+        external_data=False,
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+    )
+    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )[0]
+    with torch.no_grad():
+        want = model(ids, mask).numpy()
+        assert not np.allclose(want, model.transformer_logits(ids, mask).numpy())  # the expert counts
+    assert np.abs(got - want).max() < 1e-4

@@ -14,6 +14,8 @@ import torch
 
 from pipeline_tasks.errors import DataError
 from pipeline_tasks.train.model import (
+    ChunkedLMLoss,
+    HashedNgramBag,
     ModelConfig,
     ModelParams,
     SequenceClassifier,
@@ -47,7 +49,7 @@ def test_lm_shapes_match_interface(arch):
     logits, loss = model(idx)
     assert logits.shape == (3, 17, 320) and loss is None
     logits_t, loss_t = model(idx, idx)
-    assert logits_t.shape == (3, 17, 320) and loss_t.ndim == 0
+    assert logits_t is None and loss_t.ndim == 0  # training: the loss without the (B, T, V) logits
     last, _ = model(idx, last_only=True)
     assert last.shape == (3, 1, 320)
     torch.testing.assert_close(last[:, 0], logits[:, -1])
@@ -90,6 +92,78 @@ def test_lm_loss_ignores_minus_one_targets(arch):
         logits, _ = model(idx)
     expected = torch.nn.functional.cross_entropy(logits[:, :6].reshape(-1, 320), idx[:, :6].reshape(-1))
     torch.testing.assert_close(masked, expected)
+
+
+@pytest.mark.parametrize("rows", [7, 64, 1000])  # chunks that do not divide N, one chunk, N < chunk
+def test_chunked_lm_loss_matches_cross_entropy_in_value_and_gradients(rows, monkeypatch):
+    monkeypatch.setattr(ChunkedLMLoss, "CHUNK_ROWS", rows)
+    h0, w0 = torch.randn(150, 32, dtype=torch.float64), torch.randn(97, 32, dtype=torch.float64) * 0.1
+    targets = torch.randint(0, 97, (150,))
+    targets[::9] = -1
+    grads = []
+    for chunked in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if chunked:
+            loss = ChunkedLMLoss.apply(h, w, targets, True)
+        else:
+            loss = torch.nn.functional.cross_entropy(h @ w.t(), targets, ignore_index=-1)
+        (2.5 * loss).backward()  # a scaled upstream gradient reaches both inputs
+        grads.append((loss.detach(), h.grad, w.grad))
+    for want, got in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_lm_loss_under_bf16_autocast_and_without_grad():
+    h, w = torch.randn(300, 64, requires_grad=True), (torch.randn(512, 64) * 0.05).requires_grad_()
+    targets = torch.randint(0, 512, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ChunkedLMLoss.apply(h, w, targets, True)
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), targets)
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-3
+    loss.backward()
+    assert h.grad.dtype == h.dtype and w.grad.dtype == w.dtype and torch.isfinite(w.grad).all()
+    with torch.no_grad():  # evaluation: the loss only, nothing kept for a backward
+        assert abs(ChunkedLMLoss.apply(h, w, targets, False).item() - loss.item()) < 1e-3
+
+
+def test_gpt_training_step_gives_the_gradients_of_the_plain_loss():
+    model = build_lm(tiny_config("gpt"))
+    idx = torch.randint(0, 320, (2, 16))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model.lm_head(model.hidden_states(idx[:, :-1]))
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 320), idx[:, 1:].reshape(-1)).backward()
+    for name, p in model.named_parameters():  # the tied table gets both its input and output gradients
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ngram_bag_ignores_padding_and_hashes_pairs_into_its_buckets():
+    bag = HashedNgramBag(vocab_size=320, buckets=97, dim=8)
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        out = bag(ids, mask)
+        alone = bag(ids[:1, :3], mask[:1, :3])
+    torch.testing.assert_close(out[:1], alone)
+    pairs = ids[:, :3][:, :-1] * HashedNgramBag.PAIR_MULTIPLIER + ids[:, :3][:, 1:]
+    expected = (bag.unigram.weight[[5, 6, 7]].sum(0) + bag.bigram.weight[pairs[0] % 97].sum(0)) / 5
+    torch.testing.assert_close(alone[0], expected.detach())
+
+
+def test_classifier_ngram_expert_adds_weighted_logits_and_needs_both_sizes():
+    clf = SequenceClassifier(build_lm(tiny_config("gpt")), 4, pad_id=0, ngram_buckets=101, ngram_dim=8).eval()
+    ids = torch.randint(1, 320, (3, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        transformer = clf.transformer_logits(ids, mask)
+        torch.testing.assert_close(clf(ids, mask), transformer)  # weight 0: the transformer alone
+        clf.ngram_weight.fill_(1.5)
+        torch.testing.assert_close(clf(ids, mask), transformer + 1.5 * clf.ngram_logits(ids, mask))
+    assert "ngram_weight" in clf.state_dict()
+    with pytest.raises(ValueError, match="go together"):
+        SequenceClassifier(build_lm(tiny_config("gpt")), 4, ngram_buckets=101)
 
 
 def test_gpt_rejects_sequence_longer_than_block_size():
