@@ -170,6 +170,11 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict[str, Any]:
 # tokenization: exactly finetune's rule (pipeline_tasks.train.classifier_data), so served inputs match training
 
 
+def length_order(texts: Sequence[str]) -> np.ndarray:
+    """Indices of ``texts`` from shortest to longest (stable): batches of similar length pad little."""
+    return np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
+
+
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int, pad_id: int, cls_id: int | None):
     """Token ids and attention mask, right-padded to the longest row (numpy int64, [B, T]).
 
@@ -293,12 +298,21 @@ class Bundle:
         values = session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
         return dict(zip(names, values))
 
+    def _batched(self, texts: Sequence[str], output: str, variant: str | None, batch_size: int, width: int):
+        """``output`` of every text in input order; batches hold texts of similar length.
+
+        Each batch is padded to its longest row, so batching by length (characters as the proxy)
+        cuts the padded positions the graph computes: about half the time on a test set.
+        """
+        out = np.zeros((len(texts), width), np.float32)
+        order = length_order(texts)
+        for i in range(0, len(texts), batch_size):
+            idx = order[i : i + batch_size]
+            out[idx] = self.run(*self.encode([texts[j] for j in idx]), variant=variant)[output]
+        return out
+
     def logits(self, texts: Sequence[str], variant: str | None = None, batch_size: int = 32):
-        out = [
-            self.run(*self.encode(texts[i : i + batch_size]), variant=variant)["logits"].astype(np.float32)
-            for i in range(0, len(texts), batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        return self._batched(texts, "logits", variant, batch_size, len(self.labels))
 
     def predict_proba(self, texts: Sequence[str], variant: str | None = None, batch_size: int = 32):
         """Class probabilities [N, num_classes] in the order of :attr:`labels`."""
@@ -316,11 +330,7 @@ class Bundle:
 
     def embed(self, texts: Sequence[str], variant: str = "fp32", batch_size: int = 64):
         """Pooled hidden state [N, hidden] of the fine-tuned model (for drift monitoring)."""
-        out = [
-            self.run(*self.encode(texts[i : i + batch_size]), variant=variant)["pooled"].astype(np.float32)
-            for i in range(0, len(texts), batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros((0, int(self.config["hidden_size"])), np.float32)
+        return self._batched(texts, "pooled", variant, batch_size, int(self.config["hidden_size"]))
 
     def lm_session(self):
         if self.config.get("lm") is None:

@@ -66,7 +66,7 @@ from pipeline_tasks.metrics import (
     paired_bootstrap_diff,
 )
 from pipeline_tasks.ship.baseline import predict_baseline, train_baseline
-from pipeline_tasks.ship.bundle import load_bundle, make_session
+from pipeline_tasks.ship.bundle import length_order, load_bundle, make_session
 from pipeline_tasks.ship.gates import decide
 from pipeline_tasks.ship.model_card import build_card, render_html, render_markdown
 from pipeline_tasks.ship.onnx_tools import latency_stats, throughput
@@ -190,12 +190,14 @@ def score_variants(bundle, texts, y, labels, evaluate_params: EvaluateParams, se
 def predict_torch(finetune_pt: Path, bundle, texts, batch_size: int) -> np.ndarray:
     """Classes the PyTorch checkpoint predicts for the bundle's own encoding of ``texts``."""
     model, _ = load_classifier(finetune_pt)
-    out = []
+    out = np.zeros(len(texts), dtype=np.int64)
+    order = length_order(texts)  # batches of similar length: little padding to compute
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            ids, mask = bundle.encode(texts[i : i + batch_size])
-            out.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(1).numpy())
-    return np.concatenate(out)
+            idx = order[i : i + batch_size]
+            ids, mask = bundle.encode([texts[j] for j in idx])
+            out[idx] = model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(1).numpy()
+    return out
 
 
 def time_on_cuda(bundle, texts, serving: str, evaluate_params: EvaluateParams) -> dict[str, Any]:
