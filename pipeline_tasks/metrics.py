@@ -113,6 +113,25 @@ def classification_report(y_true: Any, y_pred: Any, labels: Sequence[str]) -> di
     }
 
 
+def _percentile_bootstrap(
+    n: int, statistic: Callable[[np.ndarray], float], n_resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """``(low, high)`` percentiles of ``statistic(row indices)`` over seeded resamples of ``n`` rows."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if n == 0:
+        raise ValueError("a bootstrap needs at least one example")
+    rng = np.random.default_rng(seed)
+    scores = np.empty(n_resamples, dtype=np.float64)
+    for i in range(n_resamples):
+        scores[i] = statistic(rng.integers(0, n, size=n))
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(scores, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
 def bootstrap_ci(
     y_true: Any,
     y_pred: Any,
@@ -126,21 +145,8 @@ def bootstrap_ci(
     Resamples examples with replacement ``n_resamples`` times using ``numpy.random.default_rng
     (seed)``; returns ``(low, high)`` at the given two-sided ``confidence``.
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     t, p = _as_labels(y_true, y_pred)
-    if t.size == 0:
-        raise ValueError("bootstrap_ci needs at least one example")
-    rng = np.random.default_rng(seed)
-    scores = np.empty(n_resamples, dtype=np.float64)
-    for i in range(n_resamples):
-        idx = rng.integers(0, t.size, size=t.size)
-        scores[i] = metric(t[idx], p[idx])
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(scores, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    return _percentile_bootstrap(t.size, lambda idx: metric(t[idx], p[idx]), n_resamples, confidence, seed)
 
 
 def paired_bootstrap_diff(
@@ -157,22 +163,12 @@ def paired_bootstrap_diff(
     Each resample draws one set of row indices and scores both models on it, as a paired test
     must: the difference of two independent intervals would be far too wide.
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     t, a = _as_labels(y_true, y_pred_a)
     _, b = _as_labels(y_true, y_pred_b)
-    if t.size == 0:
-        raise ValueError("paired_bootstrap_diff needs at least one example")
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n_resamples, dtype=np.float64)
-    for i in range(n_resamples):
-        idx = rng.integers(0, t.size, size=t.size)
-        diffs[i] = metric(t[idx], a[idx]) - metric(t[idx], b[idx])
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(diffs, [alpha, 1.0 - alpha])
-    return metric(t, a) - metric(t, b), float(low), float(high)
+    low, high = _percentile_bootstrap(
+        t.size, lambda idx: metric(t[idx], a[idx]) - metric(t[idx], b[idx]), n_resamples, confidence, seed
+    )
+    return metric(t, a) - metric(t, b), low, high
 
 
 def confusion_rows(y_true: Any, y_pred: Any, labels: Sequence[str]) -> list[tuple[str, str]]:
