@@ -278,13 +278,23 @@ def choose_ngram_weight(model, val_logits: tuple[np.ndarray, np.ndarray], y: np.
         )
     best = max(table, key=lambda row: row["val_macro_f1"])  # max keeps the first (smallest) of ties
     model.ngram_weight.fill_(best["weight"])
+    alone = {
+        name: classification_metrics.macro_f1(y, logits.argmax(1), model.num_classes)
+        for name, logits in (("transformer", transformer), ("ngram", ngram))
+    }
     logger.info(
-        "finetune: n-gram weight %g (val macro-F1 %.4f; transformer alone %.4f)",
+        "finetune: n-gram weight %g: val macro-F1 %.4f (transformer alone %.4f, n-gram expert alone %.4f)",
         best["weight"],
         best["val_macro_f1"],
-        next((r["val_macro_f1"] for r in table if r["weight"] == 0.0), float("nan")),
+        alone["transformer"],
+        alone["ngram"],
     )
-    return {"weight": best["weight"], "grid": table}
+    return {
+        "weight": best["weight"],
+        "grid": table,
+        "val_macro_f1_transformer_alone": alone["transformer"],
+        "val_macro_f1_ngram_alone": alone["ngram"],
+    }
 
 
 def predict_with_experts(model, data: dict[str, dict], cfg, pad_id: int, device: torch.device, info: dict):
