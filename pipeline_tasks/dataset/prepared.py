@@ -20,6 +20,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -125,3 +126,21 @@ def read_labelled_split(
         label_idx = pc.index_in(table["label"], value_set=pa.array(list(labels), type=pa.string()))
         table = table.append_column("label_idx", label_idx.cast(pa.int64()))
     return table
+
+
+def finetune_rows(prepared: str | os.PathLike, cfg: Any, seed: int) -> dict[str, dict[str, list]]:
+    """Labelled rows per split of the classifier: the sources ``cfg.dataset`` (params ``finetune``) selects.
+
+    Train is capped at ``max_train_rows`` by a seeded sample. finetune trains on these rows and
+    evaluate's n-gram baseline on the very same ones.
+    """
+    rows = {
+        "train": read_labelled_split(prepared, "train", sources=cfg.dataset.train_sources).to_pydict(),
+        "val": read_labelled_split(prepared, "val", sources=cfg.dataset.train_sources).to_pydict(),
+        "test": read_labelled_split(prepared, "test", sources=cfg.dataset.test_sources).to_pydict(),
+    }
+    if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
+        picked = np.random.default_rng(seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
+        keep = sorted(picked.tolist())
+        rows["train"] = {k: [v[i] for i in keep] for k, v in rows["train"].items()}
+    return rows

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline_tasks.dataset.prepared import finetune_rows
 from pipeline_tasks.metrics import accuracy, macro_f1
-from pipeline_tasks.train.classifier_data import finetune_rows, labels_to_ids
+from pipeline_tasks.train.classifier_data import labels_to_ids
 
 logger = logging.getLogger(__name__)
 

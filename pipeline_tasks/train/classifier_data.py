@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline_tasks.dataset.prepared import read_labelled_split
 from pipeline_tasks.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -160,21 +158,3 @@ def sample_weights(label_ids: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-example weights that make every class equally likely under a weighted sampler."""
     counts = np.bincount(np.asarray(label_ids), minlength=num_classes).astype(np.float64)
     return 1.0 / counts[np.asarray(label_ids)]
-
-
-def finetune_rows(prepared: Path, cfg: Any, seed: int) -> dict[str, dict[str, list]]:
-    """Labelled rows per split of the classifier: the sources ``cfg.dataset`` (params ``finetune``) selects.
-
-    Train is capped at ``max_train_rows`` by a seeded sample. finetune trains on these rows and
-    evaluate's n-gram baseline on the very same ones.
-    """
-    rows = {
-        "train": read_labelled_split(prepared, "train", sources=cfg.dataset.train_sources).to_pydict(),
-        "val": read_labelled_split(prepared, "val", sources=cfg.dataset.train_sources).to_pydict(),
-        "test": read_labelled_split(prepared, "test", sources=cfg.dataset.test_sources).to_pydict(),
-    }
-    if cfg.max_train_rows and len(rows["train"]["id"]) > cfg.max_train_rows:
-        picked = np.random.default_rng(seed).choice(len(rows["train"]["id"]), cfg.max_train_rows, replace=False)
-        keep = sorted(picked.tolist())
-        rows["train"] = {k: [v[i] for i in keep] for k, v in rows["train"].items()}
-    return rows

@@ -41,6 +41,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from pipeline_tasks.artifacts import sha256_file
+from pipeline_tasks.dataset.prepared import finetune_rows
 from pipeline_tasks.errors import DataError
 from pipeline_tasks.train import classifier_data, finetune_loop
 from pipeline_tasks.train.params import FinetuneParams
@@ -80,7 +81,7 @@ def run(params, from_scratch: bool = False, **_options) -> dict[str, Any]:
     pad_id = classifier_data.special_token_id(tokenizer, classifier_data.PAD_TOKEN)
     cls_id = classifier_data.special_token_id(tokenizer, classifier_data.CLS_TOKEN) if cfg.use_cls else None
     prepared = Path(paths.prepared_dir)
-    rows = classifier_data.finetune_rows(prepared, cfg, params.seed)
+    rows = finetune_rows(prepared, cfg, params.seed)
     labels = classifier_data.label_vocabulary(rows["train"]["label"])
     if len(labels) < 2:
         raise DataError(f"{prepared / 'train.parquet'}: only labels {labels} in the training rows; need >= 2 classes")
