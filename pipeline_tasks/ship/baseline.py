@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline_tasks.dataset.prepared import finetune_rows
 from pipeline_tasks.metrics import accuracy, macro_f1
@@ -62,7 +63,11 @@ def fit_tfidf_lr(
     table, best = [], None
     for c in sorted(cfg.c_grid):
         classifier.set_params(C=c)
-        classifier.fit(x_train, train_y)
+        # one BLAS thread: lbfgs' dot products then sum in one order, so a container and a laptop
+        # fit the same weights (with the host's thread count the last digits moved); the
+        # matrices are small, so it costs little
+        with threadpool_limits(limits=1):
+            classifier.fit(x_train, train_y)
         pred = classifier.predict(x_val)
         row = {"C": c, "val_accuracy": accuracy(val_y, pred), "val_macro_f1": macro_f1(val_y, pred, num_classes)}
         table.append(row)
