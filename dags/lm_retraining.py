@@ -15,7 +15,7 @@ from the shared DVC cache instead of recomputed.
   (`<data root>/workspaces/lm_retraining/<run id>`): two runs never write the same path. Run conf
   `params_overrides` (`{"pretrain.max_steps": 10}`) is written into that copy's params.yaml;
   `force: true` re-runs every stage.
-* GPU stages (`pretrain`, `finetune`) use the `gpu` pool and request a GPU; a retry resumes from the
+* GPU stages (`pretrain`, `finetune`, `compress`) use the `gpu` pool and request a GPU; a retry resumes from the
   last checkpoint kept in the run's workspace. Data stages retry with exponential backoff.
 * `check_gates` reads `gates.json` from `evaluate`: a rejected model **skips** `register` and
   `emit_evaluation_passed` (shown as skipped, not failed) and sends a gate-rejection notification.

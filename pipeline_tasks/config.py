@@ -81,6 +81,8 @@ class PathsParams:
     pretrain_reports_dir: str = "reports/pretrain"
     finetune_dir: str = "models/finetune"
     finetune_reports_dir: str = "reports/finetune"
+    compress_dir: str = "models/compress"
+    compress_reports_dir: str = "reports/compress"
     bundle_dir: str = "models/bundle"
     export_reports_dir: str = "reports/export"
     evaluate_dir: str = "reports/evaluate"
@@ -103,6 +105,7 @@ SECTIONS: dict[str, str] = {
     "model": "pipeline_tasks.train.params:ModelParams",
     "pretrain": "pipeline_tasks.train.params:PretrainParams",
     "finetune": "pipeline_tasks.train.params:FinetuneParams",
+    "compress": "pipeline_tasks.train.params:CompressParams",
     "export": "pipeline_tasks.ship.params:ExportParams",
     "evaluate": "pipeline_tasks.ship.params:EvaluateParams",
     "monitor": "pipeline_tasks.monitor.params:MonitorParams",

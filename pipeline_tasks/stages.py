@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "tokenize": "dataset.tokenize",
     "pretrain": "train.pretrain",
     "finetune": "train.finetune",
+    "compress": "ship.compress",
     "export": "ship.export",
     "evaluate": "ship.evaluate",
     "monitor": "monitor.monitor",
@@ -33,7 +34,7 @@ COMMANDS: dict[str, str] = {
 }
 
 # Stages that benefit from an accelerator (Airflow pools / KFP accelerator requests read this).
-GPU_STAGES: frozenset[str] = frozenset({"pretrain", "finetune"})
+GPU_STAGES: frozenset[str] = frozenset({"pretrain", "finetune", "compress"})
 
 
 def stage_command(name: str) -> list[str]:

@@ -64,6 +64,18 @@ def _finetune(d: dict) -> str:
     )
 
 
+def _compress(d: dict) -> str:
+    if not d.get("enabled"):
+        return "disabled: the fine-tuned model is exported (dvc exp run -S compress.enabled=true for a student)"
+    rows = {r["model"]: r for r in d.get("rows", [])}
+    shipped, teacher = rows.get(d.get("shipped"), {}), rows.get("teacher", {})
+    return (
+        f"{d.get('shipped')} student {shipped.get('params', 0) / 1e6:.2f} M params: int8 test accuracy "
+        f"{shipped.get('test_accuracy_int8', float('nan')):.4f} vs teacher {teacher.get('test_accuracy_int8', float('nan')):.4f}, "
+        f"{shipped.get('speedup_vs_teacher', float('nan')):.2f}x faster ({d.get('seconds', 0):.0f} s)"
+    )
+
+
 def _evaluate(d: dict) -> str:
     by_source = d.get("slices", {}).get("source", {})
     sources = ", ".join(f"{name} {s['accuracy']:.4f}" for name, s in sorted(by_source.items()) if "accuracy" in s)
@@ -74,6 +86,16 @@ def _evaluate(d: dict) -> str:
         + (f" ({sources})" if sources else "")
         + f", p95 {d.get('latency_p95_ms', float('nan')):.2f} ms, {d.get('size_mb', float('nan')):.1f} MB"
         + _baseline_gap(d)
+        + _student_gap(d)
+    )
+
+
+def _student_gap(d: dict) -> str:
+    if not d.get("compressed"):
+        return ""
+    return (
+        f"; student vs teacher {-100 * d.get('student_accuracy_drop', float('nan')):+.2f} points, "
+        f"{d.get('student_speedup', float('nan')):.2f}x faster"
     )
 
 
@@ -111,6 +133,7 @@ def rows(params) -> list[tuple[str, str]]:
         ("tokenize", Path(p.tokenize_reports_dir) / "metrics.json", _tokenize),
         ("pretrain", Path(p.pretrain_reports_dir) / "metrics.json", _pretrain),
         ("finetune", Path(p.finetune_reports_dir) / "metrics.json", _finetune),
+        ("compress", Path(p.compress_reports_dir) / "metrics.json", _compress),
         ("evaluate", Path(p.evaluate_dir) / "metrics.json", _evaluate),
         ("gates", Path(p.evaluate_dir) / "gates.json", _gates),
         ("monitor", Path(p.monitor_dir) / "drift_summary.json", _monitor),

@@ -144,3 +144,28 @@ def finetune_rows(prepared: str | os.PathLike, cfg: Any, seed: int) -> dict[str,
         keep = sorted(picked.tolist())
         rows["train"] = {k: [v[i] for i in keep] for k, v in rows["train"].items()}
     return rows
+
+
+def unlabelled_news_rows(
+    prepared: str | os.PathLike, exclude_sources: Sequence[str], max_rows: int, seed: int
+) -> dict[str, list]:
+    """News rows of ``train.parquet`` outside ``exclude_sources``, labels ignored (``compress`` lets the teacher label them).
+
+    A seeded sample of ``max_rows`` (0: none), in file order. Only the train split: val and test
+    rows must stay unseen by every model that is scored on them.
+    """
+    if max_rows <= 0:
+        return {"id": [], "text": [], "source": []}
+    path = Path(prepared) / "train.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: prepared split not found; run `python -m pipeline_tasks prepare` first")
+    table = pq.read_table(path, columns=["id", "text", "source", "kind"])
+    keep = pc.equal(table["kind"], "news")
+    if exclude_sources:
+        excluded = pa.array(list(exclude_sources), type=pa.string())
+        keep = pc.and_(keep, pc.invert(pc.is_in(table["source"], value_set=excluded)))
+    table = table.filter(keep)
+    if table.num_rows > max_rows:
+        picked = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=max_rows, replace=False))
+        table = table.take(picked)
+    return table.select(["id", "text", "source"]).to_pydict()

@@ -172,7 +172,7 @@ class OrchestrationParams:
     data_stages: tuple[str, ...] = ("ingest_wiki", "ingest_news", "prepare", "validate", "tokenize")
     timeout_min: int = 60
     stage_timeout_min: dict[str, int] = dataclasses.field(
-        default_factory=lambda: _frozen_map(pretrain=480, finetune=240, export=90, evaluate=90)
+        default_factory=lambda: _frozen_map(pretrain=480, finetune=240, compress=240, export=90, evaluate=90)
     )
     # env vars copied from the Airflow environment into every container (e.g. the tracking server)
     pass_env: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "LMPIPE_LOG_LEVEL", "RAY_ADDRESS")

@@ -1,7 +1,8 @@
 """Stage ``evaluate``: score every bundle variant, time it, apply the gates, write the model card.
 
 Inputs: ``bundle_dir`` (verified), ``prepared_dir/test.parquet``, ``tokens_dir/{val.bin,meta.json}``
-(LM bits per byte from the exported LM), ``finetune_dir/model.pt`` (the PyTorch reference score),
+(LM bits per byte from the exported LM), ``compress_dir/model.pt`` (the PyTorch reference score of
+the shipped model) and, for a student of ``compress``, ``compress_dir/teacher_int8.onnx``,
 ``export_reports_dir/parity.json`` and the data statistics for the card; the production model's
 metrics from ``paths.champion_metrics_path`` when that file exists (champion/challenger).
 
@@ -15,7 +16,9 @@ Outputs (``evaluate_dir``, written atomically with a manifest):
   ``cuda`` (when a GPU is present); ``baseline_accuracy`` and ``gain_over_baseline`` (served
   accuracy minus the n-gram baseline's, with a paired bootstrap ``*_ci_low/high``) at the top
   level and the baseline's own scores, selection and cost in ``baseline``
-  (:mod:`pipeline_tasks.ship.baseline`, trained here on finetune's rows);
+  (:mod:`pipeline_tasks.ship.baseline`, trained here on finetune's rows); ``compressed`` and, for
+  a student, ``student_accuracy_drop`` and ``student_speedup`` (teacher vs served student, same
+  rows, timed side by side) with the teacher's numbers in ``student``;
 * ``gates.json`` — every gate (value, threshold, passed, why) and the overall verdict;
 * ``plots/`` — ``confusion.csv``, ``per_class.csv``, ``latency.csv``, ``slices.csv`` (DVC plots)
   and PNGs;
@@ -51,6 +54,7 @@ from pipeline_tasks.artifacts import (
     atomic_write_text,
     git_sha,
     read_json,
+    sha256_file,
     write_manifest,
 )
 from pipeline_tasks.config import to_plain
@@ -69,7 +73,7 @@ from pipeline_tasks.ship.baseline import predict_baseline, train_baseline
 from pipeline_tasks.ship.bundle import length_order, load_bundle, make_session
 from pipeline_tasks.ship.gates import decide
 from pipeline_tasks.ship.model_card import build_card, render_html, render_markdown
-from pipeline_tasks.ship.onnx_tools import latency_stats, throughput
+from pipeline_tasks.ship.onnx_tools import latency_stats, paired_latency, throughput
 from pipeline_tasks.ship.params import EvaluateParams
 from pipeline_tasks.train.model import load_classifier
 
@@ -272,6 +276,71 @@ def baseline_comparison(params, labels, texts, y, served_pred, evaluate_params: 
             "gain_macro_f1_ci_low": f1_low,
             "gain_macro_f1_ci_high": f1_high,
             "predict_seconds": predict_seconds,
+        },
+    }
+
+
+def student_comparison(
+    params, bundle, texts, y, labels, served: dict[str, Any], serving: str, evaluate_params: EvaluateParams
+) -> dict[str, Any]:
+    """The served student against its teacher (compress): accuracy drop and side-by-side speed-up.
+
+    The teacher is compress's int8 ONNX of the fine-tuned model, checked against the sha256 the
+    student's checkpoint recorded: a stale teacher would make both gates meaningless.
+    """
+    compression = bundle.config.get("compression")
+    if not compression or not compression.get("enabled"):
+        return {"compressed": False}
+    path = Path(params.paths.compress_dir) / compression["teacher_onnx"]
+    if not path.is_file() or sha256_file(path) != compression.get("teacher_onnx_sha256"):
+        raise DataError(
+            f"{path}: the teacher of the served student is missing or is not the one compress measured "
+            "(sha256 differs); re-run compress and export (dvc repro does)"
+        )
+    teacher = make_session(path, "cpu", 0)
+    teacher_pred = bundle.logits(texts, batch_size=evaluate_params.batch_size, session=teacher).argmax(1)
+    teacher_scores = score(y, teacher_pred, labels, evaluate_params, params.seed)
+    timed = {
+        name: make_session(p, "cpu", evaluate_params.intra_op_threads)
+        for name, p in (("student", bundle.variant_path(serving)), ("teacher", path))
+    }
+    feeds = []
+    for text in texts[:64]:
+        ids, mask = bundle.encode([text])
+        feeds.append({"input_ids": ids, "attention_mask": mask})
+    latency = paired_latency(
+        {name: (lambda feed, s=s: s.run(["logits"], feed)) for name, s in timed.items()},
+        feeds,
+        evaluate_params.latency_warmup,
+        evaluate_params.latency_runs,
+    )
+    speedup = latency["teacher"]["p50_ms"] / max(latency["student"]["p50_ms"], 1e-9)
+    drop = teacher_scores["accuracy"] - served["accuracy"]
+    logger.info(
+        "evaluate: student accuracy %.4f vs teacher %.4f (drop %+.4f), %.2fx faster (p50 %.3f vs %.3f ms)",
+        served["accuracy"],
+        teacher_scores["accuracy"],
+        drop,
+        speedup,
+        latency["student"]["p50_ms"],
+        latency["teacher"]["p50_ms"],
+    )
+    return {
+        "compressed": True,
+        "student_accuracy_drop": drop,
+        "student_speedup": speedup,
+        "student": {
+            "method": compression.get("method"),
+            "teacher_accuracy": teacher_scores["accuracy"],
+            "teacher_macro_f1": teacher_scores["macro_f1"],
+            "teacher_latency_p50_ms": latency["teacher"]["p50_ms"],
+            "teacher_latency_p95_ms": latency["teacher"]["p95_ms"],
+            "student_latency_p50_ms": latency["student"]["p50_ms"],
+            "student_latency_p95_ms": latency["student"]["p95_ms"],
+            "teacher_size_mb": path.stat().st_size / 1e6,
+            "teacher_params": compression.get("teacher_params"),
+            "student_params": compression.get("student_params"),
+            "agreement": float((teacher_pred == served["pred"]).mean()),
         },
     }
 
@@ -530,7 +599,7 @@ def run(params, **_options) -> dict[str, Any]:
 
     variants, preds, scored = score_variants(bundle, texts, y, labels, evaluate_params, params.seed)
     if evaluate_params.score_torch:
-        preds["torch"] = predict_torch(Path(paths.finetune_dir) / "model.pt", bundle, texts, evaluate_params.batch_size)
+        preds["torch"] = predict_torch(Path(paths.compress_dir) / "model.pt", bundle, texts, evaluate_params.batch_size)
         variants["torch"] = {
             k: v for k, v in score(y, preds["torch"], labels, evaluate_params, params.seed).items() if k != "per_class"
         }
@@ -546,6 +615,8 @@ def run(params, **_options) -> dict[str, Any]:
         "slices": slice_scores(test, preds[serving], labels, evaluate_params, params.seed),
     }
     result.update(baseline_comparison(params, labels, texts, y, preds[serving], evaluate_params))
+    served = {"accuracy": result["accuracy"], "pred": preds[serving]}
+    result.update(student_comparison(params, bundle, texts, y, labels, served, serving, evaluate_params))
     if cuda:
         result["cuda"] = cuda
     pretrain_metrics = _optional_json(Path(paths.pretrain_reports_dir) / "metrics.json") or {}

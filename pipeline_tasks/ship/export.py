@@ -1,6 +1,7 @@
 """Stage ``export``: ONNX export, int8 / fp16 variants, parity checks against PyTorch, the serving bundle.
 
-Inputs: ``finetune_dir/model.pt`` (classifier), ``pretrain_dir/model.pt`` (language model),
+Inputs: ``compress_dir/model.pt`` (the classifier to ship: finetune's model, or the student of
+``compress``), ``pretrain_dir/model.pt`` (language model),
 ``tokens_dir/{tokenizer.json,meta.json}``, ``prepared_dir/val.parquet`` (real texts for parity
 and int8 calibration).
 
@@ -267,6 +268,8 @@ def bundle_config(
         "outputs": ["logits", "pooled"],
         "variants": variants,
         "lm": {"file": LM_FILE, "model_config": lm_config} if lm_config else None,
+        # a student of compress: its teacher and the gates' reference (evaluate); None when not compressed
+        "compression": meta.get("compression"),
     }
 
 
@@ -339,7 +342,8 @@ def export_summary(bundle_dir, opset: int, report: dict[str, Any], config: dict[
 def run(params, **_options) -> dict[str, Any]:
     export_params: ExportParams = params.export
     paths = params.paths
-    finetune_pt, pretrain_pt = Path(paths.finetune_dir) / "model.pt", Path(paths.pretrain_dir) / "model.pt"
+    # compress's output: the fine-tuned model itself, or its student when compress.enabled
+    finetune_pt, pretrain_pt = Path(paths.compress_dir) / "model.pt", Path(paths.pretrain_dir) / "model.pt"
     tokens_dir, val_path = Path(paths.tokens_dir), Path(paths.prepared_dir) / "val.parquet"
     require_tokenizer(tokens_dir)
     torch.manual_seed(params.seed)

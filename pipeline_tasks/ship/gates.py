@@ -16,6 +16,11 @@ Gates (a threshold of ``None`` disables its gate; the decision records it as ski
 * ``min_gain_over_baseline`` — served accuracy minus the n-gram baseline's accuracy on the same
   test rows (:mod:`pipeline_tasks.ship.baseline`); 0.0 means "not worse than the baseline". No
   baseline in the metrics (``evaluate.baseline.kind: none``) fails it, like any missing metric;
+* ``max_student_drop`` / ``min_student_speedup`` — for a student of ``compress``: its teacher's
+  accuracy (int8, same test rows) minus the served student's, and the teacher's batch-1 CPU p50
+  latency over the student's, measured side by side. When the served model is not a student
+  (``compressed`` is not true in the metrics: ``compress.enabled: false``) both are skipped
+  with that reason; a student without these numbers fails them;
 * ``no_regression_accuracy`` / ``no_regression_macro_f1`` — champion/challenger: the challenger
   may be at most ``max_regression`` below the production model. With no production model
   these gates pass with the reason "no production model" and the absolute gates decide.
@@ -39,7 +44,10 @@ ABSOLUTE_GATES: tuple[tuple[str, str, str], ...] = (
     ("max_p95_latency_ms", "latency_p95_ms", "max"),
     ("max_size_mb", "size_mb", "max"),
     ("min_gain_over_baseline", "gain_over_baseline", "min"),
+    ("max_student_drop", "student_accuracy_drop", "max"),
+    ("min_student_speedup", "student_speedup", "min"),
 )
+STUDENT_GATES: frozenset[str] = frozenset({"max_student_drop", "min_student_speedup"})
 REGRESSION_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 
 
@@ -54,6 +62,8 @@ class GateThresholds:
     max_size_mb: float | None = None
     max_regression: float | None = None  # allowed drop vs the production model, absolute (0.01 = 1 point)
     min_gain_over_baseline: float | None = None  # served accuracy - n-gram baseline accuracy, absolute
+    max_student_drop: float | None = None  # teacher accuracy - student accuracy, absolute (compress only)
+    min_student_speedup: float | None = None  # teacher p50 latency / student p50 latency (compress only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +174,16 @@ def decide(metrics: Mapping[str, Any], champion: Mapping[str, Any] | None, thres
     """Apply every gate; ``champion`` is the production model's metrics or ``None``."""
     gates = [
         _absolute_gate(name, metric, direction, _number(metrics, metric), getattr(thresholds, name))
+        if name not in STUDENT_GATES or metrics.get("compressed") is True
+        else GateResult(
+            name,
+            metric,
+            None,
+            getattr(thresholds, name),
+            True,
+            f"{name}: the served model is not a compressed student (compress.enabled false)",
+            skipped=True,
+        )
         for name, metric, direction in ABSOLUTE_GATES
     ]
     gates += [

@@ -215,6 +215,7 @@ def _metric_blocks(ctx: Mapping[str, Any]) -> list[Block]:
         ),
     ]
     blocks += _baseline_blocks(m, variant)
+    blocks += _student_blocks(m, variant)
     for kind, slices in (m.get("slices") or {}).items():
         blocks += [
             ("h2", f"Slices by {kind} ({variant})"),
@@ -249,6 +250,56 @@ def _baseline_blocks(m: Mapping[str, Any], variant: str) -> list[Block]:
                 [variant, _ci(m, "accuracy"), _ci(m, "macro_f1"), "(pipeline)"],
                 ["n-gram baseline", _ci(b, "accuracy"), _ci(b, "macro_f1"), _fmt(b.get("train_seconds"), 1)],
                 ["gain", _ci(m, "gain_over_baseline"), _ci(b, "gain_macro_f1"), ""],
+            ],
+        ),
+    ]
+
+
+def _student_blocks(m: Mapping[str, Any], variant: str) -> list[Block]:
+    """The served student beside its teacher (nothing when the served model is not a student of compress)."""
+    st = m.get("student")
+    if not m.get("compressed") or not st:
+        return []
+    return [
+        ("h2", "Student and its teacher"),
+        (
+            "p",
+            f"The served model is a {st.get('method')} student of the fine-tuned teacher "
+            f"({_fmt(st.get('teacher_params'))} parameters -> {_fmt(st.get('student_params'))}). Both are scored "
+            f"on the same {_fmt(m.get('n_test'))} test rows and timed side by side, batch 1 on CPU, rounds "
+            "interleaved; the teacher runs as int8 dynamic ONNX. The student gates read the drop and the speed-up.",
+        ),
+        (
+            "table",
+            ["model", "accuracy", "macro-F1", "p50 ms", "p95 ms", "size MB", "parameters"],
+            [
+                [
+                    "teacher",
+                    _fmt(st.get("teacher_accuracy")),
+                    _fmt(st.get("teacher_macro_f1")),
+                    _fmt(st.get("teacher_latency_p50_ms"), 3),
+                    _fmt(st.get("teacher_latency_p95_ms"), 3),
+                    _fmt(st.get("teacher_size_mb"), 2),
+                    _fmt(st.get("teacher_params")),
+                ],
+                [
+                    f"student ({variant})",
+                    _fmt(m.get("accuracy")),
+                    _fmt(m.get("macro_f1")),
+                    _fmt(st.get("student_latency_p50_ms"), 3),
+                    _fmt(st.get("student_latency_p95_ms"), 3),
+                    _fmt(m.get("size_mb"), 2),
+                    _fmt(st.get("student_params")),
+                ],
+                [
+                    "student vs teacher",
+                    f"drop {_fmt(m.get('student_accuracy_drop'))}",
+                    "",
+                    f"{_fmt(m.get('student_speedup'), 2)}x faster",
+                    "",
+                    "",
+                    f"agreement {_fmt(st.get('agreement'))}",
+                ],
             ],
         ),
     ]

@@ -6,7 +6,8 @@
 * :func:`convert_fp16` for the CUDA execution provider (``onnxruntime.transformers.float16``,
   which ships with onnxruntime: onnxconverter-common is not a dependency), inputs/outputs kept fp32;
 * :func:`compare_outputs` (max-abs difference and class agreement) used by every parity check;
-* :func:`latency_stats` / :func:`throughput` for the timing numbers in evaluate and the bench.
+* :func:`latency_stats` / :func:`throughput` for the timing numbers in evaluate and the bench,
+  :func:`paired_latency` for side-by-side ratios (student vs teacher).
 """
 
 from __future__ import annotations
@@ -194,6 +195,38 @@ def latency_stats(fn: Callable[[Any], Any], feeds: Sequence[Any], warmup: int, r
         "mean_ms": float(times.mean()),
         "runs": int(runs),
     }
+
+
+def paired_latency(
+    fns: dict[str, Callable[[Any], Any]], feeds: Sequence[Any], warmup: int, runs: int, rounds: int = 5
+) -> dict[str, dict[str, float]]:
+    """:func:`latency_stats` of several models measured side by side, for their ratios.
+
+    The runs of each model are split into ``rounds`` that alternate between the models, so a
+    change of the machine's state during the measurement (clock, another process) falls on all
+    of them alike instead of on whichever model happened to run last.
+    """
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(feeds[i % len(feeds)])
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = max(1, -(-runs // rounds))
+    for r in range(rounds):
+        for name, fn in fns.items():
+            for i in range(r * per_round, min(runs, (r + 1) * per_round)):
+                start = time.perf_counter()
+                fn(feeds[i % len(feeds)])
+                times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, seconds in times.items():
+        ms = np.asarray(seconds) * 1000.0
+        out[name] = {
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)),
+            "mean_ms": float(ms.mean()),
+            "runs": len(ms),
+        }
+    return out
 
 
 def throughput(

@@ -22,6 +22,8 @@ DEFAULT_GATES = GateThresholds(
     max_size_mb=50.0,
     max_regression=0.01,
     min_gain_over_baseline=0.0,
+    max_student_drop=0.01,
+    min_student_speedup=2.0,
 )
 
 

@@ -180,16 +180,29 @@ def predict(
     dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """Argmax class per sequence, in input order."""
+    return classifier_logits(model, seqs, pad_id, batch_size, device, dtype).argmax(1)
+
+
+@torch.no_grad()
+def classifier_logits(
+    model,
+    seqs: list[np.ndarray],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> np.ndarray:
+    """Logits ``(N, num_classes)`` per sequence in input order, float32 numpy."""
     was_training = model.training
     model.eval()
-    pred = np.empty(len(seqs), dtype=np.int64)
+    out = np.empty((len(seqs), model.num_classes), dtype=np.float32)
     for idx in classifier_data.sorted_batches([len(s) for s in seqs], batch_size):
         ids, mask = classifier_data.pad_batch([seqs[i] for i in idx], pad_id)
         with autocast_context(device, dtype):
             logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-        pred[idx] = logits.argmax(dim=-1).cpu().numpy()
+        out[idx] = logits.float().cpu().numpy()
     model.train(was_training)
-    return pred
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +350,20 @@ class TrainResult:
 
 
 def train(
-    model, data: dict[str, dict], cfg, n_layer: int, device: torch.device, dtype: torch.dtype, seed: int
+    model,
+    data: dict[str, dict],
+    cfg,
+    n_layer: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    loss_fn=None,
 ) -> TrainResult:
+    """Train ``model`` on ``data["train"]``, keeping the weights of the best val macro-F1.
+
+    ``loss_fn(logits, idx)`` replaces the cross-entropy on ``data["train"]["y"]`` (``idx``: the
+    batch's row indices): compress distils through it, with the teacher's logits per row.
+    """
     train_ids, y = data["train"]["ids"], data["train"]["y"]
     n, bs = len(y), cfg.batch_size
     lengths = np.array([len(s) for s in train_ids])
@@ -374,7 +399,9 @@ def train(
             if step >= total:
                 break
             lr = lr_at(step, total, cfg)
-            loss = _train_batch(model, optimizer, data["train"], idx, lr, loss_weight, cfg, device, dtype, step)
+            loss = _train_batch(
+                model, optimizer, data["train"], idx, lr, loss_weight, cfg, device, dtype, step, loss_fn
+            )
             step += 1
             seen += len(idx)
             run_loss += loss * len(idx)
@@ -471,16 +498,20 @@ def _train_batch(
     device: torch.device,
     dtype: torch.dtype,
     step: int,
+    loss_fn=None,
 ) -> float:
     """One optimizer step on the examples ``idx``; returns the batch's mean loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     ids, mask = classifier_data.pad_batch([split["ids"][i] for i in idx], model.pad_id)
     x, m = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
-    target = torch.from_numpy(split["y"][idx]).to(device)
     with autocast_context(device, dtype):
         logits = model(x, m)  # (B, num_classes)
-    loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+    if loss_fn is not None:
+        loss = loss_fn(logits.float(), idx)
+    else:
+        target = torch.from_numpy(split["y"][idx]).to(device)
+        loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
     if not torch.isfinite(loss):
         raise PipelineError(
             f"finetune: loss is {loss.item()} at step {step}; lower finetune.lr (now {cfg.lr}) or enable grad_clip"

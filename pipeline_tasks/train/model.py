@@ -78,31 +78,32 @@ __all__ = [
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
+        self.attn_dim = config.attn_dim  # n_embd, or less once heads are pruned
+        self.c_attn = nn.Linear(config.n_embd, 3 * self.attn_dim, bias=config.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(self.attn_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        B, T, C = x.size()  # run-time sizes: keeps ONNX batch/seq axes dynamic
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        B, T, _ = x.size()  # run-time sizes: keeps ONNX batch/seq axes dynamic
+        q, k, v = self.c_attn(x).split(self.attn_dim, dim=2)  # 3 x (B, T, A)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         # flash / memory-efficient kernels on CUDA, a causal softmax(QK^T/sqrt(hs))V elsewhere
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, self.attn_dim)  # (B, T, A): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -470,8 +471,8 @@ class SequenceClassifier(nn.Module):
 def load_classifier(path: str | Path) -> tuple[SequenceClassifier, dict[str, Any]]:
     """``(classifier in eval mode, checkpoint metadata)`` from ``finetune_dir/model.pt``.
 
-    The metadata holds ``model_config``, ``classifier`` (labels, pooling, pad/cls ids, max_len)
-    and ``from_scratch``; ``torch.load(weights_only=True)`` as for :func:`load_lm`.
+    The metadata holds ``model_config``, ``classifier`` (labels, pooling, pad/cls ids, max_len),
+    ``from_scratch`` and ``compression`` (what ``compress`` did; ``None`` for finetune's own model); ``torch.load(weights_only=True)`` as for :func:`load_lm`.
     """
     path = Path(path)
     if not path.is_file():
@@ -498,4 +499,5 @@ def load_classifier(path: str | Path) -> tuple[SequenceClassifier, dict[str, Any
         "model_config": config.to_dict(),
         "classifier": meta,
         "from_scratch": bool(checkpoint.get("from_scratch", False)),
+        "compression": checkpoint.get("compression"),  # set by compress for a student, else None
     }

@@ -39,7 +39,7 @@ class ModelParams:
 
     def __post_init__(self) -> None:
         check_range(self, ("n_layer", "n_head", "n_embd", "block_size"), 1)
-        if self.arch == "gpt" and self.n_embd % self.n_head:
+        if self.arch == "gpt" and self.n_embd % self.n_head and not getattr(self, "attn_head_dim", 0):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check_range(self, ("dropout",), 0, 1)
 
@@ -49,11 +49,18 @@ class ModelConfig(ModelParams):
     """Everything needed to rebuild a model: the ``model`` params plus the tokenizer's vocab size."""
 
     vocab_size: int = 512
+    # set by structured pruning (train/prune.py), 0 otherwise: heads keep their width when some are
+    # removed (attention is n_head x attn_head_dim wide, not n_embd), and the MLP gets narrower
+    attn_head_dim: int = 0  # 0: n_embd // n_head
+    mlp_dim: int = 0  # 0: 4 * n_embd
+
+    PRUNED_FIELDS = ("attn_head_dim", "mlp_dim")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        check_range(self, self.PRUNED_FIELDS, 0)
 
     @classmethod
     def from_params(cls, params: ModelParams, vocab_size: int) -> ModelConfig:
@@ -62,7 +69,9 @@ class ModelConfig(ModelParams):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dict for checkpoints; the pruning fields only when set, so unpruned configs read as before."""
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if k not in self.PRUNED_FIELDS or v}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -77,7 +86,16 @@ class ModelConfig(ModelParams):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.attn_head_dim or self.n_embd // self.n_head
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of q, k, v and of the attention output: n_embd unless heads were pruned."""
+        return self.n_head * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim or 4 * self.n_embd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +236,84 @@ class FinetuneParams:
             raise ValueError("use class_weighting or sampler: weighted, not both (that corrects twice)")
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentParams:
+    """The distilled student's shape (``compress.student``); ``None`` takes the teacher's (``n_layer``: half)."""
+
+    n_layer: int | None = None  # None: half the teacher's layers (at least 1)
+    n_embd: int | None = None  # None: the teacher's width (its embeddings and blocks initialise the student)
+    n_head: int | None = None  # None: the teacher's
+    # teacher block copied into each student block (None: evenly spaced, every other one at half depth,
+    # as DistilBERT); only used when the widths match
+    layer_map: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_range(self, ("n_layer", "n_embd", "n_head"), 1)
+        if self.layer_map is not None and any(i < 0 for i in self.layer_map):
+            raise ValueError(f"layer_map holds teacher layer indices (>= 0), got {list(self.layer_map)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillParams:
+    """Knowledge distillation (``compress.distill``): soft targets of the teacher, Hinton et al. (2015)."""
+
+    temperature: float = 2.0  # softens both distributions; the soft loss is scaled by T^2
+    alpha: float = 0.9  # weight of the soft-target loss; 1 - alpha on the hard labels of the labelled rows
+    # prepared news rows outside finetune's training rows, labelled by the teacher only (0: labelled rows only)
+    unlabelled_rows: int = 20000
+    epochs: int = 2
+    max_steps: int = 0  # 0: epochs decide
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    patience: int = 2  # validations (one per epoch) without val macro-F1 gain before stopping
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_range(self, ("epochs", "batch_size"), 1)
+        check_range(self, ("unlabelled_rows", "max_steps", "patience"), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneParams:
+    """Structured pruning of the distilled student (``compress.prune``): whole heads and MLP neurons."""
+
+    enabled: bool = True
+    head_sparsity: float = 0.5  # share of attention heads removed in every block (at least one stays)
+    mlp_sparsity: float = 0.5  # share of MLP neurons removed in every block
+    importance_batches: int = 16  # val batches for the first-order (Taylor) importance of heads and neurons
+    recovery_epochs: int = 1  # distillation epochs after pruning
+    recovery_max_steps: int = 0  # 0: recovery_epochs decide
+
+    def __post_init__(self) -> None:
+        check_range(self, ("head_sparsity", "mlp_sparsity"), 0, 1)
+        check_range(self, ("importance_batches", "recovery_epochs"), 1)
+        check_range(self, ("recovery_max_steps",), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressParams:
+    """Params section ``compress``: distillation and structured pruning between finetune and export."""
+
+    enabled: bool = False  # false: the fine-tuned model passes through unchanged
+    student: StudentParams = StudentParams()
+    distill: DistillParams = DistillParams()
+    prune: PruneParams = PruneParams()
+    # also train the student on hard labels only (same shape, same init): the report's control row
+    student_alone: bool = True
+    latency_runs: int = 200  # batch-1 int8 latency per model in the report (interleaved rounds)
+    latency_warmup: int = 20
+    intra_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        check_range(self, ("latency_runs", "intra_op_threads"), 1)
+        check_range(self, ("latency_warmup",), 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Model size and compute
 # ---------------------------------------------------------------------------------------------
@@ -229,14 +325,14 @@ def flops_per_token(config: ModelConfig) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT ``estimate_mfu``.
 
     ``6·N + 12·L·H·Q·T`` where N counts the weights that take part in a matmul per token (the
-    blocks' ``12·L·C²`` for GPT or ``8·L·C²`` for the LSTM's four gates over input and hidden
+    blocks' ``L·(4·C·A + 2·C·M)`` for GPT, ``12·L·C²`` unpruned (attention width A = C, MLP M = 4·C) or ``8·L·C²`` for the LSTM's four gates over input and hidden
     state, plus ``V·C`` for the tied output projection; embedding look-ups, norms and biases are
     free), L layers, H heads, Q head dim, T = block_size (attention term, GPT only). nanoGPT uses
     N = all parameters but the position table, which differs only by the norms and biases.
     """
     L, C, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
     if config.arch == "gpt":
-        n_matmul = 12 * L * C * C + V * C
+        n_matmul = L * (4 * C * config.attn_dim + 2 * C * config.mlp_hidden) + V * C
         return 6.0 * n_matmul + 12.0 * L * config.n_head * config.head_dim * T
     n_matmul = 8 * L * C * C + V * C
     return 6.0 * n_matmul

@@ -28,7 +28,7 @@ import torch
 
 from pipeline_tasks.config import parse_params
 from pipeline_tasks.dataset import tokenize
-from pipeline_tasks.ship import export
+from pipeline_tasks.ship import compress, export
 from pipeline_tasks.train import finetune, pretrain
 
 LABELS = ("world", "sports", "business", "scitech")
@@ -182,6 +182,8 @@ def tiny_params(root: Path, arch: str) -> dict[str, Any]:
             "pretrain_reports_dir": "reports/pretrain",
             "finetune_dir": "models/finetune",
             "finetune_reports_dir": "reports/finetune",
+            "compress_dir": "models/compress",
+            "compress_reports_dir": "reports/compress",
             "bundle_dir": "models/bundle",
             "export_reports_dir": "reports/export",
             "evaluate_dir": "reports/evaluate",
@@ -201,7 +203,7 @@ def tiny_params(root: Path, arch: str) -> dict[str, Any]:
 
 
 def build_tiny_project(root: Path, corpora: Path, arch: str = "gpt") -> TinyProject:
-    """Prepared splits, then the real tokenize, pretrain and finetune stages under ``root/arch``."""
+    """Prepared splits, then the real tokenize, pretrain, finetune and (pass-through) compress stages under ``root/arch``."""
     key = (str(root), arch)
     if key not in _CACHE:
         project = TinyProject(root=Path(root) / arch, raw=tiny_params(Path(root) / arch, arch))
@@ -209,7 +211,7 @@ def build_tiny_project(root: Path, corpora: Path, arch: str = "gpt") -> TinyProj
         params = project.params()
         threads = torch.get_num_threads()
         try:  # the training stages set the process-wide thread count from their params
-            for stage in (tokenize, pretrain, finetune):
+            for stage in (tokenize, pretrain, finetune, compress):  # compress: disabled, a pass-through
                 stage.run(params)
         finally:
             torch.set_num_threads(threads)

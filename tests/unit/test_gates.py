@@ -17,6 +17,8 @@ THRESHOLDS = GateThresholds(
     max_size_mb=50.0,
     max_regression=0.005,
     min_gain_over_baseline=0.0,
+    max_student_drop=0.01,
+    min_student_speedup=2.0,
 )
 GOOD = {
     "accuracy": 0.90,
@@ -27,6 +29,8 @@ GOOD = {
     "gain_over_baseline": 0.012,
 }
 CHAMPION = {"accuracy": 0.88, "macro_f1": 0.87}
+# a compressed student served in place of its teacher (compress.enabled): the student gates apply
+STUDENT = {**GOOD, "compressed": True, "student_accuracy_drop": 0.004, "student_speedup": 2.6}
 
 
 def _with(**changes):
@@ -119,6 +123,51 @@ CASES = [
         True,
         set(),
     ),
+    # the student gates: a student of compress against its teacher, same rows, timed side by side
+    ("student_close_and_fast_passes", STUDENT, None, THRESHOLDS, True, set()),
+    ("student_drop_at_limit_passes", {**STUDENT, "student_accuracy_drop": 0.01}, None, THRESHOLDS, True, set()),
+    (
+        "student_drops_too_much_fails",
+        {**STUDENT, "student_accuracy_drop": 0.015},
+        None,
+        THRESHOLDS,
+        False,
+        {"max_student_drop"},
+    ),
+    (
+        "student_not_fast_enough_fails",
+        {**STUDENT, "student_speedup": 1.7},
+        None,
+        THRESHOLDS,
+        False,
+        {"min_student_speedup"},
+    ),
+    (
+        "student_better_than_teacher_passes",
+        {**STUDENT, "student_accuracy_drop": -0.002},
+        None,
+        THRESHOLDS,
+        True,
+        set(),
+    ),
+    (
+        "student_without_numbers_fails",
+        {k: v for k, v in STUDENT.items() if not k.startswith("student_")},
+        None,
+        THRESHOLDS,
+        False,
+        {"max_student_drop", "min_student_speedup"},
+    ),
+    # not a student (compress.enabled false): nothing to compare, the student gates are skipped
+    ("no_student_skips_student_gates", _with(student_speedup=0.5), None, THRESHOLDS, True, set()),
+    (
+        "student_gates_disabled_pass",
+        {**STUDENT, "student_speedup": 1.1, "student_accuracy_drop": 0.2},
+        None,
+        dataclasses.replace(THRESHOLDS, max_student_drop=None, min_student_speedup=None),
+        True,
+        set(),
+    ),
     (
         "several_failures",
         _with(accuracy=0.5, size_mb=500.0),
@@ -148,6 +197,8 @@ def test_decide_reaches_every_gate_branch(metrics, champion, thresholds, expecte
         "no_regression_accuracy",
         "no_regression_macro_f1",
         "min_gain_over_baseline",
+        "max_student_drop",
+        "min_student_speedup",
     }
     assert all(g.why for g in decision.gates)
 
@@ -180,3 +231,12 @@ def test_decision_summary_and_dict_are_json_and_name_failures():
     assert payload["passed"] is False
     assert payload["gates"]["max_p95_latency_ms"]["threshold"] == 20.0
     assert decide(GOOD, None, THRESHOLDS).summary().startswith("GATES PASSED")
+
+
+def test_student_gates_skip_with_reason_unless_the_model_is_a_student():
+    teacher = decide(GOOD, None, THRESHOLDS)
+    student_gates = [g for g in teacher.gates if g.name in ("max_student_drop", "min_student_speedup")]
+    assert all(g.skipped and g.passed and "not a compressed student" in g.why for g in student_gates)
+    student = decide({**STUDENT, "student_speedup": 1.5}, None, THRESHOLDS)
+    gate = next(g for g in student.gates if g.name == "min_student_speedup")
+    assert not gate.skipped and not gate.passed and gate.why.startswith("student_speedup 1.5 < min 2")

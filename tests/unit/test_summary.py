@@ -71,3 +71,25 @@ def test_summary_cli_prints_json(tmp_path, monkeypatch, capsys):
     assert main(["summary", "--params", str(tmp_path / "params.yaml"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"prepare", "validate", "register"} and out["validate"].startswith("not run")
+
+
+def test_summary_compress_line_disabled_and_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = _params(tmp_path)
+    report = tmp_path / "reports/compress/metrics.json"
+    _write(report, {"enabled": False, "shipped": "teacher"})
+    assert dict(summary.rows(params))["compress"].startswith("disabled: the fine-tuned model is exported")
+    rows = [
+        {"model": "teacher", "params": 7_510_000, "test_accuracy_int8": 0.9048, "speedup_vs_teacher": 1.0},
+        {"model": "pruned", "params": 5_150_000, "test_accuracy_int8": 0.9030, "speedup_vs_teacher": 2.88},
+    ]
+    _write(report, {"enabled": True, "shipped": "pruned", "rows": rows, "seconds": 612.0})
+    _write(
+        tmp_path / "r/evaluate/metrics.json",
+        {"accuracy": 0.9, "compressed": True, "student_accuracy_drop": 0.0021, "student_speedup": 2.5},
+    )
+    lines = dict(summary.rows(params))
+    assert lines["compress"] == (
+        "pruned student 5.15 M params: int8 test accuracy 0.9030 vs teacher 0.9048, 2.88x faster (612 s)"
+    )
+    assert lines["evaluate"].endswith("; student vs teacher -0.21 points, 2.50x faster")
