@@ -137,6 +137,15 @@ def slice_scores(frame, pred, labels, evaluate_params: EvaluateParams, seed: int
     return slices
 
 
+LATENCY_TEXTS = 64  # real test texts the batch-1 latency runs cycle through
+
+
+def encoded_feed(bundle, batch) -> dict[str, Any]:
+    """ONNX Runtime inputs of ``batch`` (texts) in the bundle's encoding."""
+    ids, mask = bundle.encode(batch)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def time_variant(bundle, variant: str, texts, evaluate_params: EvaluateParams, device: str = "cpu") -> dict[str, float]:
     """Batch-1 latency (p50/p95) and batch-``throughput_batch`` rows/s of one variant on real texts."""
     session = make_session(bundle.variant_path(variant), device, evaluate_params.intra_op_threads)
@@ -144,14 +153,10 @@ def time_variant(bundle, variant: str, texts, evaluate_params: EvaluateParams, d
     def run(feed):
         return session.run(["logits"], feed)
 
-    def feed(batch):
-        ids, mask = bundle.encode(batch)
-        return {"input_ids": ids, "attention_mask": mask}
-
-    singles = [feed([t]) for t in texts[:64]]
+    singles = [encoded_feed(bundle, [t]) for t in texts[:LATENCY_TEXTS]]
     lat = latency_stats(run, singles, evaluate_params.latency_warmup, evaluate_params.latency_runs)
     bs = evaluate_params.throughput_batch
-    batches = [feed(texts[i : i + bs]) for i in range(0, min(len(texts), 8 * bs), bs)]
+    batches = [encoded_feed(bundle, texts[i : i + bs]) for i in range(0, min(len(texts), 8 * bs), bs)]
     rows = [b["input_ids"].shape[0] for b in batches]
     return {
         "latency_p50_ms": lat["p50_ms"],
@@ -304,10 +309,7 @@ def student_comparison(
         name: make_session(p, "cpu", evaluate_params.intra_op_threads)
         for name, p in (("student", bundle.variant_path(serving)), ("teacher", path))
     }
-    feeds = []
-    for text in texts[:64]:
-        ids, mask = bundle.encode([text])
-        feeds.append({"input_ids": ids, "attention_mask": mask})
+    feeds = [encoded_feed(bundle, [text]) for text in texts[:LATENCY_TEXTS]]
     latency = paired_latency(
         {name: (lambda feed, s=s: s.run(["logits"], feed)) for name, s in timed.items()},
         feeds,
